@@ -91,9 +91,10 @@ class Progress:
     def _line(self) -> None:
         total = f"/{self.total}" if self.total is not None else ""
         extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
+        times = f"elapsed {_fmt_seconds(self.elapsed)} | eta {_fmt_seconds(self.eta())}"
         print(
             f"{self.desc}: {self.n}{total} {self.unit} | {self.rate:.1f} {self.unit}/s | "
-            f"elapsed {_fmt_seconds(self.elapsed)} | eta {_fmt_seconds(self.eta())} {extra}".rstrip(),
+            f"{times} {extra}".rstrip(),
             file=self.stream,
             flush=True,
         )
