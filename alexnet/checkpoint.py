@@ -1,0 +1,213 @@
+"""Complete, atomic checkpoints; ``load_model`` for everything that runs a trained network.
+
+A checkpoint is one ``torch.save``d dict (see docs/ARCHITECTURE.md, "Checkpoints"):
+
+    model         the unwrapped state dict (no ``module.`` / ``_orig_mod.`` prefixes)
+    model_config  ``AlexNet(**model_config)`` rebuilds the network
+    classes, class_names, data_stats (mean, eigvals, eigvecs), augment (crop_size, scale, pad,
+                  flip, pca_std): all inference needs, without the dataset
+    config        the resolved training config (``alexnet.config.TrainConfig.to_dict()``)
+    optimizer, schedule, epoch, step, rng, sampler, metrics: all resuming needs
+
+Every value is a tensor or plain Python data, so ``torch.load(..., weights_only=True)`` reads it.
+Writes go through ``alexnet.fileio.atomic_torch_save``: a crash or a full disk while saving
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from alexnet.errors import UserError
+from alexnet.fileio import atomic_open, atomic_torch_save
+
+FORMAT = "alexnet-checkpoint/1"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and ``torch.compile`` wrappers (in any order)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes from keys saved by code that did not unwrap first."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def rng_state(*generators: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step reads: python, numpy, torch CPU and CUDA, and the
+    given generators (the augmentation generator), as tensors and plain data."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
+    """Restore ``rng_state``'s output (CUDA states only when the same devices are there)."""
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s)
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path:
+    """Atomically write ``checkpoint`` to ``path`` (the old file survives any failure)."""
+    path = Path(path)
+    atomic_torch_save(path, {"format": FORMAT, **checkpoint})
+    return path
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` hold ``src``'s bytes, atomically: a hard link when the filesystem allows
+    (no second write of a large file), else a copy through a temporary file."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+            while chunk := fin.read(1 << 24):
+                fout.write(chunk)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; a clear error for anything else."""
+    path = Path(path)
+    if path.is_dir():  # a run directory: its last checkpoint
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickle
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path}: not an alexnet checkpoint (no model / model_config)")
+    ckpt["model"] = clean_state_dict(ckpt["model"])
+    return ckpt
+
+
+def load_model(
+    path: str | os.PathLike, map_location: Any = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, checkpoint)`` from a ``.pt`` checkpoint, a run directory (its best checkpoint)
+    or a ``weights.safetensors`` export. The model is in eval mode on ``map_location``."""
+    from alexnet.model import AlexNet
+
+    path = Path(path)
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        path = best if best.is_file() else path / "checkpoints" / "last.pt"
+    ckpt = _load_safetensors(path) if path.suffix == ".safetensors" else load_checkpoint(path)
+    config = dict(ckpt["model_config"])
+    if isinstance(config.get("widths"), list):
+        config["widths"] = tuple(config["widths"])
+    try:
+        model = AlexNet(**{**config, "init": "none"})
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: weights do not fit the model it describes ({e})") from None
+    model.config["init"] = config.get("init", "paper")
+    return model.to(map_location).eval(), ckpt
+
+
+STATS_PREFIX = "__data_stats__."
+
+
+def export_safetensors(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Weights only, for sharing: the model's tensors, the data statistics under
+    ``__data_stats__.*``, and the model config, classes and augmentation as JSON metadata.
+    ``load_model`` reads the result."""
+    from safetensors.torch import save as st_save
+
+    ckpt = load_checkpoint(checkpoint_path)
+    tensors = {k: v.contiguous() for k, v in ckpt["model"].items()}
+    for k, v in (ckpt.get("data_stats") or {}).items():
+        tensors[STATS_PREFIX + k] = v.contiguous()
+    meta = {
+        "format": "alexnet-weights/1",
+        "model_config": json.dumps(ckpt["model_config"]),
+        "classes": json.dumps(ckpt.get("classes")),
+        "class_names": json.dumps(ckpt.get("class_names")),
+        "augment": json.dumps(ckpt.get("augment")),
+        "epoch": str(ckpt.get("epoch")),
+        "step": str(ckpt.get("step")),
+    }
+    out = Path(out)
+    with atomic_open(out, "wb") as f:
+        f.write(st_save(tensors, metadata=meta))
+    return out
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    if "model_config" not in meta:
+        raise UserError(f"{path}: no model_config metadata (not written by alexnet)")
+    stats = {k[len(STATS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATS_PREFIX)}
+    return {
+        "model": {k: v for k, v in tensors.items() if not k.startswith(STATS_PREFIX)},
+        "model_config": json.loads(meta["model_config"]),
+        "classes": json.loads(meta.get("classes", "null")),
+        "class_names": json.loads(meta.get("class_names", "null")),
+        "augment": json.loads(meta.get("augment", "null")),
+        "data_stats": stats or None,
+        "epoch": int(meta["epoch"]) if meta.get("epoch", "None") != "None" else None,
+        "step": int(meta["step"]) if meta.get("step", "None") != "None" else None,
+    }

@@ -1,0 +1,373 @@
+"""The training configuration: typed dataclasses, the presets, and ``--set key=value`` overrides.
+
+Defaults are the paper's (section 5, PAPER D1-D5) and carry their units. A config is
+validated as a whole before any work starts; every problem is reported at once, as a
+``UserError`` naming the setting. The resolved config is written into the run directory
+(``config.json``) and into every checkpoint, and ``from_dict`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alexnet.errors import UserError
+
+ARCHS = ("paper", "owt", "small")
+SCHEDULES = ("plateau", "steps", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # a directory written by `alexnet prepare` (meta.json, stats.npz, records)
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 224  # px, random crop of the stored 256x256 image (PAPER B3); 0 = stored size
+    pad: int = 0  # px of zero padding before the random crop (small images only; not in the paper)
+    flip: bool = True  # horizontal reflection with probability 1/2 (PAPER B3)
+    pca_std: float = 0.1  # std of the PCA colour-noise coefficients (PAPER B4); 0 turns it off
+    scale: float = 1.0  # multiplies the mean-subtracted 0-255 pixel values (PAPER B2: 1.0)
+    num_workers: int = 4  # loader worker processes per rank
+    val_batch_size: int = 0  # images per rank per validation batch; 0 = the training batch
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "paper"  # paper (PAPER A1-A12) | owt (torchvision's variant, H2) | small
+    lrn: bool = True  # local response normalisation after conv1, conv2 (PAPER A8)
+    lrn_convention: str = "code"  # "code": c = alpha/n (the authors' code) | "printed": c = alpha
+    lrn_per_tower: bool = True  # normalise within each tower's maps, as layers-145.cfg (H1)
+    pool_kernel: int = 3  # overlapping max pooling z=3, s=2 (PAPER A9); 2 = non-overlapping
+    activation: str = "relu"  # (PAPER A2); "tanh" for the comparison of PAPER E4
+    dropout: float = 0.5  # on fc6 and fc7 outputs (PAPER C1)
+    towers: bool = True  # groups=2 in conv2, conv4, conv5 (PAPER A4, A6, A12)
+    widths: tuple[int, ...] | None = None  # conv1..conv5 kernel counts; None = the arch's
+    fc_width: int | None = None  # fc6/fc7 neurons; None = the arch's (4096 for paper, A7)
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 128  # images per step over all processes (PAPER D1)
+    lr: float = 0.01  # initial learning rate, the same for all layers (PAPER D4)
+    momentum: float = 0.9  # (PAPER D1)
+    weight_decay: float = 0.0005  # inside the velocity, times lr (PAPER D1)
+    # The text applies the D1 formula to every parameter; the authors' code (PAPER H1) gives
+    # biases no weight decay and twice the learning rate: bias_decay=false, bias_lr_mult=2.
+    bias_decay: bool = True
+    bias_lr_mult: float = 1.0
+    label_smoothing: float = 0.0  # Deviation (option, off by default): not in the paper
+    warmup_epochs: float = 0.0  # linear warm-up of the rate from 0; not in the paper (off)
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "plateau"  # plateau (PAPER D4) | steps (the authors' log, H1) | constant
+    epochs: int = 90  # the most epochs a run trains (PAPER D5: "about 90 passes")
+    factor: float = 0.1  # each cut multiplies the rate by this (PAPER D4: divided by 10)
+    # The paper does not say how "stopped improving" was judged: an epoch improves when the
+    # validation top-1 error falls below the best so far by more than `threshold` (a fraction,
+    # 0.001 = 0.1 points); `patience` epochs without improvement cut the rate.
+    patience: int = 4
+    threshold: float = 0.001
+    max_cuts: int = 3  # after this many cuts the next plateau ends the run (PAPER D4)
+    milestones: tuple[int, ...] = (25, 51, 79)  # "steps": epochs after which the rate drops (H1)
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run directory name under out_dir; "" = <preset>-<date>-<time>
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
+    channels_last: bool = True  # NHWC activations: faster convolutions on CUDA and oneDNN
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms; resume is then bitwise
+    towers: str = ""  # "cuda:0,cuda:1": the model-parallel two-GPU layout (PAPER A12)
+    log_every: int = 20  # steps between loss read-backs, NaN checks and TensorBoard points
+    progress_interval_s: float = 30.0  # seconds between plain progress lines (no terminal)
+    save_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = at the end of each epoch only
+    max_steps: int = 0  # stop (with a checkpoint) after this many steps in all; 0 = no limit
+    export: bool = True  # write weights.safetensors (the best model) at the end
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("data", "model", "optim", "schedule", "run")
+
+# Each preset is a set of overrides on the defaults above, which are the paper's.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ImageNet, the paper's recipe as written: D1-D5, plateau cuts, at most 90 epochs.
+    "paper": {},
+    # The authors' log (PAPER H1): drops after epochs 25, 51 and 79, stop after 91.
+    "paper-steps": {"schedule.kind": "steps", "schedule.epochs": 91},
+    # 28-32 px data (Fashion-MNIST, CIFAR-10) on a CPU: the small arch, crops of the stored
+    # size after 2 px padding, a short plateau schedule.
+    "small": {
+        "model.arch": "small",
+        "data.crop_size": 0,
+        "data.pad": 2,
+        "data.num_workers": 0,
+        "schedule.epochs": 30,
+        "schedule.patience": 2,
+        "schedule.threshold": 0.002,
+        "run.log_every": 10,
+        "run.progress_interval_s": 10.0,
+    },
+    # A smoke run that fits in a minute or two: small arch, 3 epochs, one drop.
+    "quick": {
+        "model.arch": "small",
+        "data.crop_size": 0,
+        "data.pad": 2,
+        "data.num_workers": 0,
+        "schedule.kind": "steps",
+        "schedule.epochs": 3,
+        "schedule.milestones": (2,),
+        "run.log_every": 5,
+        "run.progress_interval_s": 5.0,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The named preset, then ``overrides`` (``"optim.lr": 0.02`` or ``lr=0.02``), validated
+    for types and names (not for files: ``validate`` does that)."""
+    if name not in PRESETS:
+        raise UserError(f"preset {name!r}: unknown; choose from {', '.join(PRESETS)}")
+    cfg = TrainConfig(preset=name)
+    apply_overrides(cfg, {**PRESETS[name], **overrides})
+    return cfg
+
+
+def from_dict(d: dict[str, Any], source: str = "config") -> TrainConfig:
+    """The inverse of ``to_dict``; unknown keys are errors."""
+    cfg = TrainConfig(preset=str(d.get("preset", "paper")))
+    flat = {}
+    for key, value in d.items():
+        if key == "preset":
+            continue
+        if key not in SECTIONS or not isinstance(value, dict):
+            raise UserError(
+                f"{source}: unknown section {key!r}; sections are {', '.join(SECTIONS)}"
+            )
+        flat.update({f"{key}.{k}": v for k, v in value.items()})
+    apply_overrides(cfg, flat, source=source)
+    return cfg
+
+
+def load_file(path: str | Path) -> TrainConfig:
+    """A JSON config file (as written to ``config.json`` in every run directory)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object of config sections")
+    return from_dict(d, source=str(path))
+
+
+def _leaf_keys() -> dict[str, type]:
+    out: dict[str, Any] = {}
+    for section in SECTIONS:
+        cls = typing.get_type_hints(TrainConfig)[section]
+        for name, tp in typing.get_type_hints(cls).items():
+            out[f"{section}.{name}"] = tp
+    return out
+
+
+def resolve_key(key: str, source: str = "--set") -> str:
+    """``optim.lr`` stays; a bare leaf name (``lr``) is accepted when it is unambiguous."""
+    keys = _leaf_keys()
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.split(".", 1)[1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UserError(f"{source}: {key!r} is ambiguous: {' or '.join(matches)}")
+    close = difflib.get_close_matches(key, list(keys) + [k.split(".", 1)[1] for k in keys], n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise UserError(f"{source}: unknown setting {key!r}{hint} (`alexnet train --print-config`)")
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """Convert a command-line string to the field's type (int, float, bool, str, tuples, None)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return parse_value(text, args[0], key)
+    if origin is tuple:
+        (item, _) = typing.get_args(tp)
+        parts = [p for p in re.split(r"[,\s]+", text.strip("()[] ")) if p]
+        return tuple(parse_value(p, item, key) for p in parts)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{key}={text}: expected true or false")
+    try:
+        return tp(text)
+    except ValueError:
+        raise UserError(f"{key}={text}: expected {tp.__name__}") from None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) a Python value given for a field, e.g. from JSON."""
+    if isinstance(value, str) and tp is not str:
+        return parse_value(value, tp, key)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, list | tuple):
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, key) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (
+        isinstance(tp, type)
+        and isinstance(value, tp)
+        and not (tp is int and isinstance(value, bool))
+    ):
+        return value
+    raise UserError(f"{key}={value!r}: expected {getattr(tp, '__name__', tp)}")
+
+
+def apply_overrides(
+    cfg: TrainConfig, overrides: dict[str, Any] | list[str], source: str = "--set"
+) -> TrainConfig:
+    """Set fields from ``{"optim.lr": 0.02}`` or ``["optim.lr=0.02", "epochs=5"]`` in place."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise UserError(f"{source} {item!r}: expected KEY=VALUE, e.g. optim.lr=0.02")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v.strip()
+        overrides = pairs
+    types_ = _leaf_keys()
+    for key, value in overrides.items():
+        full = resolve_key(key, source)
+        section, name = full.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(value, types_[full], full))
+    return cfg
+
+
+def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
+    """Raise one ``UserError`` listing every problem, before any work starts."""
+    d, m, o, s, r = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.run
+    problems = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    need(m.arch in ARCHS, f"model.arch={m.arch!r}: choose from {', '.join(ARCHS)}")
+    need(m.lrn_convention in ("code", "printed"), "model.lrn_convention: code or printed")
+    need(m.pool_kernel in (2, 3), f"model.pool_kernel={m.pool_kernel}: 3 or 2")
+    need(m.activation in ("relu", "tanh"), f"model.activation={m.activation!r}: relu or tanh")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
+    need(d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0")
+    need(d.pca_std >= 0, f"data.pca_std={d.pca_std}: must be >= 0")
+    need(d.num_workers >= 0 and d.val_batch_size >= 0, "data.num_workers/val_batch_size >= 0")
+    need(o.batch_size > 0, f"optim.batch_size={o.batch_size}: must be > 0")
+    need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    need(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: must be in [0, 1)")
+    need(o.weight_decay >= 0 and o.bias_lr_mult > 0, "optim.weight_decay >= 0, bias_lr_mult > 0")
+    need(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing: must be in [0, 1)")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0")
+    need(s.kind in SCHEDULES, f"schedule.kind={s.kind!r}: choose from {', '.join(SCHEDULES)}")
+    need(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
+    need(0.0 < s.factor < 1.0, f"schedule.factor={s.factor}: must be in (0, 1)")
+    need(s.patience >= 1 and s.max_cuts >= 0, "schedule.patience >= 1 and max_cuts >= 0")
+    need(list(s.milestones) == sorted(set(s.milestones)), "schedule.milestones: must increase")
+    need(
+        r.precision in PRECISIONS, f"run.precision={r.precision!r}: choose {', '.join(PRECISIONS)}"
+    )
+    need(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r.device) is not None,
+        f"run.device={r.device!r}: use auto, cpu, cuda or cuda:N",
+    )
+    need(r.log_every > 0 and r.save_every_steps >= 0 and r.max_steps >= 0, "run.* counts >= 0")
+    need("/" not in r.name, f"run.name={r.name!r}: a name, not a path (see run.out_dir)")
+    if r.towers:
+        parts = r.towers.split(",")
+        need(len(parts) == 2, f"run.towers={r.towers!r}: two devices, e.g. cuda:0,cuda:1")
+        need(m.towers, "run.towers needs model.towers=true (the grouped layout it splits)")
+    if check_files:
+        need(bool(d.root), "data.root: no dataset given (--data DIR, made by `alexnet prepare`)")
+        if d.root:
+            need(
+                (Path(d.root) / "meta.json").is_file(),
+                f"{d.root}: not a prepared dataset (no meta.json; run `alexnet prepare` first)",
+            )
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+# Settings that may change when a run is resumed; any other difference is an error.
+RESUMABLE_CHANGES = {
+    "preset",
+    "data.root",
+    "data.num_workers",
+    "schedule.epochs",
+    "schedule.patience",
+    "schedule.max_cuts",
+    "run.name",
+    "run.out_dir",
+    "run.device",
+    "run.compile",
+    "run.log_every",
+    "run.progress_interval_s",
+    "run.save_every_steps",
+    "run.max_steps",
+    "run.export",
+}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs and may not change on resume."""
+    a, b = flatten(old), flatten(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+    ]
