@@ -34,6 +34,7 @@ class DataConfig:
     pad: int = 0  # px of zero padding before the random crop (small images only; not in the paper)
     flip: bool = True  # horizontal reflection with probability 1/2 (PAPER B3)
     pca_std: float = 0.1  # std of the PCA colour-noise coefficients (PAPER B4); 0 turns it off
+    pca_scale: str = "unit"  # B4's eigenvalue units: "unit" (pixels in [0,1]) | "std"
     scale: float = 1.0  # multiplies the mean-subtracted 0-255 pixel values (PAPER B2: 1.0)
     num_workers: int = 4  # loader worker processes per rank
     val_batch_size: int = 0  # images per rank per validation batch; 0 = the training batch
@@ -297,6 +298,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     need(d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0")
     need(d.pca_std >= 0, f"data.pca_std={d.pca_std}: must be >= 0")
+    need(d.pca_scale in ("unit", "std"), f"data.pca_scale={d.pca_scale!r}: unit or std")
     need(d.num_workers >= 0 and d.val_batch_size >= 0, "data.num_workers/val_batch_size >= 0")
     need(o.batch_size > 0, f"optim.batch_size={o.batch_size}: must be > 0")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")

@@ -1,0 +1,214 @@
+"""Section 5 of the paper: the D1 update and the learning-rate schedules (D4, H1).
+
+The paper's update (PAPER D1) puts the learning rate inside the velocity:
+
+    v <- m * v - wd * lr * w - lr * grad
+    w <- w + v
+
+``torch.optim.SGD`` keeps the rate outside (``b <- m * b + grad + wd * w; w <- w - lr * b``).
+The two agree while the rate is constant and differ after it changes: SGD rescales the
+whole accumulated velocity at once, the paper's form lets the old velocity decay at the old
+rate. ``PaperSGD`` is the paper's form, with v starting at zero.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from alexnet.config import ScheduleConfig
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """SGD with momentum in the paper's form (PAPER D1). Per group: ``lr``, ``momentum``,
+    ``weight_decay``; the velocity is ``state[p]["velocity"]``."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,  # PAPER D4
+        momentum: float = 0.9,  # PAPER D1
+        weight_decay: float = 0.0005,  # PAPER D1
+        *,
+        foreach: bool = True,
+    ) -> None:
+        if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
+            raise ValueError(f"bad PaperSGD settings lr={lr} momentum={momentum} wd={weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            vel = []
+            for p in params:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                vel.append(state["velocity"])
+            grads = [p.grad for p in params]
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            if group["foreach"]:
+                _step_foreach(params, grads, vel, lr, m, wd)
+            else:
+                _step_loop(params, grads, vel, lr, m, wd)
+        return loss
+
+
+def _step_loop(params, grads, vel, lr: float, m: float, wd: float) -> None:
+    for p, g, v in zip(params, grads, vel, strict=True):
+        v.mul_(m)
+        if wd:
+            v.add_(p, alpha=-wd * lr)
+        v.add_(g, alpha=-lr)
+        p.add_(v)
+
+
+def _step_foreach(params, grads, vel, lr: float, m: float, wd: float) -> None:
+    # One fused kernel per op per (device, dtype) bucket: the towers layout puts the
+    # parameters on two devices.
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype)].append(i)
+    for idx in buckets.values():
+        ps, gs, vs = [params[i] for i in idx], [grads[i] for i in idx], [vel[i] for i in idx]
+        torch._foreach_mul_(vs, m)
+        if wd:
+            torch._foreach_add_(vs, ps, alpha=-wd * lr)
+        torch._foreach_add_(vs, gs, alpha=-lr)
+        torch._foreach_add_(ps, vs)
+
+
+def param_groups(
+    model: nn.Module, *, weight_decay: float, bias_decay: bool = True, bias_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
+    """Weights and biases as two groups. The text (PAPER D1, D4) decays every parameter at
+    one rate (``bias_decay=True, bias_lr_mult=1``); the authors' code (PAPER H1) gives biases
+    no decay and twice the rate (``bias_decay=False, bias_lr_mult=2``). ``lr_mult`` is read
+    by ``set_lr``."""
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    return [
+        {"params": weights, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "weights"},
+        {
+            "params": biases,
+            "weight_decay": weight_decay if bias_decay else 0.0,
+            "lr_mult": bias_lr_mult,
+            "name": "biases",
+        },
+    ]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+class Schedule:
+    """The base rate per epoch. ``lr`` is the current rate; ``epoch_end(val_error)`` is called
+    after each epoch's validation and returns ``"keep"``, ``"cut"`` (the rate just dropped) or
+    ``"stop"`` (the run is over); ``max_epochs`` ends every schedule."""
+
+    def __init__(self, lr: float, max_epochs: int) -> None:
+        self.base_lr, self.lr, self.max_epochs = lr, lr, max_epochs
+        self.epochs_done = 0
+        self.cuts = 0
+
+    def _decide(self, val_error: float) -> str:
+        return "keep"
+
+    def epoch_end(self, val_error: float) -> str:
+        self.epochs_done += 1
+        action = self._decide(val_error)
+        if action == "keep" and self.epochs_done >= self.max_epochs:
+            action = "stop"
+        return action
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if k in ("max_epochs", "patience", "max_cuts"):
+                continue  # these may be raised on resume (config.RESUMABLE_CHANGES)
+            setattr(self, k, tuple(v) if isinstance(v, list) else v)
+
+
+class PlateauSchedule(Schedule):
+    """PAPER D4: divide the rate by 10 whenever the validation error stops improving; after
+    ``max_cuts`` cuts the next plateau ends the run. An epoch improves when its error is below
+    the best so far by more than ``threshold``; ``patience`` epochs without one make a
+    plateau. The best is kept across cuts: the error must improve on the best ever seen."""
+
+    def __init__(
+        self, lr: float, max_epochs: int, *, factor: float, patience: int, threshold: float,
+        max_cuts: int,
+    ) -> None:  # fmt: skip
+        super().__init__(lr, max_epochs)
+        self.factor, self.patience, self.threshold = factor, patience, threshold
+        self.max_cuts = max_cuts
+        self.best = float("inf")
+        self.bad_epochs = 0
+
+    def _decide(self, val_error: float) -> str:
+        if val_error < self.best - self.threshold:
+            self.best, self.bad_epochs = val_error, 0
+            return "keep"
+        self.best = min(self.best, val_error)
+        self.bad_epochs += 1
+        if self.bad_epochs < self.patience:
+            return "keep"
+        self.bad_epochs = 0
+        if self.cuts >= self.max_cuts:
+            return "stop"
+        self.cuts += 1
+        self.lr *= self.factor
+        return "cut"
+
+
+class StepSchedule(Schedule):
+    """The authors' log (PAPER H1): the rate is divided by 10 after each milestone epoch
+    (25, 51, 79), and the run stops after ``max_epochs`` (91)."""
+
+    def __init__(self, lr: float, max_epochs: int, *, factor: float, milestones) -> None:
+        super().__init__(lr, max_epochs)
+        self.factor, self.milestones = factor, tuple(milestones)
+
+    def _decide(self, val_error: float) -> str:
+        if self.epochs_done in self.milestones:
+            self.cuts += 1
+            self.lr = self.base_lr * self.factor**self.cuts
+            return "cut"
+        return "keep"
+
+
+def make_schedule(cfg: ScheduleConfig, lr: float) -> Schedule:
+    if cfg.kind == "plateau":
+        return PlateauSchedule(
+            lr, cfg.epochs, factor=cfg.factor, patience=cfg.patience,
+            threshold=cfg.threshold, max_cuts=cfg.max_cuts,
+        )  # fmt: skip
+    if cfg.kind == "steps":
+        return StepSchedule(lr, cfg.epochs, factor=cfg.factor, milestones=cfg.milestones)
+    if cfg.kind == "constant":
+        return Schedule(lr, cfg.epochs)
+    raise ValueError(f"unknown schedule kind {cfg.kind!r}")
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up from 1/warmup_steps to 1 over the first ``warmup_steps`` steps (an
+    option, not in the paper)."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    return (step + 1) / warmup_steps
