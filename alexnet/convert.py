@@ -1,0 +1,476 @@
+"""``alexnet convert``: other people's weights in, portable formats out.
+
+    alexnet convert caffe bvlc_alexnet.caffemodel --mean imagenet_mean.binaryproto \\
+        --synsets synset_words.txt --out bvlc_alexnet.pt
+    alexnet convert torchvision alexnet-owt-7be5be79.pth --synsets synset_words.txt --out owt.pt
+    alexnet convert onnx --checkpoint C.pt --out model.onnx [--preprocessing]
+    alexnet convert safetensors --checkpoint C.pt --out model.safetensors
+
+The imports write ordinary checkpoints (the dict of docs/ARCHITECTURE.md), so ``evaluate``,
+``predict``, ``features`` and ``figures`` run them unchanged. Each carries the preprocessing
+its weights were trained with, expressed in our pipeline (uint8 RGB, minus a mean image,
+times a scale), and folds the rest into conv1 or the LRN layers exactly:
+
+- Caffe's ``bvlc_alexnet`` (PAPER H2) takes BGR 227x227 crops minus the BGR mean image, with
+  conv1 unpadded and LRN k=1 across all 96 maps. We flip conv1's input channels to RGB, flip
+  the mean image, build the paper model with ``conv1_padding=0, image_size=227,
+  lrn_per_tower=False``, and rescale conv1/conv2 (and conv2/conv3) so our k=2 LRN computes
+  Caffe's k=1 one (see ``_fold_lrn_k``).
+- torchvision's ``alexnet`` (the owt variant, PAPER H2) takes RGB 224 crops of images scaled to
+  0-1 and normalised with per-channel mean and std. The mean becomes a constant mean image in
+  0-255 units and 1/(255 std) is folded into conv1's input channels (exact, padding included,
+  because zero padding of the normalised input is zero padding of the mean-subtracted one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.errors import UserError
+from alexnet.fileio import atomic_open, atomic_torch_save
+
+CAFFE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+# Caffe's ILSVRC-2012 mean pixel in BGR order (the mean of imagenet_mean.binaryproto).
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------- Caffe
+def read_caffe_layers(path: Path) -> list[tuple[str, str, list[np.ndarray], object]]:
+    """``[(name, type, blobs, layer message), ...]`` in file order, V1 or V2 format."""
+    from google.protobuf.message import DecodeError
+
+    from alexnet import caffe_pb
+
+    net = caffe_pb.messages()["NetParameter"]()
+    try:
+        net.ParseFromString(Path(path).read_bytes())
+    except (DecodeError, RuntimeError) as e:
+        raise UserError(f"{path}: not a Caffe NetParameter protobuf ({e})") from e
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from e
+    layers = list(net.layer) or list(net.layers)
+    if not layers:
+        raise UserError(f"{path}: holds no layers; is it a .caffemodel?")
+    out = []
+    for layer in layers:
+        blobs = []
+        for blob in layer.blobs:
+            data = np.asarray(blob.data or blob.double_data, dtype=np.float32)
+            shape = caffe_pb.blob_shape(blob)
+            if int(np.prod(shape)) != data.size:
+                raise UserError(
+                    f"{path}: layer {layer.name} blob of shape {shape} holds {data.size} values"
+                )
+            blobs.append(data.reshape(shape))
+        out.append((layer.name, caffe_pb.layer_type(layer), blobs, layer))
+    return out
+
+
+def _caffe_param(blob: np.ndarray, like: torch.Tensor, where: str) -> torch.Tensor:
+    """A Caffe blob as a tensor shaped like ``like`` (V1 files store fc weights as 1x1xOxI)."""
+    if blob.size != like.numel():
+        raise UserError(
+            f"{where}: {blob.shape} has {blob.size} values, the model expects {tuple(like.shape)}"
+        )
+    return torch.from_numpy(blob.reshape(tuple(like.shape)).copy())
+
+
+def _check_caffe_lrn(layers: list, path: Path) -> float | None:
+    """Checks LRN placement and settings; returns Caffe's k, or None when the net has no LRN."""
+    order = [t for _, t, _, _ in layers if t in ("LRN", "Pooling", "Convolution")]
+    lrns = [layer for _, t, _, layer in layers if t == "LRN"]
+    if not lrns:
+        return None
+    for i, t in enumerate(order):
+        if t == "LRN" and (i == 0 or order[i - 1] != "Convolution"):
+            raise UserError(
+                f"{path}: LRN after pooling (CaffeNet's order) is not the paper's "
+                "network, which normalises before pooling (PAPER A8, A9)"
+            )
+    ks = set()
+    for layer in lrns:
+        p = layer.lrn_param
+        size = p.local_size if p.HasField("local_size") else 5
+        alpha = p.alpha if p.HasField("alpha") else 1.0
+        beta = p.beta if p.HasField("beta") else 0.75
+        if size != 5 or abs(alpha - 1e-4) > 1e-9 or abs(beta - 0.75) > 1e-7:
+            raise UserError(
+                f"{path}: LRN {layer.name} has size={size} alpha={alpha} "
+                f"beta={beta}; only the paper's 5 / 1e-4 / 0.75 is supported"
+            )
+        ks.add(round(float(p.k if p.HasField("k") else 1.0), 6))  # caffe.proto default k = 1
+    if len(ks) != 1:
+        raise UserError(f"{path}: LRN layers disagree on k ({sorted(ks)})")
+    return ks.pop()
+
+
+def _fold_lrn_k(model: torch.nn.Module, k_from: float, k_to: float, beta: float = 0.75) -> None:
+    """Make our LRN with ``k_to`` compute the LRN with ``k_from`` by rescaling weights.
+
+    With l = sqrt(k_to / k_from): LRN_kfrom(a) = l**(2 beta - 1) * LRN_kto(l * a). ReLU and
+    max pooling commute with positive scales, so l goes into the conv before each LRN
+    (weight and bias) and l**(2 beta - 1) into the next conv's weights (not its bias)."""
+    lam = (k_to / k_from) ** 0.5
+    out_factor = lam ** (2 * beta - 1)
+    with torch.no_grad():
+        for before, after in (("conv1", "conv2"), ("conv2", "conv3")):
+            getattr(model, before).weight.mul_(lam)
+            getattr(model, before).bias.mul_(lam)
+            getattr(model, after).weight.mul_(out_factor)
+
+
+def _read_mean(path: Path | None, size: int) -> np.ndarray:
+    """A BGR mean as (3, size, size) float32: a .binaryproto or .npy mean image, or the pixel."""
+    if path is None:
+        return np.broadcast_to(np.float32(CAFFE_MEAN_BGR)[:, None, None], (3, size, size)).copy()
+    if Path(path).suffix == ".npy":
+        try:
+            mean = np.load(path).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read the mean image ({e})") from e
+    else:
+        from alexnet import caffe_pb
+
+        blob = caffe_pb.messages()["BlobProto"]()
+        try:
+            blob.ParseFromString(Path(path).read_bytes())
+        except Exception as e:  # protobuf raises DecodeError or RuntimeError
+            raise UserError(f"{path}: not a Caffe BlobProto mean file ({e})") from e
+        mean = np.asarray(blob.data, np.float32).reshape(caffe_pb.blob_shape(blob))
+    mean = mean.reshape(mean.shape[-3:]) if mean.ndim == 4 else mean
+    if mean.ndim != 3 or mean.shape[0] != 3:
+        raise UserError(f"{path}: expected a 3xHxW mean image, got shape {mean.shape}")
+    return mean
+
+
+def _class_lists(synsets: Path | None, n: int) -> tuple[list[str], list[str]]:
+    """Class ids and names from Caffe's synset_words.txt ("n01440764 tench, Tinca tinca")."""
+    if synsets is None:
+        return [str(i) for i in range(n)], [str(i) for i in range(n)]
+    try:
+        lines = [ln.strip() for ln in Path(synsets).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise UserError(f"{synsets}: cannot read ({e.strerror})") from e
+    if len(lines) != n:
+        raise UserError(f"{synsets}: {len(lines)} classes listed, the weights have {n}")
+    ids = [ln.split(maxsplit=1)[0] for ln in lines]
+    names = [ln.split(maxsplit=1)[1] if " " in ln else ln for ln in lines]
+    return ids, names
+
+
+def _stats(mean: np.ndarray) -> dict[str, torch.Tensor]:
+    # No colour PCA comes with foreign weights: zero eigenvalues switch colour noise off (B4).
+    return {
+        "mean": torch.from_numpy(np.ascontiguousarray(mean, np.float32)),
+        "eigvals": torch.zeros(3),
+        "eigvecs": torch.eye(3),
+    }
+
+
+def _checkpoint(model, classes, names, mean, crop, source: dict) -> dict:
+    return {
+        "model": model.state_dict(),
+        "model_config": dict(model.config),
+        "classes": classes,
+        "class_names": names,
+        "data_stats": _stats(mean),
+        "augment": {"crop_size": crop, "scale": 1.0},
+        "config": {},
+        "source": source,
+        "epoch": None,
+        "step": None,
+        "metrics": {},
+    }
+
+
+def import_caffe(path: Path, mean_path: Path | None = None, synsets: Path | None = None) -> dict:
+    """A bvlc_alexnet-style .caffemodel as a checkpoint of the paper model (227 px, RGB)."""
+    from alexnet.model import AlexNet
+
+    layers = read_caffe_layers(path)
+    blobs = {name: b for name, _, b, _ in layers if name in CAFFE_LAYERS}
+    missing = [n for n in CAFFE_LAYERS if len(blobs.get(n, ())) != 2]
+    if missing:
+        raise UserError(f"{path}: no weight and bias blobs for layer(s) {', '.join(missing)}")
+    # V1 files pad every blob to 4-D: fc weights are 1 x 1 x out x in, biases 1 x 1 x 1 x out.
+    blobs = {
+        n: (wb[0].reshape(wb[0].shape[-2:]) if n.startswith("fc") else wb[0], wb[1].reshape(-1))
+        for n, wb in blobs.items()
+    }
+    k = _check_caffe_lrn(layers, path)
+    w = {n: blobs[n][0] for n in CAFFE_LAYERS}
+    c1 = w["conv1"].shape[0]
+    grouped = {
+        n: w[n].shape[1] * 2 == w[p].shape[0]
+        for n, p in (("conv2", "conv1"), ("conv4", "conv3"), ("conv5", "conv4"))
+    }
+    if len(set(grouped.values())) != 1:
+        raise UserError(f"{path}: conv2/conv4/conv5 are not all grouped alike ({grouped})")
+    size = 227  # Caffe's crop: (227 - 11) / 4 + 1 = 55 with no padding (PAPER A3)
+    model = AlexNet(
+        w["fc8"].shape[0],
+        arch="paper",
+        in_channels=w["conv1"].shape[1],
+        image_size=size,
+        widths=(c1, *(w[f"conv{i}"].shape[0] for i in range(2, 6))),
+        fc_width=w["fc6"].shape[0],
+        lrn=k is not None,
+        lrn_per_tower=False,
+        towers=grouped["conv2"],
+        conv1_padding=0,
+        dropout=0.5,
+        init="none",
+    )
+    state = model.state_dict()
+    with torch.no_grad():
+        for n in CAFFE_LAYERS:
+            for blob, param in zip(blobs[n], ("weight", "bias"), strict=True):
+                state[f"{n}.{param}"].copy_(
+                    _caffe_param(blob, state[f"{n}.{param}"], f"{path}: {n}.{param}")
+                )
+        if model.conv1.in_channels == 3:
+            model.conv1.weight.copy_(model.conv1.weight.flip(1))  # BGR -> RGB input
+    if k is not None:
+        _fold_lrn_k(model, k_from=k, k_to=model.lrn1.k)
+    mean = _read_mean(mean_path, 256)
+    if model.conv1.in_channels == 3:
+        mean = mean[::-1]  # BGR -> RGB
+    classes, names = _class_lists(synsets, model.fc8.out_features)
+    source = {
+        "format": "caffe",
+        "file": Path(path).name,
+        "lrn_k": k,
+        "preprocessing": "RGB (converted from BGR), 227x227 crops of the 256 image, "
+        "minus the mean image, 0-255 units",
+    }
+    return _checkpoint(model, classes, names, mean, size, source)
+
+
+# ----------------------------------------------------------------------------- torchvision
+def import_torchvision(path: Path, synsets: Path | None = None) -> dict:
+    """torchvision's ``alexnet`` weights (``features.0.weight``...) as an owt checkpoint."""
+    from alexnet.model import AlexNet
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and format errors all mean the same to the user
+        raise UserError(f"{path}: not a torch state dict ({e})") from e
+    if not isinstance(sd, dict) or "classifier.6.weight" not in sd:
+        raise UserError(f"{path}: no 'classifier.6.weight': not a torchvision alexnet state dict")
+    model = AlexNet(sd["classifier.6.weight"].shape[0], arch="owt", init="none")
+    try:
+        model.load_torchvision_state_dict(sd)
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{path}: does not fit torchvision's alexnet ({e})") from e
+    std = torch.tensor(TORCHVISION_STD)
+    with torch.no_grad():
+        model.conv1.weight.div_((255.0 * std).view(1, 3, 1, 1))  # fold (x/255 - m)/s
+    mean = np.broadcast_to((255.0 * np.float32(TORCHVISION_MEAN))[:, None, None], (3, 256, 256))
+    classes, names = _class_lists(synsets, model.fc8.out_features)
+    source = {
+        "format": "torchvision",
+        "file": Path(path).name,
+        "preprocessing": "RGB, shorter side 256, centre 224 crop, (x/255 - mean)/std; "
+        "1/(255 std) folded into conv1",
+    }
+    return _checkpoint(model, classes, names, mean, 224, source)
+
+
+# ---------------------------------------------------------------------------------- export
+class _LRNAsOnnxOp(torch.autograd.Function):
+    """Traced as ONNX's own LRN op. ONNX LRN divides by (bias + alpha/size * sum)**beta over
+    the window [i - (n-1)//2, i + ceil((n-1)/2)], our window for odd n (PAPER A8)."""
+
+    @staticmethod
+    def forward(ctx, x, size: int, c: float, beta: float, k: float):
+        from alexnet.lrn import lrn_formula
+
+        return lrn_formula(x, size, c * size, beta, k, "code")
+
+    @staticmethod
+    def symbolic(g, x, size: int, c: float, beta: float, k: float):
+        return g.op("LRN", x, size_i=size, alpha_f=c * size, beta_f=beta, bias_f=k)
+
+
+class _ExportLRN(torch.nn.Module):
+    def __init__(self, lrn: torch.nn.Module) -> None:
+        super().__init__()
+        self.lrn = lrn
+        self.c = lrn.alpha / lrn.size if lrn.convention == "code" else lrn.alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from alexnet.lrn import lrn_formula
+
+        if self.lrn.size % 2 == 0:  # ONNX's even window is mirrored: export plain ops
+            return lrn_formula(
+                x, self.lrn.size, self.lrn.alpha, self.lrn.beta, self.lrn.k, self.lrn.convention
+            )
+        return _LRNAsOnnxOp.apply(x, self.lrn.size, self.c, self.lrn.beta, self.lrn.k)
+
+
+class _Preprocessed(torch.nn.Module):
+    """uint8 centre crops in, class probabilities out: the centre view of B2/B5 in the graph."""
+
+    def __init__(self, model: torch.nn.Module, mean_crop: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+        self.register_buffer("mean", mean_crop[None].float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) * self.scale
+        return torch.softmax(self.model(x), dim=1)
+
+
+def export_onnx(
+    model,
+    ckpt: dict,
+    out: Path,
+    *,
+    preprocessing: bool = False,
+    opset: int = 17,
+    check: bool = True,
+) -> float | None:
+    """Writes ``out``; with ``check`` returns onnxruntime's max abs difference from torch on a
+    random batch (a UserError if it is not within float32 rounding)."""
+    import copy
+
+    import onnx
+
+    net = copy.deepcopy(model).eval()
+    for name in ("lrn1", "lrn2"):
+        if getattr(net, name, None) is not None:
+            setattr(net, name, _ExportLRN(getattr(net, name)))
+    crop = int((ckpt.get("augment") or {}).get("crop_size") or model.input_size)
+    c = model.conv1.in_channels
+    gen = torch.Generator().manual_seed(0)
+    if preprocessing:
+        mean = ckpt["data_stats"]["mean"].float()
+        top, left = (mean.shape[1] - crop) // 2, (mean.shape[2] - crop) // 2
+        net = _Preprocessed(
+            net,
+            mean[:, top : top + crop, left : left + crop],
+            float(ckpt["augment"].get("scale", 1.0)),
+        ).eval()
+        example = torch.randint(0, 256, (2, c, crop, crop), generator=gen, dtype=torch.uint8)
+        names = (["images_uint8"], ["probabilities"])
+    else:
+        example = torch.randn(2, c, crop, crop, generator=gen) * 50.0  # mean-subtracted scale
+        names = (["images"], ["logits"])
+    out = Path(out)
+    with atomic_open(out, "wb") as f, torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated, but it honours the symbolic that maps our LRN
+        # to ONNX's LRN op, and the dynamo exporter needs onnxscript (not a dependency).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net,
+            (example,),
+            f,
+            dynamo=False,
+            opset_version=opset,
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
+        )
+    proto = onnx.load(str(out))
+    for key, value in (
+        ("model_config", ckpt["model_config"]),
+        ("classes", ckpt.get("classes")),
+        ("class_names", ckpt.get("class_names")),
+        ("augment", ckpt.get("augment")),
+    ):
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.checker.check_model(proto)
+    with atomic_open(out, "wb") as f:
+        f.write(proto.SerializeToString())
+    if not check:
+        return None
+    return _compare_onnxruntime(net, out, example)
+
+
+def _compare_onnxruntime(net, path: Path, example: torch.Tensor) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.cat([example, example.flip(0)[:1]])  # batch 3: the batch axis really is dynamic
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x).numpy()
+    diff = float(np.abs(got - want).max())
+    if diff > 1e-4 * max(1.0, float(np.abs(want).max())):
+        raise UserError(f"{path}: onnxruntime differs from torch by {diff:.3g}")
+    return diff
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = sub.add_parser("caffe", help="a BVLC .caffemodel (bvlc_alexnet) -> paper-model checkpoint")
+    p.add_argument("caffemodel", type=Path)
+    p.add_argument(
+        "--mean",
+        type=Path,
+        help="imagenet_mean.binaryproto or a (3,H,W) BGR .npy (default: Caffe's mean pixel)",
+    )
+    p.add_argument("--synsets", type=Path, help="synset_words.txt: class ids and names")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("torchvision", help="torchvision alexnet weights -> owt checkpoint")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--synsets", type=Path, help="synset_words.txt: class ids and names")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("onnx", help="checkpoint -> ONNX, checked with onnxruntime when installed")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--preprocessing",
+        action="store_true",
+        help="input uint8 crops (N,C,crop,crop); the graph subtracts the mean and "
+        "returns probabilities",
+    )
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p = sub.add_parser("safetensors", help="checkpoint -> safetensors (weights, stats, metadata)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "caffe":
+        ckpt = import_caffe(args.caffemodel, args.mean, args.synsets)
+    elif args.what == "torchvision":
+        ckpt = import_torchvision(args.weights, args.synsets)
+    elif args.what == "safetensors":
+        from alexnet.checkpoint import export_safetensors
+
+        export_safetensors(args.checkpoint, args.out)  # load_model reads the result back
+        print(f"wrote {args.out}")
+        return 0
+    else:
+        from alexnet.checkpoint import load_model
+
+        model, ckpt = load_model(args.checkpoint, map_location="cpu")
+        diff = export_onnx(
+            model,
+            ckpt,
+            args.out,
+            preprocessing=args.preprocessing,
+            opset=args.opset,
+            check=not args.no_check,
+        )
+        if diff is not None:
+            print(f"onnxruntime vs torch: max abs difference {diff:.3g}")
+        print(f"wrote {args.out}")
+        return 0
+    atomic_torch_save(args.out, ckpt)
+    cfg = ckpt["model_config"]
+    print(
+        f"wrote {args.out}: arch={cfg['arch']} classes={cfg['num_classes']} "
+        f"input={ckpt['augment']['crop_size']}px ({ckpt['source']['preprocessing']})"
+    )
+    return 0

@@ -1,0 +1,395 @@
+"""Converters: Caffe .caffemodel and torchvision weights in, ONNX and safetensors out.
+
+The real weight files cannot be downloaded here, so each test writes a small file in the same
+format (a caffemodel is a NetParameter protobuf; a torchvision checkpoint is a state dict with
+``features.*`` / ``classifier.*`` keys) and checks the imported model against an independent
+forward pass written with torch's own layers in the foreign convention (BGR, Caffe's LRN k=1,
+torchvision's 0-1 normalisation).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet import caffe_pb
+from alexnet.checkpoint import load_model
+from alexnet.cli import main
+from alexnet.convert import import_caffe
+from alexnet.data import DeviceAugment
+from alexnet.fileio import atomic_torch_save
+
+# A narrow bvlc_alexnet: same layer pattern (grouped conv2/4/5, LRN before pool), small widths.
+WIDTHS = (8, 16, 24, 24, 16)
+FC, CLASSES = 32, 5
+
+
+def _caffe_weights(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    g = np.random.default_rng(seed)
+    c1, c2, c3, c4, c5 = WIDTHS
+    shapes = {
+        "conv1": (c1, 3, 11, 11),
+        "conv2": (c2, c1 // 2, 5, 5),
+        "conv3": (c3, c2, 3, 3),
+        "conv4": (c4, c3 // 2, 3, 3),
+        "conv5": (c5, c4 // 2, 3, 3),
+        "fc6": (FC, c5 * 6 * 6),
+        "fc7": (FC, FC),
+        "fc8": (CLASSES, FC),
+    }
+    out = {}
+    for name, shape in shapes.items():
+        fan_in = int(np.prod(shape[1:]))
+        w = g.normal(0, 1.0 / np.sqrt(fan_in), shape).astype(np.float32)
+        out[name] = (w, g.normal(0.1, 0.1, shape[0]).astype(np.float32))
+    return out
+
+
+def _blob(msgs, array: np.ndarray, legacy: bool):
+    blob = msgs["BlobProto"]()
+    if legacy:  # V1 files: 4-D num/channels/height/width, fc weights as 1 x 1 x out x in
+        shape = (1,) * (4 - array.ndim) + array.shape
+        blob.num, blob.channels, blob.height, blob.width = shape
+    else:
+        blob.shape.dim.extend(array.shape)
+    blob.data.extend(array.reshape(-1).tolist())
+    return blob
+
+
+def write_caffemodel(path, weights, *, v1: bool = True, pool_first: bool = False) -> None:
+    """bvlc_alexnet's layer sequence: conv, relu, norm, pool (pool, norm in CaffeNet)."""
+    msgs = caffe_pb.messages()
+    net = msgs["NetParameter"](name="AlexNet")
+    seq = ["data"]
+    for i in range(1, 6):
+        seq += [f"conv{i}", f"relu{i}"]
+        if i <= 2:
+            seq += [f"pool{i}", f"norm{i}"] if pool_first else [f"norm{i}", f"pool{i}"]
+    seq += ["pool5", "fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8", "loss"]
+    kinds = {
+        "conv": "CONVOLUTION",
+        "relu": "RELU",
+        "norm": "LRN",
+        "pool": "POOLING",
+        "fc": "INNER_PRODUCT",
+        "drop": "DROPOUT",
+        "data": "DATA",
+        "loss": "SOFTMAX_LOSS",
+    }
+    for name in seq:
+        kind = kinds[name.rstrip("0123456789")]
+        if v1:
+            layer = net.layers.add(name=name, type=caffe_pb.V1_TYPES[kind])
+        else:
+            layer = net.layer.add(name=name, type=caffe_pb.V1_TO_V2[kind])
+        if kind == "LRN":
+            layer.lrn_param.local_size, layer.lrn_param.alpha = 5, 1e-4
+            layer.lrn_param.beta = 0.75  # k left unset: caffe.proto's default, 1
+        if name in weights:
+            for array in weights[name]:
+                layer.blobs.append(_blob(msgs, array, legacy=v1))
+    path.write_bytes(net.SerializeToString())
+
+
+def caffe_reference(x_bgr: torch.Tensor, weights) -> torch.Tensor:
+    """bvlc_alexnet's deploy.prototxt in torch ops: BGR input, no conv1 padding, LRN k=1 over
+    all maps after the ReLU, then max pooling with Caffe's ceil rounding, float64."""
+    w = {
+        k: (torch.from_numpy(a).double(), torch.from_numpy(b).double())
+        for k, (a, b) in weights.items()
+    }
+    lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+
+    def pool(t):
+        return F.max_pool2d(t, 3, 2, ceil_mode=True)
+
+    x = pool(lrn(F.relu(F.conv2d(x_bgr.double(), *w["conv1"], stride=4))))
+    x = pool(lrn(F.relu(F.conv2d(x, *w["conv2"], padding=2, groups=2))))
+    x = F.relu(F.conv2d(x, *w["conv3"], padding=1))
+    x = F.relu(F.conv2d(x, *w["conv4"], padding=1, groups=2))
+    x = pool(F.relu(F.conv2d(x, *w["conv5"], padding=1, groups=2))).flatten(1)
+    x = F.relu(F.linear(x, *w["fc6"]))
+    x = F.relu(F.linear(x, *w["fc7"]))
+    return F.linear(x, *w["fc8"])
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["V1-layers", "V2-layer"])
+def test_caffe_import_matches_caffe_forward(tmp_path, v1):
+    weights = _caffe_weights()
+    write_caffemodel(tmp_path / "net.caffemodel", weights, v1=v1)
+    g = torch.Generator().manual_seed(1)
+    mean_bgr = torch.rand(3, 256, 256, generator=g) * 40 + 100
+    msgs = caffe_pb.messages()
+    (tmp_path / "mean.binaryproto").write_bytes(
+        _blob(msgs, mean_bgr[None].numpy(), legacy=True).SerializeToString()
+    )
+    (tmp_path / "synsets.txt").write_text(
+        "".join(f"n0000000{i} class {i}, thing\n" for i in range(CLASSES))
+    )
+    ckpt = import_caffe(
+        tmp_path / "net.caffemodel", tmp_path / "mean.binaryproto", tmp_path / "synsets.txt"
+    )
+    assert ckpt["classes"][2] == "n00000002" and ckpt["class_names"][2] == "class 2, thing"
+    assert ckpt["augment"]["crop_size"] == 227 and ckpt["model_config"]["conv1_padding"] == 0
+    assert ckpt["model_config"]["lrn_per_tower"] is False and ckpt["source"]["lrn_k"] == 1.0
+    # The stored mean is the RGB flip of Caffe's BGR mean image.
+    torch.testing.assert_close(ckpt["data_stats"]["mean"], mean_bgr.flip(0))
+    atomic_torch_save(tmp_path / "imported.pt", ckpt)
+    model, ckpt = load_model(tmp_path / "imported.pt")
+
+    # Our pipeline: RGB uint8 256x256 images, centre 227 view minus the RGB mean crop.
+    images = torch.randint(0, 256, (2, 3, 256, 256), generator=g, dtype=torch.uint8)
+    aug = DeviceAugment(ckpt["data_stats"], 227, train=False)
+    with torch.no_grad():
+        ours = model(aug.views(images, 1)).double()
+    # Caffe's: BGR, the same crop, minus the BGR mean crop.
+    crop = slice(14, 14 + 227)
+    x_bgr = images.flip(1).double()[:, :, crop, crop] - mean_bgr.double()[:, crop, crop]
+    ref = caffe_reference(x_bgr, weights)
+    assert ref.abs().max() > 1.0  # not a vacuous comparison of near-zero outputs
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # conv3..fc8 land unchanged (only conv1/conv2/conv3 carry the LRN k rescaling)
+    torch.testing.assert_close(model.fc6.weight, torch.from_numpy(weights["fc6"][0]))
+    torch.testing.assert_close(model.conv4.weight, torch.from_numpy(weights["conv4"][0]))
+
+
+def test_caffe_import_refuses_caffenet_order_and_garbage(tmp_path):
+    write_caffemodel(tmp_path / "caffenet.caffemodel", _caffe_weights(), pool_first=True)
+    assert (
+        main(
+            [
+                "convert",
+                "caffe",
+                str(tmp_path / "caffenet.caffemodel"),
+                "--out",
+                str(tmp_path / "x.pt"),
+            ]
+        )
+        == 2
+    )
+    (tmp_path / "junk.caffemodel").write_bytes(b"\xff\xfe not a protobuf \x00\x01")
+    assert (
+        main(
+            ["convert", "caffe", str(tmp_path / "junk.caffemodel"), "--out", str(tmp_path / "x.pt")]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_caffe_cli_default_mean_pixel(tmp_path, capsys):
+    write_caffemodel(tmp_path / "net.caffemodel", _caffe_weights())
+    out = tmp_path / "bvlc.pt"
+    assert main(["convert", "caffe", str(tmp_path / "net.caffemodel"), "--out", str(out)]) == 0
+    _, ckpt = load_model(out)
+    pixel = ckpt["data_stats"]["mean"][:, 100, 100]
+    torch.testing.assert_close(pixel, torch.tensor([122.67891434, 116.66876762, 104.00698793]))
+    assert "227" in capsys.readouterr().out
+
+
+def _torchvision_state(seed: int = 0, classes: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "features.0": (64, 3, 11, 11),
+        "features.3": (192, 64, 5, 5),
+        "features.6": (384, 192, 3, 3),
+        "features.8": (256, 384, 3, 3),
+        "features.10": (256, 256, 3, 3),
+        "classifier.1": (4096, 9216),
+        "classifier.4": (4096, 4096),
+        "classifier.6": (classes, 4096),
+    }
+    sd = {}
+    for key, shape in shapes.items():
+        fan_in = int(np.prod(shape[1:]))
+        sd[f"{key}.weight"] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+        sd[f"{key}.bias"] = torch.randn(shape[0], generator=g) * 0.05
+    return sd
+
+
+def torchvision_reference(sd: dict[str, torch.Tensor]) -> torch.nn.Sequential:
+    """torchvision's alexnet layout written out independently (eval mode: dropout inactive)."""
+    nn = torch.nn
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 11, 4, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.AdaptiveAvgPool2d((6, 6)),
+        nn.Flatten(),
+        nn.Dropout(),
+        nn.Linear(9216, 4096),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        nn.Linear(4096, sd["classifier.6.bias"].numel()),
+    )
+    index = {
+        "features.0": 0,
+        "features.3": 3,
+        "features.6": 6,
+        "features.8": 8,
+        "features.10": 10,
+        "classifier.1": 16,
+        "classifier.4": 19,
+        "classifier.6": 21,
+    }
+    net.load_state_dict(
+        {f"{index[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in sd.items()}
+    )
+    return net.eval()
+
+
+def test_torchvision_import_matches_torchvision_preprocessing(tmp_path):
+    sd = _torchvision_state()
+    torch.save(sd, tmp_path / "alexnet-owt.pth")
+    assert (
+        main(
+            [
+                "convert",
+                "torchvision",
+                str(tmp_path / "alexnet-owt.pth"),
+                "--out",
+                str(tmp_path / "owt.pt"),
+            ]
+        )
+        == 0
+    )
+    model, ckpt = load_model(tmp_path / "owt.pt")
+    assert ckpt["model_config"]["arch"] == "owt" and ckpt["augment"]["crop_size"] == 224
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 256, 256), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        ours = model(DeviceAugment(ckpt["data_stats"], 224, train=False).views(images, 1))
+        # torchvision: Resize(256) + CenterCrop(224) + ToTensor + Normalize
+        x = images[:, :, 16:240, 16:240].float() / 255.0
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        ref = torchvision_reference(sd)((x - mean) / std)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_import_rejects_other_files(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pth")
+    assert (
+        main(
+            [
+                "convert",
+                "torchvision",
+                str(tmp_path / "resnet.pth"),
+                "--out",
+                str(tmp_path / "x.pt"),
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A small-arch paper-pattern checkpoint with LRN (the op ONNX export must handle)."""
+    from alexnet.model import AlexNet
+
+    torch.manual_seed(0)
+    model = AlexNet(4, arch="small", image_size=28, widths=(8, 16, 16, 16, 8), fc_width=16).eval()
+    g = torch.Generator().manual_seed(0)
+    stats = {
+        "mean": torch.rand(3, 32, 32, generator=g) * 255,
+        "eigvals": torch.ones(3),
+        "eigvecs": torch.eye(3),
+    }
+    ckpt = {
+        "model": model.state_dict(),
+        "model_config": model.config,
+        "classes": list("abcd"),
+        "class_names": ["ant", "bee", "cat", "dog"],
+        "data_stats": stats,
+        "augment": {"crop_size": 28, "scale": 1.0 / 64},
+        "config": {},
+    }
+    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
+    atomic_torch_save(path, ckpt)
+    return path
+
+
+def test_onnx_export_matches_torch(tmp_path, small_checkpoint, capsys):
+    import onnx
+    import onnxruntime
+
+    out = tmp_path / "small.onnx"
+    assert main(["convert", "onnx", "--checkpoint", str(small_checkpoint), "--out", str(out)]) == 0
+    assert "max abs difference" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    # ONNX's own LRN op: two LRN layers, each applied to both towers' maps (PAPER A12)
+    assert [n.op_type for n in proto.graph.node].count("LRN") == 4
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["class_names"]) == ["ant", "bee", "cat", "dog"]
+    # An independent check on a batch of 5, beyond the exporter's own comparison.
+    model, _ = load_model(small_checkpoint)
+    x = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(9)) * 60
+    got = onnxruntime.InferenceSession(str(out)).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_with_preprocessing(tmp_path, small_checkpoint):
+    import onnxruntime
+
+    out = tmp_path / "pre.onnx"
+    assert (
+        main(
+            [
+                "convert",
+                "onnx",
+                "--checkpoint",
+                str(small_checkpoint),
+                "--out",
+                str(out),
+                "--preprocessing",
+            ]
+        )
+        == 0
+    )
+    model, ckpt = load_model(small_checkpoint)
+    images = torch.randint(
+        0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8
+    )
+    aug = DeviceAugment(ckpt["data_stats"], 28, train=False, scale=1.0 / 64)
+    with torch.no_grad():
+        want = torch.softmax(model(aug.views(images, 1)), 1).numpy()
+    crops = images[:, :, 2:30, 2:30].contiguous().numpy()
+    got = onnxruntime.InferenceSession(str(out)).run(None, {"images_uint8": crops})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
+
+
+def test_safetensors_export_round_trips(tmp_path, small_checkpoint):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "small.safetensors"
+    assert (
+        main(["convert", "safetensors", "--checkpoint", str(small_checkpoint), "--out", str(out)])
+        == 0
+    )
+    model, _ = load_model(small_checkpoint)
+    again, ckpt = load_model(out)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    assert ckpt["class_names"] == ["ant", "bee", "cat", "dog"]
+    assert set(model.state_dict()) <= set(load_file(out))
