@@ -1,0 +1,252 @@
+"""Preparing a list of source images: decode, make RGB, resize (B1), encode, in parallel and
+resumable.
+
+Work is cut into fixed chunks of the (deterministic) item list. A worker writes a chunk's
+records to ``OUT/.parts/<split>/chunk_NNNNNN.bin`` and then its index, skipped files and
+partial statistics to ``chunk_NNNNNN.npz``, each atomically; a chunk is done exactly when its
+``.npz`` exists. A killed run therefore resumes at the first unfinished chunk and never
+trusts a half-written file. When every chunk is done the chunks are concatenated into
+``<split>.bin`` and the index, ``stats.npz`` and finally ``meta.json`` are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from alexnet.data import store
+from alexnet.data.sources import Item
+from alexnet.errors import UserError
+from alexnet.fileio import atomic_open, atomic_write_json
+from alexnet.progress import Progress
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int = 256  # PAPER B1: shorter side to 256, central 256x256; 0 keeps the native size
+    storage: str = "jpeg"  # "jpeg" or "raw"
+    quality: int = 90  # JPEG quality of the stored records
+    native: tuple[int, int] | None = None  # (width, height) all images must have when size == 0
+
+
+def load_rgb(data: bytes, settings: Settings) -> tuple[np.ndarray, str]:
+    """Decode any image PIL reads into RGB uint8 (H, W, 3) at the stored size.
+
+    PAPER G2: CMYK and greyscale JPEGs, palette/alpha PNGs (also when named .JPEG) all become
+    RGB. PAPER B1: the stored image is the central min(w, h) square resized to ``size``,
+    which is "shorter side to ``size``, then the central ``size`` x ``size`` crop" computed
+    in one resampling step (sub-pixel exact, and no work on pixels that are cropped away).
+    Returns the image and a note of what was converted ("JPEG/CMYK", "PNG/P", ...).
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        kind = f"{img.format}/{img.mode}"
+        size = settings.size
+        if size:
+            # DCT-domain downscaling keeps at least 2x the target resolution, so the
+            # antialiased resize below still sees enough pixels (PIL picks a 1/2..1/8 scale).
+            img.draft("RGB", (2 * size, 2 * size))
+        img.load()
+        rgb = img.convert("RGB") if img.mode != "RGB" else img
+        w, h = rgb.size
+        if size:
+            s = min(w, h)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        elif settings.native is not None and (w, h) != tuple(settings.native):
+            raise ValueError(f"{w}x{h}, but --size 0 needs every image at {settings.native}")
+        return np.asarray(rgb), kind
+
+
+def _reason(e: Exception, item: Item) -> str:
+    if item.size == 0:
+        return "empty file"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    return f"{type(e).__name__}: {e}"
+
+
+def _process_chunk(task) -> tuple[int, int, int]:
+    parts, chunk_id, items, settings, want_stats = task
+    records, lengths, labels, names, bad, kinds = [], [], [], [], [], Counter()
+    acc = None
+    for item in items:
+        try:
+            image, kind = load_rgb(item.read(), settings)
+        except Exception as e:  # PIL raises many types for broken files; all are reported
+            bad.append(f"{item.name}\t{_reason(e, item)}")
+            continue
+        if settings.storage == "jpeg":
+            rec = store.encode_jpeg(image, settings.quality)
+            image = np.empty_like(image)
+            store.decode_jpeg_into(rec, image)  # stats over what training will read
+        else:
+            rec = image.tobytes()
+        if want_stats:
+            acc = acc or store.StatsAccumulator(*image.shape)
+            acc.add_batch(image[None])
+        records.append(rec)
+        lengths.append(len(rec))
+        labels.append(item.label)
+        names.append(item.name)
+        if kind != "JPEG/RGB":
+            kinds[kind] += 1
+    stem = parts / f"chunk_{chunk_id:06d}"
+    with atomic_open(stem.with_suffix(".bin"), "wb") as f:
+        for rec in records:
+            f.write(rec)
+    arrays = {
+        "lengths": np.array(lengths, np.int64),
+        "labels": np.array(labels, np.int64),
+        "names": np.array(names, dtype=str),
+        "bad": np.array(bad, dtype=str),
+        "kinds": np.array(json.dumps(kinds)),
+    }
+    if acc is not None:
+        arrays.update({f"stats_{k}": v for k, v in acc.to_dict().items()})
+    with atomic_open(stem.with_suffix(".npz"), "wb") as f:  # the chunk's "done" marker
+        np.savez(f, **arrays)
+    return chunk_id, len(items), len(bad)
+
+
+def _plan(parts: Path, items: list[Item], settings: Settings, chunk: int) -> None:
+    """Record what the chunks are of; a rerun with other inputs or settings is refused."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.name}\0{it.size}\0{it.label}\n".encode())
+    plan = {
+        "settings": asdict(settings),
+        "chunk": chunk,
+        "items": len(items),
+        "items_sha256": h.hexdigest(),
+    }
+    plan["settings"]["native"] = list(settings.native) if settings.native else None
+    path = parts / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plan:
+            raise UserError(
+                f"{path}: an unfinished prepare with other inputs or settings is here; use the "
+                f"same ones to resume, or delete {parts.parent} to start again"
+            )
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, plan)
+
+
+def run_chunks(
+    out: Path,
+    split: str,
+    items: list[Item],
+    settings: Settings,
+    *,
+    workers: int,
+    chunk: int,
+    want_stats: bool,
+    after_chunk=None,
+) -> Path:
+    """Process every unfinished chunk of ``split``; returns the chunk folder."""
+    parts = out / ".parts" / split
+    _plan(parts, items, settings, chunk)
+    for stale in parts.glob(".*.tmp"):  # temp files of a killed run
+        stale.unlink(missing_ok=True)
+    n_chunks = (len(items) + chunk - 1) // chunk
+    todo = [c for c in range(n_chunks) if not (parts / f"chunk_{c:06d}.npz").is_file()]
+    done_items = len(items) - sum(len(items[c * chunk : (c + 1) * chunk]) for c in todo)
+    tasks = ((parts, c, items[c * chunk : (c + 1) * chunk], settings, want_stats) for c in todo)
+    bad = 0
+    with Progress(len(items), f"prepare {split}", initial=done_items) as progress:
+        if done_items:
+            print(
+                f"prepare {split}: resuming, {done_items} of {len(items)} images already done",
+                flush=True,
+            )
+        if workers <= 1 or len(todo) <= 1:
+            results = map(_process_chunk, tasks)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            results = pool.imap_unordered(_process_chunk, tasks)
+        try:
+            for _, n, n_bad in results:
+                bad += n_bad
+                progress.update(n, unreadable=bad)
+                if after_chunk is not None:
+                    after_chunk()
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    return parts
+
+
+def collect_bad(parts: Path) -> list[str]:
+    out = []
+    for npz in sorted(parts.glob("chunk_*.npz")):
+        with np.load(npz) as z:
+            out.extend(str(s) for s in z["bad"])
+    return out
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+
+def finish_split(out: Path, split: str, parts: Path, want_stats: bool) -> dict:
+    """Concatenate the chunks into ``<split>.bin`` + index + files list; returns split meta."""
+    offsets, lengths, labels, names, bad, kinds = [], [], [], [], [], Counter()
+    acc = None
+    pos = 0
+    with atomic_open(out / f"{split}.bin", "wb") as f:
+        for npz in sorted(parts.glob("chunk_*.npz")):
+            with np.load(npz) as z:
+                n = z["lengths"]
+                data = npz.with_suffix(".bin").read_bytes()
+                if len(data) != int(n.sum()):
+                    raise UserError(
+                        f"{npz.with_suffix('.bin')}: {len(data)} bytes, its index "
+                        f"says {int(n.sum())}; delete it and {npz.name} and rerun"
+                    )
+                f.write(data)
+                offsets.append(pos + np.cumsum(n) - n)
+                pos += len(data)
+                lengths.append(n)
+                labels.append(z["labels"])
+                names.extend(str(s) for s in z["names"])
+                bad.extend(str(s) for s in z["bad"])
+                kinds.update(json.loads(str(z["kinds"])))
+                if want_stats and "stats_images" in z.files:
+                    part = store.StatsAccumulator.from_dict(
+                        {k[len("stats_") :]: z[k] for k in z.files if k.startswith("stats_")}
+                    )
+                    if acc is None:
+                        acc = part
+                    else:
+                        acc.merge(part)
+    store.write_index(out / f"{split}.index.npy", _cat(offsets), _cat(lengths), _cat(labels))
+    with atomic_open(out / f"{split}.files.txt", "w") as f:
+        f.write("".join(n + "\n" for n in names))
+    if want_stats:
+        if acc is None:
+            raise UserError(f"{split}: no readable training images")
+        store.write_stats(out, acc.finish())
+    return {
+        "count": len(names),
+        "skipped": len(bad),
+        "skipped_files": [b.split("\t")[0] for b in bad],
+        "converted": dict(kinds),
+    }
+
+
+def default_workers() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

@@ -1,0 +1,268 @@
+"""``alexnet prepare``: turn a source into a prepared dataset directory, once (PAPER B1, B2,
+B4, G1, G2). See docs/DATA.md.
+
+    alexnet prepare imagenet --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \\
+        --devkit ILSVRC2012_devkit_t12.tar.gz OUT
+    alexnet prepare folder --train DIR [--val DIR] OUT
+    alexnet prepare fashion-mnist OUT [--source DIR | --download]
+    alexnet prepare cifar10 --source cifar-10-batches-py OUT
+    alexnet prepare verify OUT [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from alexnet.data import pipeline, small, sources, store
+from alexnet.data.verify import verify
+from alexnet.errors import UserError
+from alexnet.fileio import atomic_write_text
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="the prepared dataset directory to write")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="stored side: shorter side resized to it, central square kept "
+        "(PAPER B1; default 256); 0 keeps the native size (all images equal)",
+    )
+    p.add_argument(
+        "--storage",
+        choices=["jpeg", "raw"],
+        default="jpeg",
+        help="records as JPEG bytes (default) or raw uint8 pixels",
+    )
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=pipeline.default_workers(),
+        help="processes (default: all cores)",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1000, help="images per resumable chunk (default 1000)"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave unreadable files out (they are listed, counted and recorded) "
+        "instead of failing",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kind", metavar="SOURCE", required=True)
+    p = sub.add_parser("imagenet", help="ILSVRC-2012 tars or folders + devkit (PAPER G1)")
+    p.add_argument(
+        "--train",
+        type=Path,
+        required=True,
+        help="ILSVRC2012_img_train.tar, a folder of its <wnid>.tar, or <wnid>/ folders",
+    )
+    p.add_argument(
+        "--val", type=Path, help="ILSVRC2012_img_val.tar, its flat folder, or <wnid>/ folders"
+    )
+    p.add_argument(
+        "--devkit",
+        type=Path,
+        help="ILSVRC2012_devkit_t12.tar.gz or its folder (val labels, class names)",
+    )
+    _image_options(p)
+    p = sub.add_parser("folder", help="any folder-per-class image tree (<class>/<images>)")
+    p.add_argument("--train", type=Path, required=True, help="training tree")
+    p.add_argument("--val", type=Path, help="validation tree, same class folders")
+    _image_options(p)
+    p = sub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files, native 28x28x1")
+    p.add_argument("out", type=Path)
+    p.add_argument(
+        "--source",
+        type=Path,
+        help=f"folder with the four IDX .gz files (default {small.FASHION_MNIST_DIR}, "
+        "Debian package dataset-fashion-mnist; with --download: OUT/source)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the files from the canonical address into --source, MD5-checked",
+    )
+    p = sub.add_parser("cifar10", help="CIFAR-10 python batches, native 32x32x3")
+    p.add_argument("out", type=Path)
+    p.add_argument(
+        "--source",
+        type=Path,
+        required=True,
+        help="cifar-10-batches-py folder or cifar-10-python.tar.gz",
+    )
+    p = sub.add_parser("verify", help="check a prepared directory against its index")
+    p.add_argument("out", type=Path)
+    p.add_argument("--quick", action="store_true", help="decode a sample, not every record")
+
+
+def _already_done(out: Path) -> bool:
+    if (out / "meta.json").is_file():
+        meta = store.read_meta(out)
+        counts = ", ".join(f"{k} {v['count']}" for k, v in meta["splits"].items())
+        print(f"{out}: already prepared ({counts}); nothing to do (delete it to redo)")
+        return True
+    return False
+
+
+def _native_size(item: sources.Item) -> tuple[int, int]:
+    import io
+
+    try:
+        with Image.open(io.BytesIO(item.read())) as img:
+            return img.size
+    except Exception as e:
+        raise UserError(f"{item.name}: cannot read the first image for --size 0 ({e})") from None
+
+
+def _prepare_items(
+    args,
+    dataset: str,
+    splits: dict,
+    classes: list[str],
+    names: list[str],
+    notes: dict,
+    after_chunk=None,
+) -> int:
+    """Shared by imagenet and folder: chunks, bad-file report, finish, meta."""
+    out: Path = args.out
+    if args.storage == "jpeg" and not 1 <= args.quality <= 100:
+        raise UserError(f"--quality {args.quality}: must be 1..100")
+    native = _native_size(splits["train"][0]) if args.size == 0 else None
+    settings = pipeline.Settings(args.size, args.storage, args.quality, native)
+    parts = {}
+    for split, items in splits.items():
+        parts[split] = pipeline.run_chunks(
+            out,
+            split,
+            items,
+            settings,
+            workers=args.workers,
+            chunk=args.chunk,
+            want_stats=split == "train",
+            after_chunk=after_chunk,
+        )
+    bad = [b for split in splits for b in pipeline.collect_bad(parts[split])]
+    report = out / "bad_files.txt"
+    if bad:
+        atomic_write_text(report, "".join(b + "\n" for b in bad))
+        if not args.skip_bad:
+            first = "; ".join(b.replace("\t", " (", 1) + ")" for b in bad[:3])
+            raise UserError(
+                f"{len(bad)} unreadable file(s), listed in {report}: {first}. Rerun with "
+                "--skip-bad to leave them out (finished work is kept)"
+            )
+        print(f"skipped {len(bad)} unreadable file(s), listed in {report}")
+    split_meta = {s: pipeline.finish_split(out, s, parts[s], s == "train") for s in splits}
+    size = list(native[::-1]) if native else [args.size, args.size]
+    store.write_meta(
+        out,
+        {
+            "dataset": dataset,
+            "storage": args.storage,
+            "image_size": size,
+            "channels": 3,
+            "classes": classes,
+            "class_names": names,
+            "splits": split_meta,
+            "jpeg_quality": args.quality if args.storage == "jpeg" else None,
+            "resize": "central min(w,h) square, bicubic to size x size (PAPER B1)"
+            if args.size
+            else "native size",
+            **notes,
+        },
+    )
+    shutil.rmtree(out / ".parts", ignore_errors=True)
+    for split, m in split_meta.items():
+        print(
+            f"{out}: {split} {m['count']} images, {m['skipped']} skipped, converted to RGB: "
+            f"{m['converted'] or 'none'}"
+        )
+    return 0
+
+
+def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
+    notes = {}
+    if ignored:
+        atomic_write_text(out / "ignored_files.txt", "".join(n + "\n" for n in ignored))
+        print(f"ignored {len(ignored)} non-image file(s), listed in {out / 'ignored_files.txt'}")
+        notes["ignored_non_images"] = len(ignored)
+    if excluded:
+        atomic_write_text(out / "excluded_val.txt", "".join(n + "\n" for n in excluded))
+        print(
+            f"left out {len(excluded)} validation image(s) of classes not in the training "
+            f"set, listed in {out / 'excluded_val.txt'}"
+        )
+        notes["val_excluded_other_classes"] = len(excluded)
+    return notes
+
+
+def run_imagenet(args, after_chunk=None) -> int:
+    if _already_done(args.out):
+        return 0
+    devkit = sources.read_devkit(args.devkit) if args.devkit else None
+    wnids, train, ignored = sources.imagenet_train(args.train)
+    if devkit is not None:
+        known = set(devkit.wnid_of_id.values())
+        unknown = [w for w in wnids if w not in known]
+        if unknown:
+            raise UserError(f"{args.train}: class(es) {unknown[:5]} are not devkit classes")
+    splits, excluded = {"train": train}, []
+    if args.val is not None:
+        splits["val"], ignored_val, excluded = sources.imagenet_val(args.val, wnids, devkit)
+        ignored += ignored_val
+    names = [devkit.words.get(w, w) for w in wnids] if devkit else list(wnids)
+    args.out.mkdir(parents=True, exist_ok=True)
+    notes = _report_ignored(args.out, ignored, excluded)
+    return _prepare_items(args, "imagenet", splits, wnids, names, notes, after_chunk)
+
+
+def run_folder(args, after_chunk=None) -> int:
+    if _already_done(args.out):
+        return 0
+    classes, train, ignored = sources.folder_tree(args.train)
+    splits = {"train": train}
+    if args.val is not None:
+        _, splits["val"], ignored_val = sources.folder_tree(args.val, classes)
+        ignored += ignored_val
+    args.out.mkdir(parents=True, exist_ok=True)
+    notes = _report_ignored(args.out, ignored, [])
+    return _prepare_items(args, "folder", splits, classes, list(classes), notes, after_chunk)
+
+
+def _write_small(out: Path, dataset: str, splits, classes: list[str], source: str) -> int:
+    note = {"source": source, "val_is_official_test_set": True}
+    store.prepare_arrays(out, splits, classes, classes, dataset=dataset, extra_meta=note)
+    counts = ", ".join(f"{k} {len(v[1])}" for k, v in splits.items())
+    print(f"{out}: {dataset} prepared ({counts}; val is the official test set)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kind == "verify":
+        return verify(args.out, quick=args.quick)
+    if args.kind == "imagenet":
+        return run_imagenet(args)
+    if args.kind == "folder":
+        return run_folder(args)
+    if _already_done(args.out):
+        return 0
+    if args.kind == "fashion-mnist":
+        source = args.source
+        if args.download:
+            source = small.download_fashion_mnist(source or args.out / "source")
+        source = source or Path(small.FASHION_MNIST_DIR)
+        splits = small.load_fashion_mnist(source)
+        return _write_small(
+            args.out, "fashion-mnist", splits, small.FASHION_MNIST_CLASSES, str(source)
+        )
+    splits, names = small.load_cifar10(args.source)
+    return _write_small(args.out, "cifar10", splits, names, str(args.source))
