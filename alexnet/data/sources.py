@@ -237,7 +237,7 @@ def imagenet_val(src: str | Path, wnids: list[str], devkit: Devkit | None):
         flat = [(f"{src}:{n}", str(src), off, sz) for n, off, sz in tar_members(src)]
     else:
         flat = [(str(p), str(p), -1, p.stat().st_size) for p in sorted(src.iterdir())]
-    images = [t for t in flat if _is_image(t[0])]
+    images = sorted(t for t in flat if _is_image(t[0]))
     ignored = [t[0] for t in flat if not _is_image(t[0])]
     if devkit is None:
         raise UserError(f"{src}: a flat validation set needs --devkit for its labels")
