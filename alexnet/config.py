@@ -52,6 +52,7 @@ class ModelConfig:
     towers: bool = True  # groups=2 in conv2, conv4, conv5 (PAPER A4, A6, A12)
     widths: tuple[int, ...] | None = None  # conv1..conv5 kernel counts; None = the arch's
     fc_width: int | None = None  # fc6/fc7 neurons; None = the arch's (4096 for paper, A7)
+    init: str = "paper"  # N(0, 0.01^2) weights, biases 0/1 (PAPER D2, D3) | "none": torch's
 
 
 @dataclass
@@ -294,6 +295,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(m.arch in ARCHS, f"model.arch={m.arch!r}: choose from {', '.join(ARCHS)}")
     need(m.lrn_convention in ("code", "printed"), "model.lrn_convention: code or printed")
     need(m.pool_kernel in (2, 3), f"model.pool_kernel={m.pool_kernel}: 3 or 2")
+    need(m.init in ("paper", "none"), f"model.init={m.init!r}: paper or none")
     need(m.activation in ("relu", "tanh"), f"model.activation={m.activation!r}: relu or tanh")
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     need(d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0")
@@ -373,3 +375,59 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
     ]
+
+
+# Command-line flags for the most used settings: (flag, key, type, help).
+FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--data", "data.root", str, "prepared dataset directory (from `alexnet prepare`)"),
+    ("--epochs", "schedule.epochs", int, "most epochs to train (paper: 90)"),
+    ("--batch-size", "optim.batch_size", int, "global batch over all processes (paper: 128)"),
+    ("--lr", "optim.lr", float, "initial learning rate (paper: 0.01)"),
+    ("--schedule", "schedule.kind", str, "plateau (paper) | steps (authors' log) | constant"),
+    ("--patience", "schedule.patience", int, "epochs without improvement before a rate cut"),
+    ("--workers", "data.num_workers", int, "data loader processes per rank"),
+    ("--device", "run.device", str, "auto | cpu | cuda | cuda:N"),
+    ("--precision", "run.precision", str, "auto (bf16 where supported) | bf16 | fp32"),
+    ("--towers", "run.towers", str, "two devices for the two-GPU layout, e.g. cuda:0,cuda:1"),
+    ("--seed", "run.seed", int, "random seed"),
+    ("--name", "run.name", str, "run directory name (default: <preset>-<date>-<time>)"),
+    ("--out", "run.out_dir", str, "parent directory of run directories (default: runs)"),
+    ("--max-steps", "run.max_steps", int, "stop with a checkpoint after this many steps"),
+    ("--save-every", "run.save_every_steps", int, "also checkpoint every N steps"),
+)
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``alexnet train`` flags; everything else is reachable with ``--set KEY=VALUE``."""
+    parser.add_argument("--preset", choices=list(PRESETS), help="starting point (default: paper)")
+    parser.add_argument("--config", metavar="FILE", help="a JSON config (e.g. a run's config.json)")
+    for flag, key, tp, help_text in FLAGS:
+        parser.add_argument(flag, dest=key.replace(".", "__"), type=tp, metavar=tp.__name__.upper(),
+                            help=f"{help_text} [{key}]")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic algorithms (bitwise resume on CPU)")  # fmt: skip
+    parser.add_argument("--no-channels-last", action="store_true", help="NCHW activations")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting, e.g. --set optim.bias_lr_mult=2")  # fmt: skip
+    parser.add_argument("--resume", metavar="PATH", help="continue a run (directory or .pt)")
+    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+
+
+def from_args(args: Any, base: TrainConfig | None = None) -> TrainConfig:
+    """Preset (or ``--config`` file, or ``base``), then explicit flags, then ``--set``."""
+    if args.config:
+        cfg = load_file(args.config)
+    elif base is not None and not args.preset:
+        cfg = base
+    else:
+        cfg = preset(args.preset or "paper")
+    flags = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in FLAGS}
+    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, source="flag")
+    if args.compile:
+        cfg.run.compile = True
+    if args.deterministic:
+        cfg.run.deterministic = True
+    if args.no_channels_last:
+        cfg.run.channels_last = False
+    return apply_overrides(cfg, args.overrides)

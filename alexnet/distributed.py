@@ -1,0 +1,127 @@
+"""torch.distributed for training: one process is the world-size-1 case of the same code.
+
+``DistEnv.from_environ()`` reads the variables ``torchrun`` sets (RANK, WORLD_SIZE,
+LOCAL_RANK) once; ``setup`` picks the device and opens the process group (NCCL on CUDA,
+gloo on CPU); the helpers below are no-ops in a single process, so the training loop has
+no ``if distributed`` branches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from alexnet.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        try:
+            rank = int(env.get("RANK", "0"))
+            world = int(env.get("WORLD_SIZE", "1"))
+            local = int(env.get("LOCAL_RANK", "0"))
+        except ValueError as e:
+            raise UserError(f"torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK ({e})") from None
+        if not 0 <= rank < world:
+            raise UserError(f"torchrun environment: RANK={rank} outside WORLD_SIZE={world}")
+        return cls(rank, world, local)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """``auto``: CUDA if present, else CPU. Under torchrun each process takes GPU LOCAL_RANK."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"run.device={requested}: CUDA is not available on this machine")
+        index = int(requested.split(":")[1]) if ":" in requested else env.local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"run.device={requested}: only {torch.cuda.device_count()} CUDA devices here"
+            )
+        return torch.device("cuda", index)
+    return torch.device(requested)
+
+
+def setup(env: DistEnv, device: torch.device) -> None:
+    """Open the process group (once); NCCL for CUDA, gloo for CPU. Rendezvous comes from
+    MASTER_ADDR / MASTER_PORT, as torchrun sets them."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **kwargs)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (e.g. loss sums and correct counts)."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (stop requests, for one)."""
+    t = torch.tensor([1 if flag else 0], device=device)
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (the run directory name, for one)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (per-rank RNG states)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

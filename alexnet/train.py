@@ -1,0 +1,583 @@
+"""``alexnet train``: the paper's recipe (section 5, PAPER D1-D5) on one CPU, one GPU, or many
+processes under ``torchrun`` (DDP).
+
+``train(config) -> dict`` is the same run from Python. The parts, as in torchvision's
+reference scripts: ``build`` (data, model, optimizer, schedule), ``train_one_epoch``,
+``evaluate`` (validation top-1/top-5 error), ``save`` (complete checkpoints) and ``train``
+(the epoch loop, resume, the end conditions). See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alexnet import checkpoint as ckpt_io
+from alexnet import config as C
+from alexnet import distributed as D
+from alexnet.errors import UserError
+from alexnet.optim import PaperSGD, make_schedule, param_groups, set_lr, warmup_factor
+from alexnet.progress import Progress
+from alexnet.runlog import RunLog, environment, new_run_dir
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class Session:
+    """Everything one training process holds; built once by ``build``."""
+
+    cfg: C.TrainConfig
+    env: D.DistEnv
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: torch.nn.Module  # the plain module (what checkpoints hold)
+    net: torch.nn.Module  # what runs: DDP and/or torch.compile around ``model``
+    optimizer: PaperSGD
+    schedule: Any
+    train_loader: Any
+    val_loader: Any
+    aug_train: Any
+    aug_val: Any
+    generator: torch.Generator  # every augmentation draw (crop, flip, colour noise)
+    log: RunLog
+    meta: dict[str, Any]  # classes, class_names, data_stats, augment, model_config
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    best: float = math.inf
+    last_good: Path | None = None
+    stop_requested: bool = False
+    epoch_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.optim.batch_size
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with AMX or
+    AVX-512 BF16), else fp32. ``None`` means no autocast."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        try:
+            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            supported = False
+    else:
+        supported = False
+    if precision == "bf16" and not supported and device.type != "cpu":
+        raise UserError(f"run.precision=bf16: not supported on {device}")
+    return torch.bfloat16 if (supported or precision == "bf16") else None
+
+
+def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
+    from alexnet.data import PreparedDataset, make_loader
+
+    train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
+    val_ds = PreparedDataset(cfg.data.root, cfg.data.val_split)
+    per_rank = cfg.optim.batch_size // env.world_size
+    if len(train_ds) < cfg.optim.batch_size:
+        raise UserError(
+            f"{cfg.data.root}: {len(train_ds)} training images, fewer than one batch of "
+            f"{cfg.optim.batch_size} (optim.batch_size)"
+        )
+    common = dict(seed=cfg.run.seed, num_workers=cfg.data.num_workers, rank=env.rank,
+                  world_size=env.world_size)  # fmt: skip
+    train = make_loader(train_ds, per_rank, shuffle=True, drop_last=True, **common)
+    # pad=False: every validation image counted exactly once over all ranks.
+    val = make_loader(val_ds, cfg.data.val_batch_size or per_rank, shuffle=False,
+                      drop_last=False, pad=False, **common)  # fmt: skip
+    return train_ds, train, val
+
+
+def _model(cfg: C.TrainConfig, num_classes: int, channels: int, crop: int):
+    from alexnet.model import AlexNet
+
+    m = cfg.model
+    return AlexNet(
+        num_classes, arch=m.arch, in_channels=channels, image_size=crop, widths=m.widths,
+        fc_width=m.fc_width, lrn=m.lrn, lrn_convention=m.lrn_convention,
+        lrn_per_tower=m.lrn_per_tower, pool_kernel=m.pool_kernel, dropout=m.dropout,
+        activation=m.activation, towers=m.towers, init=m.init,
+    )  # fmt: skip
+
+
+def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
+    """Data, model, optimizer and schedule, seeded so every rank builds the same network."""
+    from alexnet.data import DeviceAugment
+
+    train_ds, train_loader, val_loader = _loaders(cfg, env)
+    crop = cfg.data.crop_size or train_ds.image_size[0]
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
+    try:
+        model = _model(cfg, len(train_ds.classes), train_ds.channels, crop)
+    except ValueError as e:  # e.g. crops too small for the arch: a config error
+        raise UserError(f"model ({cfg.model.arch}, {crop} px crops): {e}") from None
+    model_config = dict(model.config)
+    if cfg.run.towers:
+        from alexnet.towers import TwoTowerAlexNet
+
+        model = TwoTowerAlexNet.from_grouped(model, tuple(cfg.run.towers.split(",")))
+    else:
+        model = model.to(device)
+    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + 17 + env.rank)
+    d, o = cfg.data, cfg.optim
+    aug = dict(scale=d.scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
+    aug_train = DeviceAugment(
+        train_ds.stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug
+    )
+    aug_val = DeviceAugment(train_ds.stats, crop, train=False, **aug)
+    groups = param_groups(model, weight_decay=o.weight_decay, bias_decay=o.bias_decay,
+                          bias_lr_mult=o.bias_lr_mult)  # fmt: skip
+    optimizer = PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    net = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.run.compile:
+        net = torch.compile(net)
+    meta = {
+        "model_config": model_config,
+        "classes": train_ds.classes,
+        "class_names": train_ds.class_names,
+        "data_stats": {k: v.clone() for k, v in train_ds.stats.items()},
+        "augment": {
+            "crop_size": crop,
+            "scale": d.scale,
+            "pad": d.pad,
+            "flip": d.flip,
+            "pca_std": d.pca_std,
+            "pca_scale": d.pca_scale,
+        },  # fmt: skip
+    }
+    return Session(
+        cfg, env, device, precision_dtype(cfg.run.precision, device), model, net, optimizer,
+        make_schedule(cfg.schedule, o.lr), train_loader, val_loader, aug_train, aug_val,
+        generator, RunLog(Path(), enabled=False), meta,
+    )  # fmt: skip
+
+
+def _autocast(s: Session):
+    if s.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(s.device.type, dtype=s.amp_dtype)
+
+
+def _input_device(s: Session) -> torch.device:
+    return torch.device(s.cfg.run.towers.split(",")[0]) if s.cfg.run.towers else s.device
+
+
+def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, lr: float):
+    """One D1 step on one batch; returns (loss, wrong) as device tensors (no sync)."""
+    dev = _input_device(s)
+    images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+    x = s.aug_train(images, s.generator)  # PAPER B2-B4 on the device
+    set_lr(s.optimizer, lr)
+    with _autocast(s):
+        logits = s.net(x)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=s.cfg.optim.label_smoothing)
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optimizer.step()
+    wrong = (logits.detach().argmax(1) != labels).sum()
+    return loss.detach(), wrong
+
+
+def _check_finite(s: Session, first_bad: torch.Tensor) -> None:
+    """Stop every rank if any rank saw a non-finite loss, naming the first such step."""
+    bad = int(D.all_reduce_min(first_bad.clone()).item())
+    if bad < 2**62:
+        where = f"{s.last_good} (step {_ckpt_step(s.last_good)})" if s.last_good else "none yet"
+        raise TrainingDiverged(
+            f"training diverged: the loss was not finite at step {bad + 1} (epoch "
+            f"{s.epoch + 1}); stopped without saving. Last good checkpoint: {where}. Try a "
+            f"lower optim.lr (now {s.cfg.optim.lr}) or run.precision=fp32."
+        )
+
+
+def _ckpt_step(path: Path) -> int | None:
+    return torch.load(path, map_location="cpu", weights_only=True).get("step")
+
+
+def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
+    """Train from ``s.batch_in_epoch`` to the end of epoch ``s.epoch`` (or an early stop).
+    Returns the epoch's train metrics (all ranks) and ``"done"``, ``"max_steps"`` or
+    ``"interrupted"``."""
+    cfg, loader = s.cfg, s.train_loader
+    s.net.train()
+    loader.set_epoch(s.epoch)
+    loader.start_batch = s.batch_in_epoch
+    if s.batch_in_epoch == 0:
+        s.epoch_sums.zero_()  # loss sum, wrong, images, seconds of this epoch on this rank
+    first_bad = torch.full((), 2**62, dtype=torch.int64, device=s.device)
+    warmup = round(cfg.optim.warmup_epochs * len(loader))
+    status, t0, seconds0 = "done", time.perf_counter(), float(s.epoch_sums[3])
+    progress = Progress(
+        len(loader) * s.global_batch, f"epoch {s.epoch + 1}/{cfg.schedule.epochs}",
+        enabled=s.env.is_main, interval=cfg.run.progress_interval_s,
+        initial=s.batch_in_epoch * s.global_batch,
+    )  # fmt: skip
+    with progress:
+        for images, labels in loader:
+            lr = s.schedule.lr * warmup_factor(s.step, warmup)
+            loss, wrong = train_step(s, images, labels, lr)
+            n = loss.new_tensor(labels.shape[0]).double()
+            s.epoch_sums[:3] += torch.stack([loss.double() * n, wrong.double(), n])
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad > s.step), s.step, first_bad)
+            s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + 1
+            progress.update(s.global_batch)
+            sync = s.step % cfg.run.log_every == 0
+            if sync:
+                _check_finite(s, first_bad)
+                progress.update(0, loss=float(loss), lr=lr)
+                s.log.scalars({"train/loss": float(loss), "train/lr": lr,
+                               "train/images_per_sec": progress.rate}, s.step)  # fmt: skip
+            if s.env.distributed:
+                stop = sync and D.any_rank(s.stop_requested, s.device)
+            else:
+                stop = s.stop_requested
+            if stop:
+                status = "interrupted"
+            if cfg.run.max_steps and s.step >= cfg.run.max_steps:
+                status = "max_steps"
+            s.epoch_sums[3] = seconds0 + time.perf_counter() - t0
+            if status != "done":
+                break
+            if cfg.run.save_every_steps and s.step % cfg.run.save_every_steps == 0:
+                _check_finite(s, first_bad)
+                save(s)
+    _check_finite(s, first_bad)
+    loss_sum, wrong, images, _ = D.all_reduce_sum(s.epoch_sums[:3].clone()).tolist() + [0]
+    seconds = float(s.epoch_sums[3])
+    images = max(images, 1.0)
+    return {
+        "train_loss": loss_sum / images,
+        "train_error": wrong / images,
+        "images_per_sec": images / max(seconds, 1e-9),
+        "seconds": seconds,
+    }, status
+
+
+@torch.no_grad()
+def evaluate(s: Session) -> dict[str, float]:
+    """Validation loss, top-1 and top-5 error (centre crop), summed over all ranks."""
+    s.net.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=s.device)  # loss, top1, top5 wrong, n
+    k = min(5, len(s.meta["classes"]))
+    dev = _input_device(s)
+    s.val_loader.set_epoch(0)
+    for images, labels in s.val_loader:
+        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        with _autocast(s):
+            logits = s.net(s.aug_val(images)).float()
+        topk = logits.topk(k, dim=1).indices
+        hit = topk == labels[:, None]
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack(
+            [loss.double(), (~hit[:, 0]).sum().double(), (~hit.any(1)).sum().double(),
+             loss.new_tensor(labels.shape[0]).double()]
+        )  # fmt: skip
+    loss, top1, top5, n = D.all_reduce_sum(sums).tolist()
+    n = max(n, 1.0)
+    return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
+
+
+def _rank_state(s: Session) -> dict[str, Any]:
+    return {"rng": ckpt_io.rng_state(s.generator), "epoch_sums": s.epoch_sums.tolist()}
+
+
+def save(s: Session, *, best: bool = False, finished: str | None = None) -> None:
+    """Write ``last.pt`` (and ``best.pt``) on rank 0; every rank must call it (the per-rank
+    random states are gathered). The model is saved unwrapped and, for the two-tower layout,
+    as the grouped network, so ``load_model`` reads every checkpoint the same way."""
+    ranks = D.gather_objects(_rank_state(s))
+    if s.env.is_main:
+        model = s.model
+        state = model.grouped_state_dict() if hasattr(model, "grouped_state_dict") else None
+        checkpoint = {
+            "model": state if state is not None else model.state_dict(),
+            **s.meta,
+            "config": s.cfg.to_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "schedule": s.schedule.state_dict(),
+            "epoch": s.epoch,
+            "step": s.step,
+            "rng": {"ranks": [r["rng"] for r in ranks]},
+            "sampler": {
+                "epoch": s.epoch,
+                "batch": s.batch_in_epoch,
+                "seed": s.cfg.run.seed,
+                "world_size": s.env.world_size,
+                "epoch_sums": [r["epoch_sums"] for r in ranks],
+            },  # fmt: skip
+            "metrics": {
+                "best_val_top1_error": s.best,
+                "last": s.log.records[-1] if s.log.records else None,
+            },  # fmt: skip
+            "finished": finished,
+        }
+        path = ckpt_io.save_checkpoint(s.log.checkpoints / "last.pt", checkpoint)
+        if best:
+            ckpt_io.link_or_copy(path, s.log.checkpoints / "best.pt")
+    s.last_good = s.log.checkpoints / "last.pt"
+    D.barrier()
+
+
+def restore(s: Session, ck: dict[str, Any], path: Path) -> None:
+    """Continue exactly where ``ck`` stopped: weights, velocity, schedule, position in the
+    epoch, partial epoch sums and every random state (when the world size is the same)."""
+    if hasattr(s.model, "grouped_state_dict"):
+        from alexnet.towers import grouped_to_towers
+
+        s.model.load_state_dict(grouped_to_towers(ck["model"]))
+    else:
+        s.model.load_state_dict(ck["model"])
+    s.optimizer.load_state_dict(ck["optimizer"])
+    s.schedule.load_state_dict(ck["schedule"])
+    s.epoch, s.step, s.batch_in_epoch = ck["epoch"], ck["step"], ck["sampler"]["batch"]
+    s.best = ck["metrics"]["best_val_top1_error"]
+    s.last_good = path
+    ranks, sums = ck["rng"]["ranks"], ck["sampler"]["epoch_sums"]
+    if len(ranks) != s.env.world_size:
+        if s.env.is_main:
+            print(
+                f"resume: saved with {len(ranks)} processes, now {s.env.world_size}: the data "
+                "order is kept, random draws restart (not bitwise equal to an unbroken run)"
+            )
+        return
+    s.epoch_sums = torch.tensor(sums[s.env.rank], dtype=torch.float64, device=s.device)
+    try:
+        ckpt_io.set_rng_state(ranks[s.env.rank], s.generator)
+    except (RuntimeError, ValueError) as e:  # e.g. a CPU generator state on a CUDA device
+        if s.env.is_main:
+            print(f"resume: random states not restored ({e}); continuing with fresh ones")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(s: Session):
+    """Ctrl-C or SIGTERM (a scheduler's preemption): finish the step, save, exit. A second
+    Ctrl-C stops at once (the last checkpoint is still whole)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ANN001 - signal's signature
+        if s.stop_requested:
+            raise KeyboardInterrupt
+        s.stop_requested = True
+        if s.env.is_main:
+            print("\nstopping: saving a checkpoint after this step (press Ctrl-C again to quit)")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    event = {"cut": " [rate cut]", "stop": " [end]"}.get(record["event"], "")
+    return (
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} error "
+        f"{100 * record['train_error']:.2f}% | val top-1 {100 * record['val_top1_error']:.2f}% "
+        f"top-5 {100 * record['val_top5_error']:.2f}% | lr {record['lr']:.3g} | "
+        f"{record['images_per_sec']:.0f} img/s | {record['seconds']:.1f}s{event}"
+    )
+
+
+def run_epochs(s: Session) -> str:
+    """The epoch loop: train, validate, let the schedule decide, log, save. Returns
+    ``"finished"``, ``"stopped"`` (run.max_steps) or ``"interrupted"``."""
+    cfg = s.cfg
+    with _stop_on_signals(s):
+        while s.epoch < cfg.schedule.epochs:
+            lr = s.schedule.lr
+            train_metrics, status = train_one_epoch(s)
+            if status != "done":
+                save(s)
+                return "stopped" if status == "max_steps" else "interrupted"
+            val = evaluate(s)
+            action = s.schedule.epoch_end(val["val_top1_error"])  # PAPER D4
+            record = {"epoch": s.epoch + 1, "step": s.step, **train_metrics, **val, "lr": lr,
+                      "event": action}  # fmt: skip
+            improved = val["val_top1_error"] < s.best
+            s.best = min(s.best, val["val_top1_error"])
+            s.log.log_epoch(record)
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            done = action == "stop" or s.epoch >= cfg.schedule.epochs
+            save(s, best=improved, finished="schedule" if done else None)
+            if s.env.is_main:
+                print(_epoch_line(record, cfg.schedule.epochs), flush=True)
+            if done:
+                break
+    return "finished"
+
+
+def _determinism(cfg: C.TrainConfig, device: torch.device) -> None:
+    if cfg.run.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
+
+
+def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, dict[str, Any]]:
+    path = Path(resume)
+    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    ck = ckpt_io.load_checkpoint(path)
+    diffs = C.differences(ck["config"], cfg.to_dict())
+    if diffs:
+        raise UserError(
+            f"{path}: cannot resume with a different config ({'; '.join(diffs)}); drop the "
+            "changed settings, or start a new run"
+        )
+    return path, ck
+
+
+def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
+    """The checks that need the machine (devices, world size), before any work."""
+    if cfg.optim.batch_size % env.world_size:
+        raise UserError(
+            f"optim.batch_size={cfg.optim.batch_size}: not divisible by the "
+            f"{env.world_size} processes (the global batch is split evenly)"
+        )
+    if cfg.run.towers:
+        if env.distributed:
+            raise UserError("run.towers: the two-tower layout runs in one process (no torchrun)")
+        devices = [D.pick_device(d, env) for d in cfg.run.towers.split(",")]
+        return devices[0]
+    return D.pick_device(cfg.run.device, env)
+
+
+def train(
+    config: C.TrainConfig, *, resume: str | Path | None = None, argv: list[str] | None = None
+) -> dict[str, Any]:
+    """Run training; returns the final metrics and where everything was written.
+
+    ``resume``: a run directory or checkpoint to continue (its config must match, apart
+    from ``config.RESUMABLE_CHANGES``). Under torchrun every process calls this."""
+    cfg = copy.deepcopy(config)
+    C.validate(cfg)
+    env = D.DistEnv.from_environ()
+    device = _check_setup(cfg, env)
+    ck_path, ck = _resume_checkpoint(resume, cfg) if resume else (None, None)
+    previous = torch.are_deterministic_algorithms_enabled()
+    _determinism(cfg, device)
+    D.setup(env, device)
+    log = None
+    try:
+        if ck_path is not None:
+            run_dir = ck_path.parent.parent
+        else:
+            run_dir = (
+                new_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset) if env.is_main else None
+            )
+            run_dir = D.broadcast_object(run_dir)
+        s = build(cfg, env, device)
+        log = s.log = RunLog(run_dir, enabled=env.is_main, resume_epoch=ck["epoch"] if ck else None)
+        if ck is not None:
+            restore(s, ck, ck_path)
+        log.write_config(cfg.to_dict())
+        log.write_env(environment(device, env.world_size, argv))
+        log.open_tensorboard(s.step)
+        _banner(s)
+        if ck is not None and ck.get("finished") and s.epoch >= cfg.schedule.epochs:
+            status = "finished"
+        elif (
+            ck is not None
+            and ck.get("finished") == "schedule"
+            and cfg.schedule.epochs == ck["config"]["schedule"]["epochs"]
+        ):
+            status = "finished"
+        else:
+            status = run_epochs(s)
+        return _result(s, status)
+    finally:
+        if log is not None:
+            log.close()
+        torch.use_deterministic_algorithms(previous)
+        D.teardown()
+
+
+def _banner(s: Session) -> None:
+    if not s.env.is_main:
+        return
+    params = sum(p.numel() for p in s.model.parameters())
+    where = f"resuming at epoch {s.epoch + 1}, step {s.step}" if s.step else "starting"
+    amp = "bf16 autocast" if s.amp_dtype is not None else "fp32"
+    print(
+        f"train: {s.log.path} | {where} | {s.cfg.model.arch} model, {params:,} parameters | "
+        f"{s.device} x{s.env.world_size}, {amp} | batch {s.global_batch} "
+        f"({len(s.train_loader)} steps/epoch) | lr {s.schedule.lr:g} {s.cfg.schedule.kind}",
+        flush=True,
+    )
+
+
+def _result(s: Session, status: str) -> dict[str, Any]:
+    last = s.log.records[-1] if s.log.records else {}
+    weights = None
+    ckdir = s.log.checkpoints
+    if status == "finished" and s.cfg.run.export and s.env.is_main:
+        source = ckdir / "best.pt" if (ckdir / "best.pt").exists() else ckdir / "last.pt"
+        weights = str(ckpt_io.export_safetensors(source, s.log.path / "weights.safetensors"))
+    return {
+        "status": status,
+        "run_dir": str(s.log.path),
+        "epoch": s.epoch,
+        "step": s.step,
+        "best_val_top1_error": s.best,
+        **{k: v for k, v in last.items() if k not in ("epoch", "step")},
+        "checkpoint": str(ckdir / "last.pt"),
+        "best_checkpoint": str(ckdir / "best.pt") if (ckdir / "best.pt").exists() else None,
+        "weights": weights,
+    }
+
+
+def add_arguments(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
+    C.add_arguments(parser)
+
+
+def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
+    import sys
+
+    base = None
+    if args.resume and not (args.preset or args.config):
+        base = C.from_dict(ckpt_io.load_checkpoint(_ckpt_file(args.resume))["config"])
+    cfg = C.from_args(args, base)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    result = train(cfg, resume=args.resume, argv=["alexnet", *sys.argv[1:]])
+    if D.DistEnv.from_environ().is_main:
+        summary = {k: result[k] for k in ("status", "run_dir", "epoch", "step")}
+        print("train: " + json.dumps(summary))
+    return {"finished": 0, "stopped": 0, "interrupted": 130}[result["status"]]
+
+
+def _ckpt_file(resume: str) -> Path:
+    path = Path(resume)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
