@@ -109,7 +109,8 @@ class AlexNet(nn.Module):
         activation: ``"relu"`` (PAPER A2) or ``"tanh"`` (the comparison of PAPER E4).
         towers: groups=2 in conv2, conv4, conv5 (PAPER A12); False connects every map.
         conv1_padding: override conv1's padding (0 with 227 px inputs runs Caffe's weights).
-        init: ``"paper"`` (PAPER D2, D3) or ``"none"`` (keep torch's defaults).
+        init: ``"paper"`` (PAPER D2, D3), ``"kaiming"`` (for small nets, see
+            ``reset_parameters``) or ``"none"`` (torch's defaults, e.g. before loading weights).
     """
 
     def __init__(
@@ -189,19 +190,30 @@ class AlexNet(nn.Module):
         self.fc6 = nn.Linear(flat, fc_width)
         self.fc7 = nn.Linear(fc_width, fc_width)
         self.fc8 = nn.Linear(fc_width, num_classes)  # feeds the softmax: PAPER A1
-        if init == "paper":
-            self.reset_parameters()
-        elif init != "none":
-            raise ValueError(f"init must be 'paper' or 'none', not {init!r}")
+        if init not in ("paper", "kaiming", "none"):
+            raise ValueError(f"init must be 'paper', 'kaiming' or 'none', not {init!r}")
+        if init != "none":
+            self.reset_parameters(init)
 
-    def reset_parameters(self) -> None:
-        """Weights ~ N(0, 0.01^2) everywhere (PAPER D2); biases 1 in conv2, conv4, conv5,
-        fc6, fc7 and 0 in conv1, conv3, fc8 (PAPER D3)."""
+    def reset_parameters(self, init: str = "paper") -> None:
+        """``"paper"``: weights ~ N(0, 0.01^2) everywhere (PAPER D2); biases 1 in conv2,
+        conv4, conv5, fc6, fc7 and 0 in conv1, conv3, fc8 (PAPER D3).
+
+        ``"kaiming"``: weights ~ N(0, 2 / fan_in), biases 0.
+        Deviation (an option, used by the small-data recipes): with the small model's fan-ins
+        (600-1152 against the paper net's 1200-9216), N(0, 0.01^2) gives every layer a gain of
+        about 0.3, so by fc7 the input's signal is ~1e-3 of the constant that the bias-1 layers
+        add, and SGD stalls at the label marginal. He et al.'s scaling keeps the signal alive.
+        """
         ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
         for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
             layer = getattr(self, name)
-            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
-            nn.init.constant_(layer.bias, 1.0 if name in ones else 0.0)
+            if init == "paper":
+                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+                nn.init.constant_(layer.bias, 1.0 if name in ones else 0.0)
+            else:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
 
     def _norm(self, lrn: nn.Module | None, x: Tensor) -> Tensor:
         if lrn is None:

@@ -1,0 +1,168 @@
+"""The paper's two-GPU layout (PAPER A12, section 3.2), as model parallelism.
+
+Each tower holds half of the kernels (or neurons) of every layer and lives on its own device.
+The towers exchange activations only where the paper says: before conv3 and before each
+fully-connected layer. conv2, conv4 and conv5 see only their own tower's maps, which is what
+``groups=2`` computes on one device, and each tower normalises (LRN) over its own maps, as the
+authors' two-GPU net did. So with both towers on one device the output equals the grouped
+``AlexNet``'s, and state dicts convert between the layouts by splitting or concatenating every
+weight along its output dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from alexnet.model import AlexNet
+
+LEARNED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def _halves(n: int) -> tuple[int, int]:
+    return (n + 1) // 2, n // 2
+
+
+def grouped_to_towers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``AlexNet`` (groups=2) state dict -> ``TwoTowerAlexNet`` state dict."""
+    out = {}
+    for key, value in state_dict.items():
+        layer, _, param = key.partition(".")
+        if layer not in LEARNED:
+            raise KeyError(f"unexpected key {key!r} in an AlexNet state dict")
+        first, second = torch.split(value, _halves(value.shape[0]), dim=0)
+        out[f"tower0.{layer}.{param}"] = first.clone()
+        out[f"tower1.{layer}.{param}"] = second.clone()
+    return out
+
+
+def towers_to_grouped(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``TwoTowerAlexNet`` state dict -> ``AlexNet`` (groups=2) state dict."""
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith("tower0."):
+            continue
+        rest = key[len("tower0.") :]
+        out[rest] = torch.cat([value.cpu(), state_dict[f"tower1.{rest}"].cpu()], dim=0)
+    return out
+
+
+class Tower(nn.Module):
+    """Half of every layer of a grouped ``AlexNet`` (``template`` gives the sizes)."""
+
+    def __init__(self, template: AlexNet, index: int) -> None:
+        super().__init__()
+
+        def half(n: int) -> int:
+            return _halves(n)[index]
+
+        t = template
+        self.conv1 = nn.Conv2d(
+            t.conv1.in_channels,
+            half(t.conv1.out_channels),
+            t.conv1.kernel_size,
+            t.conv1.stride,
+            t.conv1.padding,
+        )
+        self.conv2 = nn.Conv2d(
+            t.conv1.out_channels // 2,
+            half(t.conv2.out_channels),
+            t.conv2.kernel_size,
+            t.conv2.stride,
+            t.conv2.padding,
+        )
+        self.conv3 = nn.Conv2d(
+            t.conv2.out_channels,
+            half(t.conv3.out_channels),
+            t.conv3.kernel_size,
+            t.conv3.stride,
+            t.conv3.padding,
+        )
+        self.conv4 = nn.Conv2d(
+            t.conv3.out_channels // 2,
+            half(t.conv4.out_channels),
+            t.conv4.kernel_size,
+            t.conv4.stride,
+            t.conv4.padding,
+        )
+        self.conv5 = nn.Conv2d(
+            t.conv4.out_channels // 2,
+            half(t.conv5.out_channels),
+            t.conv5.kernel_size,
+            t.conv5.stride,
+            t.conv5.padding,
+        )
+        self.fc6 = nn.Linear(t.fc6.in_features, half(t.fc6.out_features))
+        self.fc7 = nn.Linear(t.fc7.in_features, half(t.fc7.out_features))
+        self.fc8 = nn.Linear(t.fc8.in_features, half(t.fc8.out_features))
+
+
+class TwoTowerAlexNet(nn.Module):
+    """``AlexNet`` split over two devices, e.g. ``TwoTowerAlexNet(("cuda:0", "cuda:1"))``.
+
+    Takes the same keyword options as ``AlexNet`` (the grouped layout is required:
+    ``towers=True`` and ``lrn_per_tower=True``). Inputs may live anywhere; logits are
+    returned on the first device. Use ``from_grouped`` / ``grouped_state_dict`` to move
+    weights between this layout and ``AlexNet``.
+    """
+
+    def __init__(self, devices: tuple[str, str] = ("cpu", "cpu"), **options) -> None:
+        super().__init__()
+        grouped = AlexNet(**options)
+        if not grouped.config["towers"] or grouped.lrn_groups != 2:
+            raise ValueError("two towers need the grouped layout (towers=True, lrn_per_tower=True)")
+        self.config = dict(grouped.config)
+        self.input_size = grouped.input_size
+        self.devices = tuple(torch.device(d) for d in devices)
+        self.tower0, self.tower1 = Tower(grouped, 0), Tower(grouped, 1)
+        self.lrn1, self.lrn2 = grouped.lrn1, grouped.lrn2
+        self.pool, self.avgpool, self.drop = grouped.pool, grouped.avgpool, grouped.drop
+        self.act, self.dropout_at = grouped.act, grouped.dropout_at
+        self.load_state_dict(grouped_to_towers(grouped.state_dict()), strict=False)
+        self.place()
+
+    def place(self) -> TwoTowerAlexNet:
+        """Put each tower on its device (call again after ``.to()`` moved everything)."""
+        self.tower0.to(self.devices[0])
+        self.tower1.to(self.devices[1])
+        return self
+
+    @classmethod
+    def from_grouped(cls, model: AlexNet, devices: tuple[str, str] = ("cpu", "cpu")):
+        towers = cls(devices, **{**model.config, "init": "none"})
+        towers.load_state_dict(grouped_to_towers(model.state_dict()), strict=False)
+        return towers.place()
+
+    def grouped_state_dict(self) -> dict[str, Tensor]:
+        return towers_to_grouped(self.state_dict())
+
+    def _exchange(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Both towers get all maps/neurons: the only cross-device copies (PAPER A12)."""
+        d0, d1 = self.devices
+        return torch.cat([a, b.to(d0)], 1), torch.cat([a.to(d1), b], 1)
+
+    def _norm(self, lrn: nn.Module | None, x: Tensor) -> Tensor:
+        return x if lrn is None else lrn(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        towers, act, pool = (self.tower0, self.tower1), self.act, self.pool
+        h = [x.to(d) for d in self.devices]
+        h = [pool(self._norm(self.lrn1, act(t.conv1(v)))) for t, v in zip(towers, h)]
+        h = [pool(self._norm(self.lrn2, act(t.conv2(v)))) for t, v in zip(towers, h)]
+        h = self._exchange(*h)  # conv3 sees both towers' maps: PAPER A5
+        h = [act(t.conv3(v)) for t, v in zip(towers, h)]
+        h = [act(t.conv4(v)) for t, v in zip(towers, h)]
+        h = [pool(act(t.conv5(v))) for t, v in zip(towers, h)]
+        if self.avgpool is not None:
+            h = [self.avgpool(v) for v in h]
+        h = self._exchange(*h)  # fc6 sees all of pool5: PAPER A7
+        h = [torch.flatten(v, 1) for v in h]
+        if "pool5" in self.dropout_at:
+            h = [self.drop(v) for v in h]
+        for name in ("fc6", "fc7"):
+            h = [act(getattr(t, name)(v)) for t, v in zip(towers, h)]
+            if name in self.dropout_at:
+                h = [self.drop(v) for v in h]
+            h = self._exchange(*h)
+        logits = [t.fc8(v) for t, v in zip(towers, h)]
+        return torch.cat([logits[0], logits[1].to(self.devices[0])], 1)
