@@ -39,10 +39,14 @@ def _locate(out_b: np.ndarray, img: np.ndarray, mean: np.ndarray):
     return hits
 
 
-def test_train_crop_flip_and_mean_match_a_per_image_reference():
+METHODS = pytest.mark.parametrize("method", ["gather", "loop"])  # CUDA's and the CPU's path
+
+
+@METHODS
+def test_train_crop_flip_and_mean_match_a_per_image_reference(method):
     rng = np.random.default_rng(0)
     stats, images = _stats(rng), _images(rng, b=40)
-    aug = DeviceAugment(stats, CROP, train=True, pca_std=0.0)
+    aug = DeviceAugment(stats, CROP, train=True, pca_std=0.0, method=method)
     out = aug(images, torch.Generator().manual_seed(1))
     assert out.shape == (40, C, CROP, CROP) and out.dtype == torch.float32
     img64, mean64 = images.numpy().astype(np.float64), stats["mean"].astype(np.float64)
@@ -66,10 +70,11 @@ def test_same_generator_seed_same_batch_and_fresh_draws_per_call():
     assert not torch.equal(c1, c2)
 
 
-def test_ten_views_are_the_corners_centre_and_reflections():
+@METHODS
+def test_ten_views_are_the_corners_centre_and_reflections(method):
     rng = np.random.default_rng(2)
     stats, images = _stats(rng), _images(rng, b=3)
-    aug = DeviceAugment(stats, CROP, train=False)
+    aug = DeviceAugment(stats, CROP, train=False, method=method)
     out = aug.views(images, 10).numpy()
     assert out.shape == (30, C, CROP, CROP)
     img, mean = images.numpy().astype(np.float64), stats["mean"].astype(np.float64)
@@ -130,11 +135,12 @@ def test_pca_std_scale_and_switches():
     assert torch.equal(no_mean, images[:2, :, cy : cy + CROP, cx : cx + CROP].float())
 
 
-def test_one_channel_noise_is_a_brightness_shift_and_pad_crops_with_zeros():
+@METHODS
+def test_one_channel_noise_is_a_brightness_shift_and_pad_crops_with_zeros(method):
     rng = np.random.default_rng(5)
     stats = _stats(rng, channels=1, h=8, w=8)
     images = _images(rng, b=500, channels=1, h=8, w=8)
-    aug = DeviceAugment(stats, 8, train=True, pad=2, flip=False, pca_std=0.0)
+    aug = DeviceAugment(stats, 8, train=True, pad=2, flip=False, pca_std=0.0, method=method)
     out = aug(images, torch.Generator().manual_seed(0))
     assert out.shape == (500, 1, 8, 8)
     centred = images.double() - torch.from_numpy(stats["mean"]).double()
@@ -147,6 +153,19 @@ def test_one_channel_noise_is_a_brightness_shift_and_pad_crops_with_zeros():
         images, torch.Generator()
     )
     assert shift.abs().sum() > 0 and shift.std(dim=(1, 2, 3)).max() < 1e-3  # per-image constant
+
+
+def test_gather_and_loop_paths_agree():
+    rng = np.random.default_rng(7)
+    stats, images = _stats(rng), _images(rng, b=16)
+    for pad in (0, 2):
+        outs = [
+            DeviceAugment(stats, CROP, train=True, pad=pad, method=m)(
+                images, torch.Generator().manual_seed(4)
+            )
+            for m in ("gather", "loop")
+        ]
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-6)
 
 
 def test_rejects_a_crop_larger_than_the_images():

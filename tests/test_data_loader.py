@@ -139,8 +139,11 @@ def test_workers_give_the_same_batches_as_the_main_process(arrays_dir):
     results = []
     for workers in (0, 2):
         loader = make_loader(ds, 8, shuffle=True, seed=2, num_workers=workers)
-        loader.set_epoch(1)
-        results.append([(x.clone(), y.clone()) for x, y in loader])
+        got = []
+        for epoch in (1, 2):  # the same (persistent) workers serve the second epoch
+            loader.set_epoch(epoch)
+            got += [(x.clone(), y.clone()) for x, y in loader]
+        results.append(got)
     for (x0, y0), (x1, y1) in zip(*results, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
         assert x0.dtype == torch.uint8 and x0.shape[1:] == (3, 9, 7)

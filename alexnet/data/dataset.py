@@ -157,6 +157,19 @@ def rank_indices(
     return order[rank::world_size]
 
 
+class _CurrentBatches(torch.utils.data.Sampler):
+    """The batches of the loader's current pass (read when the DataLoader starts a pass)."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader._todo)
+
+    def __len__(self) -> int:
+        return len(self.loader._todo)
+
+
 class Loader:
     """Batches of one split for one rank. See ``make_loader``."""
 
@@ -188,6 +201,8 @@ class Loader:
         self.epoch = 0
         self.start_batch = 0
         self.batches_done = 0
+        self._todo: list[np.ndarray] = []
+        self._workers = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -232,19 +247,29 @@ class Loader:
         self.start_batch = 0  # the skip applies to this one pass only
         if self.num_workers == 0:
             yield from self._iter_inline(todo)
-        else:
-            loader = torch.utils.data.DataLoader(
+            return
+        self._todo = todo
+        if self._workers is None:
+            # Created once: persistent workers survive epochs; the sampler reads ``_todo``.
+            self._workers = torch.utils.data.DataLoader(
                 _BatchFetcher(self.ds),
                 batch_size=None,
-                sampler=todo,
+                sampler=_CurrentBatches(self),
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor,
-                persistent_workers=False,
+                persistent_workers=True,
             )
-            for batch in loader:
-                self.batches_done += 1
-                yield batch
+        for batch in self._workers:
+            self.batches_done += 1
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they are also stopped when the loader is deleted)."""
+        workers, self._workers = self._workers, None
+        iterator = getattr(workers, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def _iter_inline(self, todo):
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.

@@ -1,0 +1,212 @@
+"""``alexnet bench-loader``: images/s of loading + augmentation from the prepared format,
+beside the usual per-image approach on the original files, measured in the same run.
+
+Prepared: ``make_loader`` (decode only; uint8 batches) then ``DeviceAugment`` on the CPU
+(random crop, flip, PCA noise, mean image). Usual: a DataLoader over the original files doing
+per image what torchvision's ImageNet recipe does with PIL: open, convert to RGB, resize the
+shorter side to 256, random 224 crop, flip, to a float tensor, normalise. Both with 0, 1 and 2
+worker processes; the figure is the median over repeats of steady-state images/s (the first
+batch of each repeat, which pays for worker start-up, is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alexnet.data.augment import DeviceAugment
+from alexnet.data.dataset import PreparedDataset, make_loader
+from alexnet.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="a prepared dataset directory")
+    p.add_argument(
+        "--source",
+        type=Path,
+        help="the original files for the baseline: a folder-per-class tree "
+        "(default: the files listed in DATA/train.files.txt)",
+    )
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="instead of --data: write N 500x375 JPEGs in a temporary folder tree, "
+        "prepare them, and measure on those",
+    )
+    p.add_argument("--batches", type=int, default=8, help="batches per measurement (default 8)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in the main process (default 1: with worker processes "
+        "on few cores, more threads oversubscribe them and every side slows)",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+class _PilBaseline(torch.utils.data.Dataset):
+    """The usual per-image pipeline, as torchvision's RandomResizedCrop-free ImageNet recipe."""
+
+    def __init__(self, files: list[str], crop: int) -> None:
+        self.files, self.crop = files, crop
+        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        self.std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        rng = np.random.default_rng(i)
+        with Image.open(self.files[i]) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            s = 256 / min(w, h)
+            img = img.resize(
+                (max(256, round(w * s)), max(256, round(h * s))), Image.Resampling.BILINEAR
+            )
+        w, h = img.size
+        x, y = int(rng.integers(0, w - self.crop + 1)), int(rng.integers(0, h - self.crop + 1))
+        img = img.crop((x, y, x + self.crop, y + self.crop))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+        return (t - self.mean) / self.std
+
+
+def _rate(batches, n_batches: int, work=lambda b: b) -> float:
+    """Steady-state images/s over ``n_batches`` after the first batch."""
+    it = iter(batches)
+    work(next(it))
+    t0, n = time.perf_counter(), 0
+    for _ in range(n_batches):
+        b = next(it)
+        out = work(b)
+        n += out.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def _cycle(make):
+    while True:
+        yield from make()
+
+
+def _measure_prepared(ds, args, workers: int, augment: bool) -> float:
+    aug = DeviceAugment(ds.stats, args.crop, train=True)
+    g = torch.Generator().manual_seed(0)
+    loader = make_loader(
+        ds, args.batch_size, shuffle=True, seed=0, num_workers=workers, drop_last=True
+    )
+    epoch = iter(range(10**9))
+
+    def one_epoch():
+        loader.set_epoch(next(epoch))
+        return iter(loader)
+
+    try:
+        work = (lambda b: aug(b[0], g)) if augment else (lambda b: b[0])
+        return _rate(_cycle(one_epoch), args.batches, work)
+    finally:
+        loader.close()
+
+
+def _measure_pil(files: list[str], args, workers: int) -> float:
+    need = (args.batches + 1) * args.batch_size
+    sampler = torch.utils.data.RandomSampler(
+        range(len(files)),
+        replacement=len(files) < need,
+        num_samples=need,
+        generator=torch.Generator().manual_seed(0),
+    )
+    loader = torch.utils.data.DataLoader(
+        _PilBaseline(files, args.crop),
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+    )
+    return _rate(iter(loader), args.batches)
+
+
+def _baseline_files(args, ds: PreparedDataset) -> list[str]:
+    if args.source is not None:
+        from alexnet.data.sources import folder_tree
+
+        return [it.path for it in folder_tree(args.source)[1]]
+    names = (ds.root / "train.files.txt").read_text().split("\n")
+    files = [n for n in names if n]
+    if not files or not Path(files[0]).is_file():
+        raise UserError(f"{ds.root}: its sources are not plain files (a tar?); pass --source")
+    return files
+
+
+def _synthetic(n: int, tmp: Path) -> Path:
+    from alexnet.cli import main
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
+    for k in range(n):
+        folder = tmp / "src" / f"class_{k % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        a = rng.uniform(-0.3, 0.3, (3, 2))
+        img = 128 + x[..., None] * a[:, 0] + y[..., None] * a[:, 1]
+        img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{k:05d}.JPEG", quality=90)
+    if main(["prepare", "folder", "--train", str(tmp / "src"), str(tmp / "prepared")]) != 0:
+        raise UserError("preparing the synthetic images failed")
+    return tmp / "prepared"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            args.data = _synthetic(args.synthetic, Path(tmp))
+        if args.data is None:
+            raise UserError("give --data PREPARED (and --source TREE) or --synthetic N")
+        ds = PreparedDataset(args.data, "train")
+        files = _baseline_files(args, ds)
+        need = (args.batches + 1) * args.batch_size
+        if len(ds) < args.batch_size or len(files) < args.batch_size:
+            raise UserError(f"{args.data}: fewer than --batch-size {args.batch_size} images")
+        results = {
+            "data": str(args.data),
+            "images": len(ds),
+            "batch_size": args.batch_size,
+            "batches": args.batches,
+            "images_per_measure": need - args.batch_size,
+            "threads": torch.get_num_threads(),
+            "workers": {},
+        }
+        for w in args.workers:
+            runs = {"decode": [], "prepared": [], "pil": []}
+            for _ in range(args.repeats):  # interleaved, so load changes hit all alike
+                runs["decode"].append(_measure_prepared(ds, args, w, augment=False))
+                runs["prepared"].append(_measure_prepared(ds, args, w, augment=True))
+                runs["pil"].append(_measure_pil(files, args, w))
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            med["ratio"] = med["prepared"] / med["pil"]
+            results["workers"][w] = med
+            if not args.json:
+                print(
+                    f"workers {w}: prepared, decode only {med['decode']:7.1f} img/s | "
+                    f"+ DeviceAugment on CPU {med['prepared']:7.1f} img/s | per-image PIL "
+                    f"{med['pil']:7.1f} img/s | ratio {med['ratio']:4.2f}x",
+                    flush=True,
+                )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
