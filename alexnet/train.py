@@ -312,36 +312,48 @@ def save(s: Session, *, best: bool = False, finished: str | None = None) -> None
     random states are gathered). The model is saved unwrapped and, for the two-tower layout,
     as the grouped network, so ``load_model`` reads every checkpoint the same way."""
     ranks = D.gather_objects(_rank_state(s))
+    path, error = s.log.checkpoints / "last.pt", ""
     if s.env.is_main:
-        model = s.model
-        state = model.grouped_state_dict() if hasattr(model, "grouped_state_dict") else None
-        checkpoint = {
-            "model": state if state is not None else model.state_dict(),
-            **s.meta,
-            "config": s.cfg.to_dict(),
-            "optimizer": s.optimizer.state_dict(),
-            "schedule": s.schedule.state_dict(),
+        try:
+            ckpt_io.save_checkpoint(path, _checkpoint(s, ranks, finished))
+            if best:
+                ckpt_io.link_or_copy(path, s.log.checkpoints / "best.pt")
+        except OSError as e:  # a full disk, a quota: the previous file is still whole
+            kept = f"{path} (step {_ckpt_step(path)})" if path.exists() else "none"
+            error = (
+                f"{path}: could not save the checkpoint at step {s.step} ({e}); the last good "
+                f"checkpoint is intact: {kept}. Free space and resume with --resume {s.log.path}"
+            )
+    if D.any_rank(bool(error), s.device):  # also the barrier: no rank runs ahead of the save
+        raise UserError(error or "rank 0 could not save the checkpoint")
+    s.last_good = path
+
+
+def _checkpoint(s: Session, ranks: list[dict[str, Any]], finished: str | None) -> dict:
+    model = s.model
+    state = model.grouped_state_dict() if hasattr(model, "grouped_state_dict") else None
+    return {
+        "model": state if state is not None else model.state_dict(),
+        **s.meta,
+        "config": s.cfg.to_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "schedule": s.schedule.state_dict(),
+        "epoch": s.epoch,
+        "step": s.step,
+        "rng": {"ranks": [r["rng"] for r in ranks]},
+        "sampler": {
             "epoch": s.epoch,
-            "step": s.step,
-            "rng": {"ranks": [r["rng"] for r in ranks]},
-            "sampler": {
-                "epoch": s.epoch,
-                "batch": s.batch_in_epoch,
-                "seed": s.cfg.run.seed,
-                "world_size": s.env.world_size,
-                "epoch_sums": [r["epoch_sums"] for r in ranks],
-            },  # fmt: skip
-            "metrics": {
-                "best_val_top1_error": s.best,
-                "last": s.log.records[-1] if s.log.records else None,
-            },  # fmt: skip
-            "finished": finished,
-        }
-        path = ckpt_io.save_checkpoint(s.log.checkpoints / "last.pt", checkpoint)
-        if best:
-            ckpt_io.link_or_copy(path, s.log.checkpoints / "best.pt")
-    s.last_good = s.log.checkpoints / "last.pt"
-    D.barrier()
+            "batch": s.batch_in_epoch,
+            "seed": s.cfg.run.seed,
+            "world_size": s.env.world_size,
+            "epoch_sums": [r["epoch_sums"] for r in ranks],
+        },
+        "metrics": {
+            "best_val_top1_error": s.best,
+            "last": s.log.records[-1] if s.log.records else None,
+        },
+        "finished": finished,
+    }
 
 
 def restore(s: Session, ck: dict[str, Any], path: Path) -> None:
