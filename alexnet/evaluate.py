@@ -28,7 +28,7 @@ from alexnet.fileio import atomic_write_json, atomic_write_text
 from alexnet.progress import Progress
 
 
-def test_augment(ckpt: dict, device: torch.device | str = "cpu"):
+def view_augment(ckpt: dict):
     """The checkpoint's test-time views: centre (or ten) crops minus its mean image, times its
     scale, exactly as its training validated (``augment`` and ``data_stats``, B2, B5)."""
     from alexnet.data import DeviceAugment
@@ -85,7 +85,7 @@ def load_ensemble(paths: list[Path], device: torch.device):
             raise UserError(f"{path}: its classes differ from those of {paths[0]}")
         models.append(model.eval())
         ckpts.append(ckpt)
-        augs.append(test_augment(ckpt))
+        augs.append(view_augment(ckpt))
     return models, ckpts, augs
 
 
