@@ -36,6 +36,10 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 def _describe(e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can read"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
