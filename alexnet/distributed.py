@@ -3,12 +3,16 @@
 ``DistEnv.from_environ()`` reads the variables ``torchrun`` sets (RANK, WORLD_SIZE,
 LOCAL_RANK) once; ``setup`` picks the device and opens the process group (NCCL on CUDA,
 gloo on CPU); the helpers below are no-ops in a single process, so the training loop has
-no ``if distributed`` branches.
+no ``if distributed`` branches. The device-level settings every process makes the same way
+(autocast dtype, determinism, stop signals) live here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -125,3 +129,66 @@ def gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the device runs it natively (CUDA with bf16, CPUs with
+    AMX or AVX-512 BF16), else None (fp32). ``precision="bf16"`` on a CPU without native
+    bf16 still autocasts (emulated, slow); on another device it is an error."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        try:
+            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            supported = False
+    else:
+        supported = False
+    if precision == "bf16" and not supported and device.type != "cpu":
+        raise UserError(f"run.precision=bf16: not supported on {device}")
+    return torch.bfloat16 if (supported or precision == "bf16") else None
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> bool:
+    """Deterministic kernels (bitwise-repeatable runs and resumes) or, on CUDA, cuDNN's
+    autotuner. Returns the previous setting so a caller can restore it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
+    return previous
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's preemption) sets ``requested``; the training loop
+    then finishes its step, saves and exits. A second Ctrl-C raises KeyboardInterrupt at
+    once (the last checkpoint is whole: writes are atomic). Outside the main thread (where
+    signals cannot be caught) ``watch`` does nothing."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.requested, self.announce = False, announce
+
+    def _handler(self, signum, frame) -> None:  # noqa: ANN001 - signal's signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit now)")
+
+    @contextlib.contextmanager
+    def watch(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)

@@ -169,3 +169,14 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """The one line printed after each epoch (rank 0)."""
+    event = {"cut": " [rate cut]", "stop": " [end]"}.get(record["event"], "")
+    return (
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} error "
+        f"{100 * record['train_error']:.2f}% | val top-1 {100 * record['val_top1_error']:.2f}% "
+        f"top-5 {100 * record['val_top5_error']:.2f}% | lr {record['lr']:.3g} | "
+        f"{record['images_per_sec']:.0f} img/s | {record['seconds']:.1f}s{event}"
+    )

@@ -13,9 +13,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,7 @@ from alexnet import distributed as D
 from alexnet.errors import UserError
 from alexnet.optim import PaperSGD, make_schedule, param_groups, set_lr, warmup_factor
 from alexnet.progress import Progress
-from alexnet.runlog import RunLog, environment, new_run_dir
+from alexnet.runlog import RunLog, environment, epoch_line, new_run_dir
 
 
 class TrainingDiverged(UserError):
@@ -61,31 +58,12 @@ class Session:
     batch_in_epoch: int = 0
     best: float = math.inf
     last_good: Path | None = None
-    stop_requested: bool = False
+    stop: D.StopRequest = field(default_factory=D.StopRequest)
     epoch_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
 
     @property
     def global_batch(self) -> int:
         return self.cfg.optim.batch_size
-
-
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with AMX or
-    AVX-512 BF16), else fp32. ``None`` means no autocast."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        try:
-            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            supported = False
-    else:
-        supported = False
-    if precision == "bf16" and not supported and device.type != "cpu":
-        raise UserError(f"run.precision=bf16: not supported on {device}")
-    return torch.bfloat16 if (supported or precision == "bf16") else None
 
 
 def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
@@ -172,7 +150,7 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         },  # fmt: skip
     }
     return Session(
-        cfg, env, device, precision_dtype(cfg.run.precision, device), model, net, optimizer,
+        cfg, env, device, D.precision_dtype(cfg.run.precision, device), model, net, optimizer,
         make_schedule(cfg.schedule, o.lr), train_loader, val_loader, aug_train, aug_val,
         generator, RunLog(Path(), enabled=False), meta,
     )  # fmt: skip
@@ -208,16 +186,16 @@ def _check_finite(s: Session, first_bad: torch.Tensor) -> None:
     """Stop every rank if any rank saw a non-finite loss, naming the first such step."""
     bad = int(D.all_reduce_min(first_bad.clone()).item())
     if bad < 2**62:
-        where = f"{s.last_good} (step {_ckpt_step(s.last_good)})" if s.last_good else "none yet"
+        where = (
+            f"{s.last_good} (step {ckpt_io.checkpoint_step(s.last_good)})"
+            if s.last_good
+            else "none yet"
+        )
         raise TrainingDiverged(
             f"training diverged: the loss was not finite at step {bad + 1} (epoch "
             f"{s.epoch + 1}); stopped without saving. Last good checkpoint: {where}. Try a "
             f"lower optim.lr (now {s.cfg.optim.lr}) or run.precision=fp32."
         )
-
-
-def _ckpt_step(path: Path) -> int | None:
-    return torch.load(path, map_location="cpu", weights_only=True).get("step")
 
 
 def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
@@ -254,9 +232,9 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
                 s.log.scalars({"train/loss": float(loss), "train/lr": lr,
                                "train/images_per_sec": progress.rate}, s.step)  # fmt: skip
             if s.env.distributed:
-                stop = sync and D.any_rank(s.stop_requested, s.device)
+                stop = sync and D.any_rank(s.stop.requested, s.device)
             else:
-                stop = s.stop_requested
+                stop = s.stop.requested
             if stop:
                 status = "interrupted"
             if cfg.run.max_steps and s.step >= cfg.run.max_steps:
@@ -266,7 +244,7 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
                 break
             if cfg.run.save_every_steps and s.step % cfg.run.save_every_steps == 0:
                 _check_finite(s, first_bad)
-                save(s)
+                ckpt_io.save_training(s)
     _check_finite(s, first_bad)
     loss_sum, wrong, images, _ = D.all_reduce_sum(s.epoch_sums[:3].clone()).tolist() + [0]
     seconds = float(s.epoch_sums[3])
@@ -303,132 +281,16 @@ def evaluate(s: Session) -> dict[str, float]:
     return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
 
 
-def _rank_state(s: Session) -> dict[str, Any]:
-    return {"rng": ckpt_io.rng_state(s.generator), "epoch_sums": s.epoch_sums.tolist()}
-
-
-def save(s: Session, *, best: bool = False, finished: str | None = None) -> None:
-    """Write ``last.pt`` (and ``best.pt``) on rank 0; every rank must call it (the per-rank
-    random states are gathered). The model is saved unwrapped and, for the two-tower layout,
-    as the grouped network, so ``load_model`` reads every checkpoint the same way."""
-    ranks = D.gather_objects(_rank_state(s))
-    path, error = s.log.checkpoints / "last.pt", ""
-    if s.env.is_main:
-        try:
-            ckpt_io.save_checkpoint(path, _checkpoint(s, ranks, finished))
-            if best:
-                ckpt_io.link_or_copy(path, s.log.checkpoints / "best.pt")
-        except OSError as e:  # a full disk, a quota: the previous file is still whole
-            kept = f"{path} (step {_ckpt_step(path)})" if path.exists() else "none"
-            error = (
-                f"{path}: could not save the checkpoint at step {s.step} ({e}); the last good "
-                f"checkpoint is intact: {kept}. Free space and resume with --resume {s.log.path}"
-            )
-    if D.any_rank(bool(error), s.device):  # also the barrier: no rank runs ahead of the save
-        raise UserError(error or "rank 0 could not save the checkpoint")
-    s.last_good = path
-
-
-def _checkpoint(s: Session, ranks: list[dict[str, Any]], finished: str | None) -> dict:
-    model = s.model
-    state = model.grouped_state_dict() if hasattr(model, "grouped_state_dict") else None
-    return {
-        "model": state if state is not None else model.state_dict(),
-        **s.meta,
-        "config": s.cfg.to_dict(),
-        "optimizer": s.optimizer.state_dict(),
-        "schedule": s.schedule.state_dict(),
-        "epoch": s.epoch,
-        "step": s.step,
-        "rng": {"ranks": [r["rng"] for r in ranks]},
-        "sampler": {
-            "epoch": s.epoch,
-            "batch": s.batch_in_epoch,
-            "seed": s.cfg.run.seed,
-            "world_size": s.env.world_size,
-            "epoch_sums": [r["epoch_sums"] for r in ranks],
-        },
-        "metrics": {
-            "best_val_top1_error": s.best,
-            "last": s.log.records[-1] if s.log.records else None,
-        },
-        "finished": finished,
-    }
-
-
-def restore(s: Session, ck: dict[str, Any], path: Path) -> None:
-    """Continue exactly where ``ck`` stopped: weights, velocity, schedule, position in the
-    epoch, partial epoch sums and every random state (when the world size is the same)."""
-    if hasattr(s.model, "grouped_state_dict"):
-        from alexnet.towers import grouped_to_towers
-
-        s.model.load_state_dict(grouped_to_towers(ck["model"]))
-    else:
-        s.model.load_state_dict(ck["model"])
-    s.optimizer.load_state_dict(ck["optimizer"])
-    s.schedule.load_state_dict(ck["schedule"])
-    s.epoch, s.step, s.batch_in_epoch = ck["epoch"], ck["step"], ck["sampler"]["batch"]
-    s.best = ck["metrics"]["best_val_top1_error"]
-    s.last_good = path
-    ranks, sums = ck["rng"]["ranks"], ck["sampler"]["epoch_sums"]
-    if len(ranks) != s.env.world_size:
-        if s.env.is_main:
-            print(
-                f"resume: saved with {len(ranks)} processes, now {s.env.world_size}: the data "
-                "order is kept, random draws restart (not bitwise equal to an unbroken run)"
-            )
-        return
-    s.epoch_sums = torch.tensor(sums[s.env.rank], dtype=torch.float64, device=s.device)
-    try:
-        ckpt_io.set_rng_state(ranks[s.env.rank], s.generator)
-    except (RuntimeError, ValueError) as e:  # e.g. a CPU generator state on a CUDA device
-        if s.env.is_main:
-            print(f"resume: random states not restored ({e}); continuing with fresh ones")
-
-
-@contextlib.contextmanager
-def _stop_on_signals(s: Session):
-    """Ctrl-C or SIGTERM (a scheduler's preemption): finish the step, save, exit. A second
-    Ctrl-C stops at once (the last checkpoint is still whole)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):  # noqa: ANN001 - signal's signature
-        if s.stop_requested:
-            raise KeyboardInterrupt
-        s.stop_requested = True
-        if s.env.is_main:
-            print("\nstopping: saving a checkpoint after this step (press Ctrl-C again to quit)")
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    event = {"cut": " [rate cut]", "stop": " [end]"}.get(record["event"], "")
-    return (
-        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} error "
-        f"{100 * record['train_error']:.2f}% | val top-1 {100 * record['val_top1_error']:.2f}% "
-        f"top-5 {100 * record['val_top5_error']:.2f}% | lr {record['lr']:.3g} | "
-        f"{record['images_per_sec']:.0f} img/s | {record['seconds']:.1f}s{event}"
-    )
-
-
 def run_epochs(s: Session) -> str:
     """The epoch loop: train, validate, let the schedule decide, log, save. Returns
     ``"finished"``, ``"stopped"`` (run.max_steps) or ``"interrupted"``."""
     cfg = s.cfg
-    with _stop_on_signals(s):
+    with s.stop.watch():
         while s.epoch < cfg.schedule.epochs:
             lr = s.schedule.lr
             train_metrics, status = train_one_epoch(s)
             if status != "done":
-                save(s)
+                ckpt_io.save_training(s)
                 return "stopped" if status == "max_steps" else "interrupted"
             val = evaluate(s)
             action = s.schedule.epoch_end(val["val_top1_error"])  # PAPER D4
@@ -439,22 +301,12 @@ def run_epochs(s: Session) -> str:
             s.log.log_epoch(record)
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             done = action == "stop" or s.epoch >= cfg.schedule.epochs
-            save(s, best=improved, finished="schedule" if done else None)
+            ckpt_io.save_training(s, best=improved, finished="schedule" if done else None)
             if s.env.is_main:
-                print(_epoch_line(record, cfg.schedule.epochs), flush=True)
+                print(epoch_line(record, cfg.schedule.epochs), flush=True)
             if done:
                 break
     return "finished"
-
-
-def _determinism(cfg: C.TrainConfig, device: torch.device) -> None:
-    if cfg.run.deterministic:
-        if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
 
 
 def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, dict[str, Any]]:
@@ -497,8 +349,7 @@ def train(
     env = D.DistEnv.from_environ()
     device = _check_setup(cfg, env)
     ck_path, ck = _resume_checkpoint(resume, cfg) if resume else (None, None)
-    previous = torch.are_deterministic_algorithms_enabled()
-    _determinism(cfg, device)
+    previous = D.set_determinism(cfg.run.deterministic, device)
     D.setup(env, device)
     log = None
     try:
@@ -510,9 +361,10 @@ def train(
             )
             run_dir = D.broadcast_object(run_dir)
         s = build(cfg, env, device)
+        s.stop = D.StopRequest(announce=env.is_main)
         log = s.log = RunLog(run_dir, enabled=env.is_main, resume_epoch=ck["epoch"] if ck else None)
         if ck is not None:
-            restore(s, ck, ck_path)
+            ckpt_io.restore_training(s, ck, ck_path)
         log.write_config(cfg.to_dict())
         log.write_env(environment(device, env.world_size, argv))
         log.open_tensorboard(s.step)

@@ -211,3 +211,17 @@ def test_cli_flags_and_overrides():
     assert (paper.optim.lr, paper.schedule.kind, paper.schedule.epochs) == (0.01, "plateau", 90)
     assert paper.optim.weight_decay == 0.0005 and paper.data.crop_size == 224  # D1, B3
     assert math.isclose(paper.schedule.factor, 0.1) and paper.schedule.max_cuts == 3  # D4
+
+
+def test_two_tower_layout_trains_like_the_grouped_network(data, tmp_path):
+    """run.towers on two CPU "devices" exercises the model-parallel path (PAPER A12) that
+    `--towers cuda:0,cuda:1` runs; with dropout off it follows the grouped network."""
+    same = {"model.dropout": 0.0, "schedule.epochs": 1}
+    grouped = train(tiny_config(data, tmp_path / "g", **same))
+    towers = train(tiny_config(data, tmp_path / "t", **same, **{"run.towers": "cpu,cpu"}))
+    a, b = _weights(grouped["run_dir"]), _weights(towers["run_dir"])
+    assert a.keys() == b.keys()  # saved as the grouped network: load_model reads it
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    model, _ = load_model(towers["run_dir"])
+    assert model.conv2.groups == 2
