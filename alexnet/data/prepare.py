@@ -12,6 +12,7 @@ B4, G1, G2). See docs/DATA.md.
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def _already_done(out: Path) -> bool:
 
 
 def _native_size(item: sources.Item) -> tuple[int, int]:
-    import io
-
     try:
         with Image.open(io.BytesIO(item.read())) as img:
             return img.size
