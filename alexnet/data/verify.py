@@ -86,7 +86,7 @@ def verify(root: str | Path, *, quick: bool = False, seed: int = 0) -> int:
         if quick and len(index) > 500:
             chosen = np.sort(rng.choice(len(index), 500, replace=False))
         problems += _decode_all(split, meta, index, data, chosen)
-        print(f"{root}: {split}: {len(index)} records, {len(chosen)} decoded", flush=True)
+        print(f"{root}: {split}: {len(index)} records, {len(chosen)} checked", flush=True)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise UserError(f"{root}: verify failed: " + "; ".join(problems[:5]) + more)
