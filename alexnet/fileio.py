@@ -5,6 +5,7 @@ writing leaves the previous version intact (temp file in the same directory + ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -36,7 +37,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once (reading it means setting it for an instant)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
