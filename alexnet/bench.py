@@ -1,0 +1,507 @@
+"""``alexnet bench``: our AlexNet against the same network written the usual way.
+
+The reference is ``reference_network``: an ``nn.Sequential`` with ``torch.nn.LocalResponseNorm``,
+built from our model's layer sizes, run in float32, contiguous, eager, with ``torch.optim.SGD``.
+Ours is ``alexnet.model.AlexNet`` with its best settings (see ``best_settings``). Both train
+and infer on the same synthetic batch already on the device; timing rounds alternate between
+the two after warm-up, and the figures are medians over rounds. The end-to-end figure runs a
+prepared dataset through ``make_loader`` + ``DeviceAugment`` + our training step.
+``--precision-check`` trains the small model on Fashion-MNIST in float32 and in bfloat16 from
+the same seed and prints both loss curves. Method and figures: docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet.errors import UserError
+from alexnet.model import AlexNet, count_parameters
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one network runs: precision (autocast dtype), memory format, torch.compile."""
+
+    precision: str  # "fp32" or "bf16" (autocast)
+    channels_last: bool
+    compile: bool
+
+
+REFERENCE = Settings(precision="fp32", channels_last=False, compile=False)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: without them oneDNN emulates bf16 and it is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def best_settings(device: torch.device, args: argparse.Namespace) -> Settings:
+    precision = args.precision
+    if precision == "auto":
+        native = device.type == "cuda" or cpu_has_native_bf16()
+        precision = "bf16" if native else "fp32"
+    return Settings(precision, channels_last=not args.no_channels_last, compile=args.compile)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--model", choices=("paper", "small"), default="paper")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (D1)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    parser.add_argument("--steps", type=int, default=2, help="steps per network per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per network")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="ours: bf16 autocast where the hardware has native bf16 (auto)",
+    )
+    parser.add_argument("--no-channels-last", action="store_true", help="ours: NCHW")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the model")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--data", default=None, help="prepared dataset for the end-to-end run")
+    parser.add_argument("--e2e-steps", type=int, default=None, help="end-to-end steps timed")
+    parser.add_argument("--no-end-to-end", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument(
+        "--precision-check",
+        action="store_true",
+        help="train the small model on Fashion-MNIST in fp32 and bf16 instead",
+    )
+    parser.add_argument(
+        "--fashion-mnist",
+        default="/usr/share/datasets/fashion-mnist",
+        help="raw Fashion-MNIST IDX folder for --precision-check",
+    )
+    parser.add_argument("--check-steps", type=int, default=300)
+
+
+def reference_network(model: AlexNet) -> nn.Sequential:
+    """The same layers written the usual way: nn.Sequential, torch's LRN across all maps
+    (as Caffe's bvlc_alexnet), its default initialisation. Sizes come from ``model``."""
+    cfg = model.config
+    if cfg["lrn"] is False or cfg["activation"] != "relu" or model.avgpool is not None:
+        raise ValueError("the reference is the paper-pattern network: ReLU, LRN, no avgpool")
+
+    def conv(c: nn.Conv2d) -> nn.Conv2d:
+        return nn.Conv2d(
+            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups
+        )
+
+    def lrn() -> nn.Module:
+        alpha = 1e-4 if cfg["lrn_convention"] == "code" else 1e-4 * 5  # torch divides by n
+        return nn.LocalResponseNorm(5, alpha, 0.75, 2.0)
+
+    pool, p = model.pool.kernel_size, cfg["dropout"]
+    m = model
+    return nn.Sequential(
+        conv(m.conv1), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(pool, 2),
+        conv(m.conv2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(pool, 2),
+        conv(m.conv3), nn.ReLU(inplace=True),
+        conv(m.conv4), nn.ReLU(inplace=True),
+        conv(m.conv5), nn.ReLU(inplace=True), nn.MaxPool2d(pool, 2),
+        nn.Flatten(),
+        nn.Linear(m.fc6.in_features, m.fc6.out_features), nn.ReLU(inplace=True), nn.Dropout(p),
+        nn.Linear(m.fc7.in_features, m.fc7.out_features), nn.ReLU(inplace=True), nn.Dropout(p),
+        nn.Linear(m.fc8.in_features, m.fc8.out_features),
+    )  # fmt: skip
+
+
+def build_pair(arch: str, num_classes: int, in_channels: int = 3, image_size: int | None = None):
+    """(ours, reference) with the same layer sizes; parameter counts are checked equal."""
+    ours = AlexNet(num_classes, arch=arch, in_channels=in_channels, image_size=image_size)
+    ref = reference_network(ours)
+    if count_parameters(ref) != count_parameters(ours):
+        raise RuntimeError("reference and ours differ in parameter count")
+    return ours, ref
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_steps(net: nn.Module, s: Settings, device, batch: int, size: int, classes: int):
+    """Closures for one network and its settings: train step and inference on a fixed batch,
+    a train step on a given batch, and the eager training forward (for ``saved_bytes``)."""
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    net = net.to(device, memory_format=fmt)
+    fwd = torch.compile(net) if s.compile else net
+    # The usual SGD with momentum and weight decay (PAPER D1: 0.9, 5e-4), foreach on both.
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, net_in_channels(net), size, size, generator=gen).to(device)
+    x = x.contiguous(memory_format=fmt)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+
+    def train_batch(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        net.train()
+        with _autocast(device, s.precision):
+            loss = F.cross_entropy(fwd(xb.contiguous(memory_format=fmt)), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer() -> None:
+        net.eval()
+        with torch.inference_mode(), _autocast(device, s.precision):
+            fwd(x)
+
+    def forward_eager() -> torch.Tensor:
+        net.train()
+        with _autocast(device, s.precision):
+            return net(x)
+
+    return (lambda: train_batch(x, y)), infer, train_batch, forward_eager
+
+
+def net_in_channels(net: nn.Module) -> int:
+    return next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+class PeakMemory:
+    """Peak memory while a block runs. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the
+    process's resident set size sampled every millisecond from /proc/self/statm (getrusage's
+    maxrss is a lifetime maximum and cannot separate two networks in one process)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_bytes = device, 0
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource  # no /proc (macOS): the lifetime maximum is all there is
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self.rss())
+
+
+def saved_activation_bytes(step_forward: Callable[[], torch.Tensor], params) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward pass, parameters
+    excluded: the activation memory of training, exact and independent of the allocator."""
+    skip = {p.data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step_forward()
+    return sum(seen.values())
+
+
+def alternate(
+    fns: dict[str, Callable[[], None]],
+    rounds: int,
+    steps: int,
+    batch: int,
+    device,
+    memory: dict[str, PeakMemory] | None = None,
+) -> dict[str, float]:
+    """Images/s of each fn: rounds alternate between them; the median round is reported."""
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            mem = memory[name] if memory else contextlib.nullcontext()
+            with mem:
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                _sync(device)
+            rates[name].append(batch * steps / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def _synthetic_dataset(root: str, arch: str, n: int) -> str:
+    """A small prepared dataset of random images, for the end-to-end run without --data."""
+    import numpy as np
+
+    from alexnet.data import prepare_arrays
+
+    side = 32 if arch == "small" else 256  # PAPER B1: stored images are 256x256
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n)
+    prepare_arrays(root, {"train": (images, labels)}, [str(i) for i in range(10)])
+    return root
+
+
+def end_to_end(args, device, settings: Settings, batch: int, root: str) -> dict[str, float]:
+    """Loader + DeviceAugment + our training step, alternated with the model-only step of the
+    same model (same classes and channels as the data)."""
+    from alexnet.data import DeviceAugment, PreparedDataset, make_loader
+
+    ds = PreparedDataset(root, "train")
+    if len(ds) < batch:
+        raise UserError(f"{root}: {len(ds)} training images, fewer than one batch of {batch}")
+    model = AlexNet(len(ds.classes), arch=args.model, in_channels=ds.channels)
+    crop = model.input_size
+    pad = max(0, math.ceil((crop - min(ds.image_size)) / 2)) + (4 if args.model == "small" else 0)
+    aug = DeviceAugment(ds.stats, crop, train=True, pad=pad, channels_last=settings.channels_last)
+    train, _, train_batch, _ = make_steps(model, settings, device, batch, crop, len(ds.classes))
+    loader = make_loader(ds, batch, shuffle=True, seed=0, drop_last=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = {"it": iter(loader), "epoch": 0}
+
+    def e2e_step() -> None:
+        try:
+            images, labels = next(state["it"])
+        except StopIteration:
+            state["epoch"] += 1
+            loader.set_epoch(state["epoch"])
+            state["it"] = iter(loader)
+            images, labels = next(state["it"])
+        images = images.to(device, non_blocking=True)
+        train_batch(aug(images, gen), labels.to(device, non_blocking=True))
+
+    for _ in range(args.warmup):
+        train()
+        e2e_step()
+    steps = args.e2e_steps or args.steps
+    rates = alternate({"model": train, "e2e": e2e_step}, args.rounds, steps, batch, device)
+    return {
+        "end_to_end_ips": rates["e2e"],
+        "end_to_end_model_only_ips": rates["model"],
+        "end_to_end_fraction": rates["e2e"] / rates["model"],
+    }
+
+
+def model_only(args, device, settings: Settings, batch: int) -> dict[str, float]:
+    classes = 10 if args.model == "small" else 1000
+    ours, ref = build_pair(args.model, classes)
+    size = ours.input_size
+    ref_train, ref_infer, _, ref_fwd = make_steps(ref, REFERENCE, device, batch, size, classes)
+    our_train, our_infer, _, our_fwd = make_steps(ours, settings, device, batch, size, classes)
+    saved = {
+        "reference_saved_mb": saved_activation_bytes(ref_fwd, ref.parameters()) / 2**20,
+        "saved_mb": saved_activation_bytes(our_fwd, ours.parameters()) / 2**20,
+    }
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        ref_train(), our_train(), ref_infer(), our_infer()
+    warm = time.perf_counter() - t0
+    mem = {"reference": PeakMemory(device), "ours": PeakMemory(device)}
+    tr = alternate(
+        {"reference": ref_train, "ours": our_train}, args.rounds, args.steps, batch, device, mem
+    )
+    inf = alternate(
+        {"reference": ref_infer, "ours": our_infer}, args.rounds, args.steps, batch, device
+    )
+    return {
+        "reference_train_ips": tr["reference"],
+        "train_ips": tr["ours"],
+        "train_speedup": tr["ours"] / tr["reference"],
+        "reference_infer_ips": inf["reference"],
+        "infer_ips": inf["ours"],
+        "infer_speedup": inf["ours"] / inf["reference"],
+        "reference_train_peak_mb": mem["reference"].peak_bytes / 2**20,
+        "train_peak_mb": mem["ours"].peak_bytes / 2**20,
+        **saved,
+        "parameters": count_parameters(ours),
+        "warmup_seconds": warm,
+    }
+
+
+def _environment(device: torch.device) -> dict[str, object]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name}: use cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.precision_check:
+        return precision_check(args)
+    device = _resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = min(args.rounds, 2), 1, 1
+    batch = args.batch_size or (4 if args.quick else 128)  # PAPER D1: batch 128
+    if batch < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        raise UserError("--batch-size, --rounds and --steps must be positive")
+    settings = best_settings(device, args)
+    out: dict[str, object] = {
+        "device": str(device),
+        "model": args.model,
+        "batch_size": batch,
+        "settings": asdict(settings),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        **_environment(device),
+    }
+    out.update(model_only(args, device, settings, batch))
+    if not args.no_end_to_end:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.data or _synthetic_dataset(tmp, args.model, 8 * batch)
+            out["end_to_end_data"] = args.data or "synthetic (random uint8 images)"
+            out.update(end_to_end(args, device, settings, batch, root))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_table(out)
+    return 0
+
+
+def _print_table(r: dict) -> None:
+    print(
+        f"alexnet bench: {r['model']} model, batch {r['batch_size']}, {r['device']}, "
+        f"torch {r['torch']}, {r['threads']} threads; ours: {r['settings']}"
+    )
+    print(f"{'':10} {'reference':>12} {'ours':>12} {'ours/ref':>9}  (images/s, median)")
+    for kind in ("train", "infer"):
+        print(
+            f"{kind:10} {r[f'reference_{kind}_ips']:12.1f} {r[f'{kind}_ips']:12.1f} "
+            f"{r[f'{kind}_speedup']:8.2f}x"
+        )
+    print(
+        f"peak memory in training: reference {r['reference_train_peak_mb']:.0f} MB, "
+        f"ours {r['train_peak_mb']:.0f} MB"
+    )
+    if "end_to_end_fraction" in r:
+        print(
+            f"end to end ({r['end_to_end_data']}): {r['end_to_end_ips']:.1f} images/s = "
+            f"{r['end_to_end_fraction']:.2f} of the same model alone "
+            f"({r['end_to_end_model_only_ips']:.1f})"
+        )
+
+
+def _train_curve(images, labels, precision: str, steps: int, batch: int, seed: int) -> list[float]:
+    """Training losses of the small model: init from seed 0, batch order and dropout from
+    ``seed``, SGD with PAPER D1's momentum and weight decay."""
+    torch.manual_seed(0)
+    model = AlexNet(10, arch="small", in_channels=1, image_size=images.shape[-1], init="kaiming")
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = images[idx].contiguous(memory_format=torch.channels_last)
+        with _autocast(torch.device("cpu"), precision):
+            loss = F.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _smooth(v: list[float], w: int = 25) -> list[float]:
+    return [statistics.fmean(v[max(0, i - w + 1) : i + 1]) for i in range(len(v))]
+
+
+def precision_check(args: argparse.Namespace) -> int:
+    """bf16 autocast against fp32 training on real Fashion-MNIST; the gap between two fp32 runs
+    with different batch orders is the noise it is judged against."""
+    from alexnet.data.small import load_fashion_mnist
+
+    raw, labels = load_fashion_mnist(args.fashion_mnist)["train"]
+    x = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - x.mean()) / x.std()
+    y = torch.from_numpy(labels)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps, batch = args.check_steps, args.batch_size or 64
+    runs = {"fp32": ("fp32", 1), "bf16": ("bf16", 1), "fp32_other_order": ("fp32", 2)}
+    curves = {k: _smooth(_train_curve(x, y, p, steps, batch, s)) for k, (p, s) in runs.items()}
+    skip = min(25, steps - 1)  # the first window is mostly the shared initial loss
+    gap = max(abs(a - b) for a, b in zip(curves["bf16"][skip:], curves["fp32"][skip:]))
+    noise = max(
+        abs(a - b) for a, b in zip(curves["fp32_other_order"][skip:], curves["fp32"][skip:])
+    )
+    result = {
+        "steps": steps,
+        "batch_size": batch,
+        "max_gap_bf16_fp32": gap,
+        "max_gap_fp32_orders": noise,
+        "final_fp32": curves["fp32"][-1],
+        "final_bf16": curves["bf16"][-1],
+        "within_noise": gap <= noise,
+    }
+    if args.json:
+        print(json.dumps({**result, "curves": curves}, indent=2))
+        return 0
+    print(f"{'step':>6} {'fp32':>8} {'bf16':>8} {'fp32 (other order)':>19}  (loss, mean of 25)")
+    for i in range(0, steps, max(1, steps // 12)):
+        print(
+            f"{i + 1:6d} {curves['fp32'][i]:8.4f} {curves['bf16'][i]:8.4f} "
+            f"{curves['fp32_other_order'][i]:19.4f}"
+        )
+    print(
+        f"max |bf16 - fp32| = {gap:.4f}; max |fp32 - fp32 other order| = {noise:.4f} "
+        f"(after step {skip}); final {result['final_fp32']:.4f} fp32, "
+        f"{result['final_bf16']:.4f} bf16"
+    )
+    return 0
