@@ -1,0 +1,326 @@
+"""``alexnet figures``: the paper's figures (section 6.1) and training curves, as PNG.
+
+    alexnet figures filters --checkpoint C --out conv1.png                      # PAPER F1
+    alexnet figures predictions --checkpoint C --data DIR --out predictions.png # PAPER F2
+    alexnet figures neighbours --checkpoint C --data DIR --out neighbours.png   # PAPER F3
+    alexnet figures curves --run runs/x --out curves.png
+
+``neighbours`` searches the training split's fc7 vectors; for a large split pass the arrays
+``alexnet features extract`` wrote (``--index-features``) instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.errors import UserError
+from alexnet.fileio import atomic_open
+
+TRUE_COLOUR, OTHER_COLOUR = "#d62728", "#1f77b4"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, no window opened
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> None:
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def _hwc(image) -> np.ndarray:
+    """(C, H, W) uint8 tensor/array -> what imshow takes: (H, W, 3) or (H, W)."""
+    a = np.asarray(image)
+    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------------- F1
+def filter_grid(weight, towers: int = 2, cols: int = 16, gap: int = 1, tower_gap: int = 6):
+    """conv1 kernels (O, C, k, k) as one (H, W, 3) image in [0, 1] (NaN = background).
+
+    Each kernel is stretched to [0, 1] on its own (min to 0, max to 1 over its colours), so
+    weak and strong kernels are equally visible. Kernel j belongs to tower j // (O / towers)
+    (the first half of conv1's maps feeds the first tower's conv2, PAPER A12); each tower's
+    kernels fill their own block of rows, ``tower_gap`` pixels below the previous one."""
+    w = np.asarray(weight, dtype=np.float64)
+    o, c, kh, kw = w.shape
+    per = o // towers
+    cols = min(cols, per)
+    rows = math.ceil(per / cols)
+    lo = w.reshape(o, -1).min(1)[:, None, None, None]
+    hi = w.reshape(o, -1).max(1)[:, None, None, None]
+    w = (w - lo) / np.maximum(hi - lo, 1e-12)
+    if c == 1:
+        w = np.repeat(w, 3, axis=1)
+    elif c != 3:
+        w = np.repeat(w.mean(1, keepdims=True), 3, axis=1)  # not an image: show the mean
+    block_h = rows * (kh + gap) - gap
+    grid = np.full(
+        (towers * block_h + (towers - 1) * tower_gap, cols * (kw + gap) - gap, 3), np.nan
+    )
+    for j in range(o):
+        t, i = divmod(j, per)
+        r, col = divmod(i, cols)
+        y = t * (block_h + tower_gap) + r * (kh + gap)
+        x = col * (kw + gap)
+        grid[y : y + kh, x : x + kw] = w[j].transpose(1, 2, 0)
+    return grid
+
+
+def plot_filters(weight, towers: int, out: Path, title: str = "") -> None:
+    plt = _pyplot()
+    grid = filter_grid(weight, towers)
+    shown = np.where(np.isnan(grid), 1.0, grid)  # background white
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 12, grid.shape[0] / 12 + 0.6), dpi=100)
+    ax.imshow(shown, interpolation="nearest")
+    ax.set_axis_off()
+    o, c, k, _ = np.asarray(weight).shape
+    towers_note = f"; the {o // towers} kernels of each tower in its own rows" if towers > 1 else ""
+    ax.set_title(title or f"conv1: {o} kernels of {k}x{k}x{c}{towers_note}", fontsize=9)
+    _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------- F2
+def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4) -> None:
+    """Each image above its five most probable classes as bars (PAPER F2); the bar of the
+    true class is red, and the true class is written under the image."""
+    plt = _pyplot()
+    n = len(images)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig = plt.figure(figsize=(2.6 * cols, 4.2 * rows), dpi=100)
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 2] * rows, hspace=0.35, wspace=0.6)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        ax = fig.add_subplot(grid[2 * r, c])
+        ax.imshow(_hwc(images[i]), cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(_short(class_names[labels[i]], 30), fontsize=8, color=TRUE_COLOUR)
+        bars = fig.add_subplot(grid[2 * r + 1, c])
+        idx = [p["class_index"] for p in top[i]][::-1]
+        probs = [p["probability"] for p in top[i]][::-1]
+        colours = [TRUE_COLOUR if j == labels[i] else OTHER_COLOUR for j in idx]
+        bars.barh(range(len(idx)), probs, color=colours)
+        bars.set_yticks(range(len(idx)), [_short(class_names[j], 18) for j in idx], fontsize=7)
+        bars.set_xlim(0, 1)
+        bars.tick_params(axis="x", labelsize=7)
+        bars.spines[["top", "right"]].set_visible(False)
+    fig.suptitle("five most probable classes (red: the true class)", fontsize=10)
+    _save(fig, out)
+
+
+def _short(text: str, n: int) -> str:
+    text = str(text).split(",")[0]
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------- F3
+def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, out: Path):
+    """One row per query: the query, then its nearest training images (PAPER F3). A
+    neighbour of the query's class is framed green, of another class grey."""
+    plt = _pyplot()
+    n, k = len(queries), neighbours.shape[1]
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 1), 1.65 * n), dpi=100, squeeze=False)
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(_hwc(queries[i]), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"query: {_short(names[q_labels[i]], 14)}", fontsize=7, color=TRUE_COLOUR)
+        _frame(ax, TRUE_COLOUR, 3)
+        for j in range(k):
+            ax = axes[i, j + 1]
+            ax.imshow(_hwc(neighbours[i, j]), cmap="gray", vmin=0, vmax=255)
+            same = n_labels[i, j] == q_labels[i]
+            ax.set_title(f"{_short(names[n_labels[i, j]], 12)}\nd={distances[i, j]:.3g}",
+                         fontsize=6)  # fmt: skip
+            _frame(ax, "#2ca02c" if same else "#999999", 2 if same else 1)
+    fig.suptitle(f"each query and the {k} training images nearest in fc7 (Euclidean)",
+                 fontsize=9)  # fmt: skip
+    _save(fig, out)
+
+
+def _frame(ax, colour: str, width: float) -> None:
+    ax.set_xticks([]), ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(width)
+
+
+# ------------------------------------------------------------------------------- curves
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not records:
+        raise UserError(f"{path}: no epochs recorded yet")
+    return records
+
+
+def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
+    """Loss, error (%) and learning rate (log scale) per epoch; rate cuts dotted (D4)."""
+    plt = _pyplot()
+    epoch = [r["epoch"] for r in records]
+
+    def series(key):
+        return [r.get(key, np.nan) if r.get(key) is not None else np.nan for r in records]
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
+    a.plot(epoch, series("train_loss"), "o-", ms=3, label="train")
+    if any("val_loss" in r for r in records):
+        a.plot(epoch, series("val_loss"), "o-", ms=3, label="validation")
+    a.set(title="loss (cross-entropy)", xlabel="epoch")
+    for key, label in (("train_error", "train top-1"), ("val_top1_error", "val top-1"),
+                       ("val_top5_error", "val top-5")):  # fmt: skip
+        b.plot(epoch, [100 * v for v in series(key)], "o-", ms=3, label=label)
+    b.set(title="error (%)", xlabel="epoch")
+    lr = series("lr")
+    c.semilogy(epoch, lr, "o-", ms=3, color="black")
+    c.set(title="learning rate", xlabel="epoch")
+    for i in range(1, len(lr)):
+        if lr[i] != lr[i - 1]:
+            for ax in (a, b, c):
+                ax.axvline(epoch[i] - 0.5, color="grey", ls=":", lw=1)
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+# ------------------------------------------------------------------------------ command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = sub.add_parser("filters", help="conv1's kernels, each tower in its own rows (PAPER F1)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    for name, help_text in (
+        ("predictions", "images with their top-5 bars (PAPER F2)"),
+        ("neighbours", "queries and their nearest images in fc7 (F3)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", type=Path, required=True)
+        p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+        p.add_argument("--split", default="val", help="where the shown / query images come from")
+        p.add_argument("--n", type=int, default=8 if name == "predictions" else 5)
+        p.add_argument("--indices", type=int, nargs="+", help="these images of --split "
+                       "(default: --n drawn at random with --seed)")  # fmt: skip
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--views", type=int, choices=(1, 10), default=10 if name == "predictions"
+                       else 1, help="test views (PAPER B5)")  # fmt: skip
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
+    p.add_argument(
+        "--index-features",
+        type=Path,
+        help="the index split's features from `alexnet features extract`",
+    )
+    p.add_argument("--layer", default="fc7")
+    p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
+    p = sub.add_parser("curves", help="loss, error and learning rate from metrics.jsonl")
+    p.add_argument("--run", type=Path, required=True, help="a run directory or metrics.jsonl")
+    p.add_argument("--out", type=Path, required=True)
+
+
+def _chosen(args, ds) -> np.ndarray:
+    if args.indices:
+        bad = [i for i in args.indices if not 0 <= i < len(ds)]
+        if bad:
+            raise UserError(f"--indices {bad}: {args.split} has {len(ds)} images")
+        return np.array(args.indices)
+    rng = np.random.default_rng(args.seed)
+    return np.sort(rng.choice(len(ds), size=min(args.n, len(ds)), replace=False))
+
+
+@torch.no_grad()
+def _features(model, aug, ds, indices, layer: str, views: int, batch: int = 64) -> np.ndarray:
+    out = []
+    for s in range(0, len(indices), batch):
+        x = aug.views(ds.get_batch(indices[s : s + batch]).contiguous(), views)
+        f = model.forward_features(x, layer).flatten(1).float()
+        out.append(f.view(-1, views, f.shape[1]).mean(1).numpy())
+    return np.concatenate(out)
+
+
+def _loaded(args):
+    from alexnet.checkpoint import load_model
+    from alexnet.data import PreparedDataset
+    from alexnet.evaluate import check_data, view_augment
+
+    model, ckpt = load_model(args.checkpoint, map_location="cpu")
+    ds = PreparedDataset(args.data, args.split)
+    check_data(ds, ckpt, model, args.checkpoint)
+    return model, ckpt, view_augment(ckpt), ds
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "curves":
+        records = read_metrics(args.run)
+        plot_curves(records, args.out, title=str(args.run))
+    elif args.what == "filters":
+        from alexnet.checkpoint import load_model
+
+        model, _ = load_model(args.checkpoint)
+        towers = 2 if model.config.get("towers") else 1
+        plot_filters(model.conv1.weight.detach(), towers, args.out)
+    elif args.what == "predictions":
+        from alexnet.predict import predict, top_k
+
+        model, ckpt, aug, ds = _loaded(args)
+        idx = _chosen(args, ds)
+        images = ds.get_batch(idx).contiguous()
+        top = top_k(predict(model, aug, images, args.views), ckpt, 5)
+        plot_predictions(images, top, ds.labels[idx].tolist(), ds.class_names, args.out)
+    else:
+        _neighbours(args)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _neighbours(args) -> None:
+    from alexnet.data import PreparedDataset
+    from alexnet.features import knn
+
+    model, _, aug, ds = _loaded(args)
+    index_ds = PreparedDataset(args.data, args.index_split)
+    idx = _chosen(args, ds)
+    query = _features(model, aug, ds, idx, args.layer, args.views)
+    if args.index_features:
+        index = np.load(args.index_features, mmap_mode="r")
+        if index.shape != (len(index_ds), query.shape[1]):
+            raise UserError(f"{args.index_features}: shape {index.shape}, expected "
+                            f"({len(index_ds)}, {query.shape[1]}) {args.layer} features of "
+                            f"{args.index_split}")  # fmt: skip
+    else:
+        index = _features(model, aug, index_ds, np.arange(len(index_ds)), args.layer, args.views)
+    dist, nn = knn(query, index, min(args.k, len(index_ds)))
+    shown = index_ds.get_batch(nn.reshape(-1)).reshape(
+        *nn.shape, *index_ds.get_batch([0]).shape[1:]
+    )
+    plot_neighbours(ds.get_batch(idx), shown, ds.labels[idx].numpy(),
+                    index_ds.labels.numpy()[nn], dist, ds.class_names, args.out)  # fmt: skip
