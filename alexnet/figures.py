@@ -81,9 +81,11 @@ def filter_grid(weight, towers: int = 2, cols: int = 16, gap: int = 1, tower_gap
 
 def plot_filters(weight, towers: int, out: Path, title: str = "") -> None:
     plt = _pyplot()
-    grid = filter_grid(weight, towers)
+    kh = np.asarray(weight).shape[2]
+    grid = filter_grid(weight, towers, tower_gap=max(2, kh // 2 + 1))
     shown = np.where(np.isnan(grid), 1.0, grid)  # background white
-    fig, ax = plt.subplots(figsize=(grid.shape[1] / 12, grid.shape[0] / 12 + 0.6), dpi=100)
+    inches = max(1 / 12, 4.0 / grid.shape[1])  # a kernel pixel: 1/12 inch, 4 inches at least
+    fig, ax = plt.subplots(figsize=(grid.shape[1] * inches, grid.shape[0] * inches + 0.6))
     ax.imshow(shown, interpolation="nearest")
     ax.set_axis_off()
     o, c, k, _ = np.asarray(weight).shape
@@ -101,7 +103,8 @@ def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     fig = plt.figure(figsize=(2.6 * cols, 4.2 * rows), dpi=100)
-    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 2] * rows, hspace=0.35, wspace=0.6)
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 2] * rows, hspace=0.35, wspace=0.6,
+                            top=0.95, bottom=0.03)  # fmt: skip
     for i in range(n):
         r, c = divmod(i, cols)
         ax = fig.add_subplot(grid[2 * r, c])
@@ -113,11 +116,13 @@ def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4)
         probs = [p["probability"] for p in top[i]][::-1]
         colours = [TRUE_COLOUR if j == labels[i] else OTHER_COLOUR for j in idx]
         bars.barh(range(len(idx)), probs, color=colours)
+        for y, p in enumerate(probs):
+            bars.text(min(p, 0.72) + 0.02, y, f"{100 * p:.1f}%", va="center", fontsize=6)
         bars.set_yticks(range(len(idx)), [_short(class_names[j], 18) for j in idx], fontsize=7)
         bars.set_xlim(0, 1)
         bars.tick_params(axis="x", labelsize=7)
         bars.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("five most probable classes (red: the true class)", fontsize=10)
+    fig.suptitle("five most probable classes (red: the true class)", fontsize=10, y=0.99)
     _save(fig, out)
 
 
@@ -142,7 +147,7 @@ def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, o
             ax = axes[i, j + 1]
             ax.imshow(_hwc(neighbours[i, j]), cmap="gray", vmin=0, vmax=255)
             same = n_labels[i, j] == q_labels[i]
-            ax.set_title(f"{_short(names[n_labels[i, j]], 12)}\nd={distances[i, j]:.3g}",
+            ax.set_title(f"{_short(names[n_labels[i, j]], 15)}\nd={distances[i, j]:.3g}",
                          fontsize=6)  # fmt: skip
             _frame(ax, "#2ca02c" if same else "#999999", 2 if same else 1)
     fig.suptitle(f"each query and the {k} training images nearest in fc7 (Euclidean)",
@@ -196,7 +201,9 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
         b.plot(epoch, [100 * v for v in series(key)], "o-", ms=3, label=label)
     b.set(title="error (%)", xlabel="epoch")
     lr = series("lr")
-    c.semilogy(epoch, lr, "o-", ms=3, color="black")
+    c.step(epoch, lr, where="mid", color="black")  # one rate per epoch, cut between epochs
+    c.plot(epoch, lr, "o", ms=3, color="black")
+    c.set_yscale("log")
     c.set(title="learning rate", xlabel="epoch")
     for i in range(1, len(lr)):
         if lr[i] != lr[i - 1]:
