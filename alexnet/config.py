@@ -89,7 +89,7 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU: faster) | bf16 | fp32
     channels_last: bool = True  # NHWC activations: faster convolutions on CUDA and oneDNN
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms; resume is then bitwise
@@ -387,7 +387,7 @@ FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--patience", "schedule.patience", int, "epochs without improvement before a rate cut"),
     ("--workers", "data.num_workers", int, "data loader processes per rank"),
     ("--device", "run.device", str, "auto | cpu | cuda | cuda:N"),
-    ("--precision", "run.precision", str, "auto (bf16 where supported) | bf16 | fp32"),
+    ("--precision", "run.precision", str, "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
     ("--towers", "run.towers", str, "two devices for the two-GPU layout, e.g. cuda:0,cuda:1"),
     ("--seed", "run.seed", int, "random seed"),
     ("--name", "run.name", str, "run directory name (default: <preset>-<date>-<time>)"),

@@ -414,6 +414,7 @@ def _result(s: Session, status: str) -> dict[str, Any]:
         "epoch": s.epoch,
         "step": s.step,
         "best_val_top1_error": s.best,
+        "precision": "bf16" if s.amp_dtype is not None else "fp32",
         **{k: v for k, v in last.items() if k not in ("epoch", "step")},
         "checkpoint": str(ckdir / "last.pt"),
         "best_checkpoint": str(ckdir / "best.pt") if (ckdir / "best.pt").exists() else None,

@@ -89,10 +89,11 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_run_directory_and_result(data, tmp_path):
-    cfg = tiny_config(data, tmp_path, **{"run.export": True, "run.precision": "auto"})
+    cfg = tiny_config(data, tmp_path, **{"run.export": True, "run.precision": "bf16"})
     result = train(cfg)
     run = Path(result["run_dir"])
     assert result["status"] == "finished" and result["epoch"] == 2 and result["step"] == 8
+    assert result["precision"] == "bf16"  # bf16 autocast runs on the CPU too
     config = json.loads((run / "config.json").read_text())
     assert C.from_dict(config) == cfg
     env = json.loads((run / "env.json").read_text())
@@ -225,3 +226,10 @@ def test_two_tower_layout_trains_like_the_grouped_network(data, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     model, _ = load_model(towers["run_dir"])
     assert model.conv2.groups == 2
+
+
+@pytest.mark.parametrize("name", list(C.PRESETS))
+def test_recipe_files_match_the_presets(name):
+    """recipes/<preset>.json is what `alexnet train --preset <preset> --print-config` prints."""
+    path = Path(__file__).parent.parent / "recipes" / f"{name}.json"
+    assert C.load_file(path) == C.preset(name)
