@@ -38,11 +38,13 @@ def _scale(size: int, alpha: float, convention: str) -> float:
     raise ValueError(f"LRN convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
-def _check(x: Tensor, size: int) -> None:
+def _check(x: Tensor, size: int, groups: int = 1) -> None:
     if x.dim() != 4:
         raise ValueError(f"LRN expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if size < 1:
         raise ValueError(f"LRN size must be >= 1, got {size}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"LRN groups={groups} does not divide the {x.shape[1]} channels")
 
 
 def _window(size: int) -> tuple[int, int]:
@@ -51,16 +53,19 @@ def _window(size: int) -> tuple[int, int]:
     return size // 2, (size - 1) // 2
 
 
-def window_sum(t: Tensor, before: int, after: int) -> Tensor:
-    """sum_{j=max(0,i-before)}^{min(C-1,i+after)} t_j along dim 1, by shifted in-place adds.
+def window_sum(t: Tensor, before: int, after: int, groups: int = 1) -> Tensor:
+    """sum_{j=max(lo,i-before)}^{min(hi,i+after)} t_j along dim 1, by shifted in-place adds,
+    where [lo, hi] is the block of C/groups channels holding i (the whole of dim 1 if groups=1).
 
     before+after passes over the tensor, no padding copy; works for any memory format."""
-    channels = t.shape[1]
     out = t.clone(memory_format=torch.preserve_format)
-    for s in range(1, min(before, channels - 1) + 1):
-        out[:, s:] += t[:, :-s]
-    for s in range(1, min(after, channels - 1) + 1):
-        out[:, :-s] += t[:, s:]
+    width = t.shape[1] // groups
+    for g in range(groups):
+        src, dst = t[:, g * width : (g + 1) * width], out[:, g * width : (g + 1) * width]
+        for s in range(1, min(before, width - 1) + 1):
+            dst[:, s:] += src[:, :-s]
+        for s in range(1, min(after, width - 1) + 1):
+            dst[:, :-s] += src[:, s:]
     return out
 
 
@@ -80,12 +85,12 @@ class _LRNFunction(torch.autograd.Function):
     """Forward computes the window sum once; backward reuses the saved denominator."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, size: int, c: float, beta: float, k: float) -> Tensor:
+    def forward(ctx, x: Tensor, size: int, c: float, beta: float, k: float, groups: int):
         acc = x.to(_acc_dtype(x))
-        d = window_sum(acc * acc, *_window(size)).mul_(c).add_(k)  # d = k + c*S, >= k > 0
+        d = window_sum(acc * acc, *_window(size), groups).mul_(c).add_(k)  # k + c*S >= k > 0
         p = _neg_pow(d, beta)
         ctx.save_for_backward(x, d, p)
-        ctx.size, ctx.c, ctx.beta = size, c, beta
+        ctx.size, ctx.c, ctx.beta, ctx.groups = size, c, beta, groups
         return (acc * p).to(x.dtype)
 
     @staticmethod
@@ -96,9 +101,9 @@ class _LRNFunction(torch.autograd.Function):
         gp = g.to(p.dtype) * p  # g * d^-beta
         # sum over the j whose window holds i: the mirrored window (the same for odd n)
         after, before = _window(ctx.size)
-        t = window_sum(gp * acc / d, before, after)  # sum_j g_j b_j / d_j
+        t = window_sum(gp * acc / d, before, after, ctx.groups)  # sum_j g_j b_j / d_j
         grad = gp.sub_(t.mul_(acc).mul_(2.0 * ctx.c * ctx.beta))
-        return grad.to(x.dtype), None, None, None, None
+        return grad.to(x.dtype), None, None, None, None, None
 
 
 def lrn_formula(
@@ -108,21 +113,23 @@ def lrn_formula(
     beta: float = 0.75,
     k: float = 2.0,
     convention: str = "code",
+    groups: int = 1,
 ) -> Tensor:
     """The same function as plain differentiable torch ops (autograd derives the backward).
 
     Pure and functional, so torch.compile can fuse it into one kernel per pass; also the
     path for double backward."""
-    _check(x, size)
+    _check(x, size, groups)
     c = _scale(size, alpha, convention)
     before, after = _window(size)
     acc = x.to(_acc_dtype(x))
-    sq = torch.nn.functional.pad(acc * acc, (0, 0, 0, 0, before, after))
-    channels = x.shape[1]
-    s = sq[:, 0:channels]
+    width = x.shape[1] // groups
+    sq = (acc * acc).unflatten(1, (groups, width))  # N, G, C/G, H, W
+    sq = torch.nn.functional.pad(sq, (0, 0, 0, 0, before, after))  # zeros outside each group
+    s = sq[:, :, 0:width]
     for i in range(1, size):
-        s = s + sq[:, i : i + channels]
-    return (acc * _neg_pow(k + c * s, beta)).to(x.dtype)
+        s = s + sq[:, :, i : i + width]
+    return (acc * _neg_pow(k + c * s.flatten(1, 2), beta)).to(x.dtype)
 
 
 def local_response_norm(
@@ -132,13 +139,19 @@ def local_response_norm(
     beta: float = 0.75,
     k: float = 2.0,
     convention: str = "code",
+    groups: int = 1,
 ) -> Tensor:
-    """LRN over channels of an (N, C, H, W) tensor (PAPER A8); see the module docstring."""
-    _check(x, size)
+    """LRN over channels of an (N, C, H, W) tensor (PAPER A8); see the module docstring.
+
+    ``groups`` > 1 normalises each block of C/groups channels on its own (the two towers of
+    PAPER A12 each normalise their own maps, as the authors' two-GPU net did)."""
+    _check(x, size, groups)
     c = _scale(size, alpha, convention)
     if torch.compiler.is_compiling():
-        return lrn_formula(x, size, alpha, beta, k, convention)
-    return _LRNFunction.apply(x, size, c, beta, k)
+        # Under torch.compile the plain formula lets inductor fuse LRN with the ReLU before it
+        # and derive a fused backward; the custom Function would be an opaque island.
+        return lrn_formula(x, size, alpha, beta, k, convention, groups)
+    return _LRNFunction.apply(x, size, c, beta, k, groups)
 
 
 def reference_lrn(
@@ -148,18 +161,21 @@ def reference_lrn(
     beta: float = 0.75,
     k: float = 2.0,
     convention: str = "code",
+    groups: int = 1,
 ) -> Tensor:
     """The formula of PAPER A8 written out, in float64 with an explicit channel loop.
 
     Slow; for tests only. Differentiable, so it is also the reference for gradients."""
-    _check(x, size)
+    _check(x, size, groups)
     c = _scale(size, alpha, convention)
     before, after = _window(size)
     a = x.to(torch.float64)
     channels = a.shape[1]
+    width = channels // groups
     out = []
     for i in range(channels):
-        lo, hi = max(0, i - before), min(channels - 1, i + after)
+        first, last = (i // width) * width, (i // width + 1) * width - 1  # i's group
+        lo, hi = max(first, i - before), min(last, i + after)
         s = (a[:, lo : hi + 1] ** 2).sum(dim=1)
         out.append(a[:, i] / (k + c * s) ** beta)
     return torch.stack(out, dim=1)
@@ -178,19 +194,23 @@ class LocalResponseNorm(nn.Module):
         beta: float = 0.75,
         k: float = 2.0,
         convention: str = "code",
+        groups: int = 1,
     ) -> None:
         super().__init__()
         _scale(size, alpha, convention)  # validates the convention now, not at first call
-        if size < 1:
-            raise ValueError(f"LRN size must be >= 1, got {size}")
+        if size < 1 or groups < 1:
+            raise ValueError(f"LRN size and groups must be >= 1, got {size}, {groups}")
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
-        self.convention = convention
+        self.convention, self.groups = convention, groups
 
     def forward(self, x: Tensor) -> Tensor:
-        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, self.convention)
+        return local_response_norm(
+            x, self.size, self.alpha, self.beta, self.k, self.convention, self.groups
+        )
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
             f"convention={self.convention!r}"
+            + (f", groups={self.groups}" if self.groups > 1 else "")
         )
