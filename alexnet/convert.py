@@ -309,11 +309,17 @@ class _ExportLRN(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from alexnet.lrn import lrn_formula
 
+        groups = getattr(self.lrn, "groups", 1)  # per-tower LRN: one ONNX LRN per tower
         if self.lrn.size % 2 == 0:  # ONNX's even window is mirrored: export plain ops
-            return lrn_formula(
-                x, self.lrn.size, self.lrn.alpha, self.lrn.beta, self.lrn.k, self.lrn.convention
-            )
-        return _LRNAsOnnxOp.apply(x, self.lrn.size, self.c, self.lrn.beta, self.lrn.k)
+            lrn = self.lrn
+            return torch.cat(
+                [lrn_formula(t, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.convention)
+                 for t in x.chunk(groups, dim=1)], dim=1,
+            )  # fmt: skip
+        return torch.cat(
+            [_LRNAsOnnxOp.apply(t, self.lrn.size, self.c, self.lrn.beta, self.lrn.k)
+             for t in x.chunk(groups, dim=1)], dim=1,
+        )  # fmt: skip
 
 
 class _Preprocessed(torch.nn.Module):
@@ -369,6 +375,7 @@ def export_onnx(
         # The TorchScript exporter is deprecated, but it honours the symbolic that maps our LRN
         # to ONNX's LRN op, and the dynamo exporter needs onnxscript (not a dependency).
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)  # tracer / constant-folding notes
         torch.onnx.export(
             net,
             (example,),
