@@ -1,0 +1,169 @@
+"""``alexnet demo`` end to end on tiny generated Fashion-MNIST-like IDX files: fetch (the
+Debian / apt / download order), prepare, train, evaluate, figures, report; and a rerun that
+reuses everything. The accuracy in the report is checked against a direct computation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet import demo
+from alexnet.cli import main
+from alexnet.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from datagen import write_idx  # noqa: E402
+
+
+def learnable_idx(folder: Path, n_train: int = 256, n_test: int = 60, seed: int = 0) -> dict:
+    """IDX files in Fashion-MNIST's layout whose class is visible: class c lights rows
+    2c..2c+5 (so crops of a few pixels and flips keep it), plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.int64)
+        for i, c in enumerate(y):
+            x[i, 2 * c + 2 : 2 * c + 8, 4:24] += 180
+        x = np.clip(x, 0, 255).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
+        out[prefix] = (x, y)
+    return out
+
+
+@torch.no_grad()
+def direct_accuracy(checkpoint: Path, images: np.ndarray, labels: np.ndarray, views: int):
+    """Softmax averaged over the views, computed here from the model and DeviceAugment."""
+    from alexnet.checkpoint import load_model
+    from alexnet.data import DeviceAugment
+
+    model, ck = load_model(checkpoint)
+    stats = {k: torch.as_tensor(v) for k, v in ck["data_stats"].items()}
+    aug = DeviceAugment(stats, ck["augment"]["crop_size"], train=False,
+                        scale=ck["augment"]["scale"])  # fmt: skip
+    x = torch.from_numpy(images[:, None].copy())
+    probs = torch.softmax(model(aug.views(x, views)), 1).view(len(x), views, -1).mean(1)
+    return float((probs.argmax(1).numpy() == labels).mean())
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    arrays = learnable_idx(root / "idx", n_test=40)
+    out, data = root / "out", root / "prepared"
+    argv = ["demo", "--source", str(root / "idx"), "--data", str(data), "--out", str(out),
+            "--quick"]  # fmt: skip
+    assert main(argv) == 0
+    return root, out, data, arrays, argv
+
+
+def test_demo_writes_report_results_and_figures(demo_run):
+    _, out, data, _, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    ev = results["evaluation"]
+    assert set(ev) == {"single_1view", "single_10view"}
+    for r in ev.values():
+        assert 0.0 <= r["top5_error"] <= r["top1_error"] <= 1.0
+        assert r["images"] == 40
+    assert results["test_accuracy"] == pytest.approx(1 - ev["single_10view"]["top1_error"])
+    assert f"{100 * results['test_accuracy']:.2f}%" in report
+    assert results["data"] == {"root": str(data), "train": 256, "test": 40,
+                               "dataset": "fashion-mnist"}  # fmt: skip
+    records = results["train"]["records"]
+    assert [r["epoch"] for r in records] == [1]
+    assert all(np.isfinite(r["train_loss"]) and r["images_per_sec"] > 0 for r in records)
+    assert results["wall_seconds"] >= sum(results["stages"].values()) > 0
+    for name in ("curves.png", "filters.png", "predictions.png", "neighbours.png"):
+        png = out / "figures" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](figures/{name})" in report
+
+
+def test_demo_accuracy_matches_a_direct_computation(demo_run):
+    _, out, _, arrays, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    ckpt = out / "train" / "checkpoints" / "last.pt"
+    x, y = arrays["t10k"]
+    for views, key in ((1, "single_1view"), (10, "single_10view")):
+        expected = direct_accuracy(ckpt, x, y.astype(np.int64), views)
+        assert 1 - results["evaluation"][key]["top1_error"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_demo_rerun_reuses_data_and_training(demo_run, capsys):
+    root, out, data, _, argv = demo_run
+    ckpt = out / "train" / "checkpoints" / "last.pt"
+    before = (ckpt.stat().st_mtime_ns, (data / "train.bin").stat().st_mtime_ns)
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "reusing the prepared dataset" in log
+    assert (ckpt.stat().st_mtime_ns, (data / "train.bin").stat().st_mtime_ns) == before
+    again = json.loads((out / "results.json").read_text())
+    assert again["evaluation"]["single_10view"] == first["evaluation"]["single_10view"] | {
+        "seconds": again["evaluation"]["single_10view"]["seconds"]
+    }
+
+
+def test_schedule_cuts_at_half_and_three_quarters():
+    assert demo.schedule_for(4) == (2, 3)
+    assert demo.schedule_for(8) == (4, 6)
+    assert demo.schedule_for(1) == ()
+    assert demo.schedule_for(2) == (1,)
+
+
+def _no_debian(monkeypatch, tmp_path):
+    from alexnet.data import small
+
+    monkeypatch.setattr(small, "FASHION_MNIST_DIR", str(tmp_path / "debian"))
+    return tmp_path / "debian"
+
+
+def test_fetch_downloads_when_not_root(monkeypatch, tmp_path):
+    from alexnet.data import small
+
+    _no_debian(monkeypatch, tmp_path)
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
+    calls = []
+    monkeypatch.setattr(small, "download_fashion_mnist", lambda d: calls.append(d) or d)
+    assert demo.fetch_fashion_mnist(None, tmp_path / "dl") == tmp_path / "dl"
+    assert calls == [tmp_path / "dl"]
+
+
+def test_fetch_installs_the_debian_package_as_root_updating_once(monkeypatch, tmp_path):
+    from alexnet.data import small
+
+    debian = _no_debian(monkeypatch, tmp_path)
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(demo.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(small, "download_fashion_mnist", lambda d: pytest.fail("downloaded"))
+    calls = []
+
+    class Done:
+        def __init__(self, rc):
+            self.returncode = rc
+
+    def fake_run(cmd, env):
+        calls.append(cmd[1])
+        assert env["DEBIAN_FRONTEND"] == "noninteractive"
+        if cmd[1] == "install" and "update" in calls:  # found only after an update
+            learnable_idx(debian, 10, 10)
+            return Done(0)
+        return Done(0 if cmd[1] == "update" else 100)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    assert demo.fetch_fashion_mnist(None, tmp_path / "dl") == debian
+    assert calls == ["install", "update", "install"]
+
+
+def test_source_without_idx_files_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no Fashion-MNIST IDX files"):
+        demo.fetch_fashion_mnist(tmp_path, tmp_path / "dl")
