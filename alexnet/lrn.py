@@ -53,20 +53,47 @@ def _window(size: int) -> tuple[int, int]:
     return size // 2, (size - 1) // 2
 
 
-def window_sum(t: Tensor, before: int, after: int, groups: int = 1) -> Tensor:
-    """sum_{j=max(lo,i-before)}^{min(hi,i+after)} t_j along dim 1, by shifted in-place adds,
-    where [lo, hi] is the block of C/groups channels holding i (the whole of dim 1 if groups=1).
+def band_matrix(channels: int, before: int, after: int, groups: int = 1, **kw) -> Tensor:
+    """(C, C) 0/1 matrix B with B[j, i] = 1 iff channel j is in the window of channel i."""
+    i = torch.arange(channels, device=kw.get("device"))
+    width = channels // groups
+    offset = i[None, :] - i[:, None]  # i - j
+    same_group = (i[:, None] // width) == (i[None, :] // width)
+    return (same_group & (offset <= before) & (-offset <= after)).to(kw.get("dtype"))
 
-    before+after passes over the tensor, no padding copy; works for any memory format."""
+
+def window_sum(
+    t: Tensor, before: int, after: int, groups: int = 1, method: str = "auto", scale: float = 1.0
+) -> Tensor:
+    """scale * sum_{j=max(lo,i-before)}^{min(hi,i+after)} t_j along dim 1, where [lo, hi] is
+    the block of C/groups channels holding i (the whole of dim 1 if groups=1).
+
+    ``"matmul"``: one GEMM with the banded matrix (C*2C flops per element but one pass; the
+    fastest on CPU, see docs/PERFORMANCE.md). ``"shift"``: before+after shifted in-place adds
+    (exact, any layout; used on GPU, where memory bandwidth is plentiful and TF32 could round
+    a matmul). ``"auto"``: matmul on CPU for NCHW or channels_last tensors, shift otherwise."""
+    n, channels, h, w = t.shape
+    cl = t.is_contiguous(memory_format=torch.channels_last)
+    if method == "auto":
+        matmul_ok = t.device.type == "cpu" and (t.is_contiguous() or cl)
+        method = "matmul" if matmul_ok else "shift"
+    if method == "matmul":
+        band = band_matrix(channels, before, after, groups, device=t.device, dtype=t.dtype)
+        if scale != 1.0:
+            band = band * scale
+        if cl and not t.is_contiguous():  # (N*H*W, C) rows: a plain GEMM
+            rows = t.permute(0, 2, 3, 1).reshape(-1, channels)
+            return (rows @ band).view(n, h, w, channels).permute(0, 3, 1, 2)
+        return (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
     out = t.clone(memory_format=torch.preserve_format)
-    width = t.shape[1] // groups
+    width = channels // groups
     for g in range(groups):
         src, dst = t[:, g * width : (g + 1) * width], out[:, g * width : (g + 1) * width]
         for s in range(1, min(before, width - 1) + 1):
             dst[:, s:] += src[:, :-s]
         for s in range(1, min(after, width - 1) + 1):
             dst[:, :-s] += src[:, s:]
-    return out
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -87,7 +114,9 @@ class _LRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, size: int, c: float, beta: float, k: float, groups: int):
         acc = x.to(_acc_dtype(x))
-        d = window_sum(acc * acc, *_window(size), groups).mul_(c).add_(k)  # k + c*S >= k > 0
+        # Autocast would run the window-sum GEMM in bf16; the sums stay in float32.
+        with torch.autocast(x.device.type, enabled=False):
+            d = window_sum(acc * acc, *_window(size), groups, scale=c).add_(k)  # k + c*S > 0
         p = _neg_pow(d, beta)
         ctx.save_for_backward(x, d, p)
         ctx.size, ctx.c, ctx.beta, ctx.groups = size, c, beta, groups
@@ -101,8 +130,10 @@ class _LRNFunction(torch.autograd.Function):
         gp = g.to(p.dtype) * p  # g * d^-beta
         # sum over the j whose window holds i: the mirrored window (the same for odd n)
         after, before = _window(ctx.size)
-        t = window_sum(gp * acc / d, before, after, ctx.groups)  # sum_j g_j b_j / d_j
-        grad = gp.sub_(t.mul_(acc).mul_(2.0 * ctx.c * ctx.beta))
+        # 2*c*beta * sum_j g_j b_j / d_j
+        with torch.autocast(x.device.type, enabled=False):
+            t = window_sum(gp * acc / d, before, after, ctx.groups, scale=2 * ctx.c * ctx.beta)
+        grad = gp.sub_(t.mul_(acc))
         return grad.to(x.dtype), None, None, None, None, None
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alexnet.lrn import LocalResponseNorm, local_response_norm, lrn_formula, reference_lrn
+from alexnet.lrn import (
+    LocalResponseNorm,
+    local_response_norm,
+    lrn_formula,
+    reference_lrn,
+    window_sum,
+)
 
 CONVENTIONS = ("code", "printed")
 
@@ -158,3 +164,31 @@ def test_module_repr_and_bad_arguments():
         local_response_norm(torch.ones(1, 5, 2, 2), groups=2)
     with pytest.raises(ValueError, match="N, C, H, W"):
         local_response_norm(torch.ones(5, 2, 2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups,before,after", [(1, 2, 2), (2, 2, 2), (1, 2, 1), (4, 1, 0)])
+def test_window_sum_methods_agree(channels_last, groups, before, after):
+    t = torch.rand(3, 16, 5, 4, dtype=torch.float64)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    want = torch.zeros_like(t)
+    width = 16 // groups
+    for i in range(16):
+        lo = max((i // width) * width, i - before)
+        hi = min((i // width + 1) * width - 1, i + after)
+        want[:, i] = t[:, lo : hi + 1].sum(1)
+    for method in ("matmul", "shift"):
+        got = window_sum(t, before, after, groups, method=method, scale=0.5)
+        torch.testing.assert_close(got, 0.5 * want)
+
+
+def test_strided_input_takes_the_shift_path_and_is_exact():
+    # A non-dense view is neither NCHW nor channels_last: the path CUDA uses on any layout.
+    base = activations((2, 24, 10, 10), dtype=torch.float64)
+    x = base[:, :, ::2, 1::3]
+    g = torch.randn(x.shape, dtype=torch.float64)
+    y, gx = grads_of(local_response_norm, x, g)
+    yr, gr = grads_of(reference_lrn, x.contiguous(), g)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(gx, gr)
