@@ -426,7 +426,8 @@ def _print_table(r: dict) -> None:
         )
     print(
         f"peak memory in training: reference {r['reference_train_peak_mb']:.0f} MB, "
-        f"ours {r['train_peak_mb']:.0f} MB"
+        f"ours {r['train_peak_mb']:.0f} MB (process RSS); saved for backward: reference "
+        f"{r['reference_saved_mb']:.0f} MB, ours {r['saved_mb']:.0f} MB"
     )
     if "end_to_end_fraction" in r:
         print(

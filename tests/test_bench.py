@@ -1,0 +1,66 @@
+"""alexnet bench: the reference network is the same function as ours, and the command runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from alexnet.bench import build_pair, reference_network, saved_activation_bytes
+from alexnet.cli import main
+from alexnet.model import AlexNet, count_parameters
+
+
+def test_reference_matches_ours_with_the_same_weights():
+    # With LRN across all maps (as the reference's torch.nn.LocalResponseNorm) and ours's
+    # weights copied in layer order, the two networks compute the same logits.
+    ours = AlexNet(10, arch="small", lrn_per_tower=False).eval()
+    ref = reference_network(ours).eval()
+    layers = [m for m in ref if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    names = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+    with torch.no_grad():
+        for layer, name in zip(layers, names):
+            layer.weight.copy_(getattr(ours, name).weight)
+            layer.bias.copy_(getattr(ours, name).bias)
+        x = torch.randn(2, 3, 32, 32) * 50
+        torch.testing.assert_close(ref(x), ours(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["small", "paper"])
+def test_pair_has_equal_parameter_counts(arch):
+    ours, ref = build_pair(arch, 10 if arch == "small" else 1000)
+    assert count_parameters(ref) == count_parameters(ours)
+    if arch == "paper":
+        assert count_parameters(ours) == 60_965_224  # PAPER A11
+
+
+def test_saved_bytes_counts_activations_not_parameters():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    nbytes = saved_activation_bytes(lambda: torch.relu(lin(x)), lin.parameters())
+    # Linear saves its input (8x64) and ReLU its output (8x32), float32.
+    assert nbytes == (8 * 64 + 8 * 32) * 4
+
+
+def test_bench_quick_json(capsys):
+    assert main(["bench", "--device", "cpu", "--model", "small", "--quick", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    keys = ("reference_train_ips", "train_ips", "train_speedup", "reference_infer_ips")
+    keys += ("infer_ips", "infer_speedup", "end_to_end_fraction", "train_peak_mb", "saved_mb")
+    for key in keys:
+        assert math.isfinite(out[key]) and out[key] > 0, key
+    assert out["train_speedup"] == pytest.approx(out["train_ips"] / out["reference_train_ips"])
+    assert out["parameters"] == count_parameters(AlexNet(10, arch="small"))
+
+
+def test_bench_bad_device_is_a_clear_error(capsys):
+    assert main(["bench", "--device", "tpu", "--quick"]) == 2
+    assert "--device tpu" in capsys.readouterr().err
+
+
+def test_precision_check_missing_data_is_a_clear_error(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    assert main(["bench", "--precision-check", "--fashion-mnist", missing]) == 2
+    assert "nowhere" in capsys.readouterr().err
