@@ -34,6 +34,7 @@ import torch
 
 from alexnet.errors import UserError
 from alexnet.fileio import atomic_open, atomic_torch_save
+from alexnet.lrn import LocalResponseNorm
 
 CAFFE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # Caffe's ILSVRC-2012 mean pixel in BGR order (the mean of imagenet_mean.binaryproto).
@@ -352,7 +353,7 @@ def export_onnx(
 
     net = copy.deepcopy(model).eval()
     for name in ("lrn1", "lrn2"):
-        if getattr(net, name, None) is not None:
+        if isinstance(getattr(net, name, None), LocalResponseNorm):
             setattr(net, name, _ExportLRN(getattr(net, name)))
     crop = int((ckpt.get("augment") or {}).get("crop_size") or model.input_size)
     c = model.conv1.in_channels

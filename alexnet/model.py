@@ -179,10 +179,10 @@ class AlexNet(nn.Module):
         self.conv3 = nn.Conv2d(c2, c3, k[2], s[2], p[2])  # 3x3x256, sees both towers: A5
         self.conv4 = nn.Conv2d(c3, c4, k[3], s[3], p[3], groups=g)  # 3x3x192: A6
         self.conv5 = nn.Conv2d(c4, c5, k[4], s[4], p[4], groups=g)  # 3x3x192: A6
-        lrn_groups = g if lrn_per_tower else 1
-        self.lrn1 = LocalResponseNorm(5, 1e-4, 0.75, 2.0, lrn_convention) if lrn else None
-        self.lrn2 = LocalResponseNorm(5, 1e-4, 0.75, 2.0, lrn_convention) if lrn else None
-        self.lrn_groups = lrn_groups
+        # Each tower normalises over its own maps only (PAPER A12, H1): LRN in groups.
+        self.lrn_groups = g if lrn_per_tower else 1
+        self.lrn1 = self._make_lrn(lrn, lrn_convention, self.lrn_groups)
+        self.lrn2 = self._make_lrn(lrn, lrn_convention, self.lrn_groups)
         self.pool = nn.MaxPool2d(kernel_size=pool_kernel, stride=2)  # z=3, s=2: PAPER A9
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if spec.adaptive_pool else None
         self.drop = nn.Dropout(dropout)  # PAPER C1
@@ -215,20 +215,18 @@ class AlexNet(nn.Module):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
 
-    def _norm(self, lrn: nn.Module | None, x: Tensor) -> Tensor:
-        if lrn is None:
-            return x
-        if self.lrn_groups == 1:
-            return lrn(x)
-        # Each tower normalises over its own maps only (PAPER A12, H1).
-        return torch.cat([lrn(t) for t in x.chunk(self.lrn_groups, dim=1)], dim=1)
+    @staticmethod
+    def _make_lrn(enabled: bool, convention: str, groups: int) -> nn.Module:
+        if not enabled:
+            return nn.Identity()
+        return LocalResponseNorm(5, 1e-4, 0.75, 2.0, convention, groups=groups)  # PAPER A8
 
     def _run(self, x: Tensor, stop: str | None = None) -> Tensor:
         act = self.act
-        x = self.pool(self._norm(self.lrn1, act(self.conv1(x))))  # N,96,55,55 -> N,96,27,27
+        x = self.pool(self.lrn1(act(self.conv1(x))))  # N,96,55,55 -> N,96,27,27
         if stop == "conv1":
             return x
-        x = self.pool(self._norm(self.lrn2, act(self.conv2(x))))  # N,256,27,27 -> N,256,13,13
+        x = self.pool(self.lrn2(act(self.conv2(x))))  # N,256,27,27 -> N,256,13,13
         if stop == "conv2":
             return x
         x = act(self.conv3(x))  # N,384,13,13; no pooling or LRN in conv3-5: PAPER A9

@@ -115,7 +115,9 @@ class TwoTowerAlexNet(nn.Module):
         self.input_size = grouped.input_size
         self.devices = tuple(torch.device(d) for d in devices)
         self.tower0, self.tower1 = Tower(grouped, 0), Tower(grouped, 1)
-        self.lrn1, self.lrn2 = grouped.lrn1, grouped.lrn2
+        # Each tower's LRN sees only its own maps (the grouped model's LRN runs in 2 groups).
+        self.lrn1 = grouped._make_lrn(self.config["lrn"], self.config["lrn_convention"], 1)
+        self.lrn2 = grouped._make_lrn(self.config["lrn"], self.config["lrn_convention"], 1)
         self.pool, self.avgpool, self.drop = grouped.pool, grouped.avgpool, grouped.drop
         self.act, self.dropout_at = grouped.act, grouped.dropout_at
         self.load_state_dict(grouped_to_towers(grouped.state_dict()), strict=False)
@@ -141,14 +143,11 @@ class TwoTowerAlexNet(nn.Module):
         d0, d1 = self.devices
         return torch.cat([a, b.to(d0)], 1), torch.cat([a.to(d1), b], 1)
 
-    def _norm(self, lrn: nn.Module | None, x: Tensor) -> Tensor:
-        return x if lrn is None else lrn(x)
-
     def forward(self, x: Tensor) -> Tensor:
         towers, act, pool = (self.tower0, self.tower1), self.act, self.pool
         h = [x.to(d) for d in self.devices]
-        h = [pool(self._norm(self.lrn1, act(t.conv1(v)))) for t, v in zip(towers, h)]
-        h = [pool(self._norm(self.lrn2, act(t.conv2(v)))) for t, v in zip(towers, h)]
+        h = [pool(self.lrn1(act(t.conv1(v)))) for t, v in zip(towers, h)]
+        h = [pool(self.lrn2(act(t.conv2(v)))) for t, v in zip(towers, h)]
         h = self._exchange(*h)  # conv3 sees both towers' maps: PAPER A5
         h = [act(t.conv3(v)) for t, v in zip(towers, h)]
         h = [act(t.conv4(v)) for t, v in zip(towers, h)]
