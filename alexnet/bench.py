@@ -469,7 +469,7 @@ def precision_check(args: argparse.Namespace) -> int:
     from alexnet.data.small import load_fashion_mnist
 
     raw, labels = load_fashion_mnist(args.fashion_mnist)["train"]
-    x = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(raw.copy()).permute(0, 3, 1, 2).float() / 255.0
     x = (x - x.mean()) / x.std()
     y = torch.from_numpy(labels)
     if args.threads:
