@@ -159,7 +159,7 @@ def ensure_prepared(data: Path, source: Path | None) -> dict:
 
 
 # ----------------------------------------------------------------------------- 3. train
-def train_one(cfg, *, retrain: bool) -> dict:
+def train_one(cfg, *, retrain: bool, argv: list[str] | None = None) -> dict:
     """Train (or resume, or reuse a finished run); returns ``train()``'s result."""
     from alexnet.train import train
 
@@ -173,10 +173,10 @@ def train_one(cfg, *, retrain: bool) -> dict:
         from alexnet.checkpoint import checkpoint_step
 
         steps_before = checkpoint_step(last)
-        print(f"demo: {run_dir} holds a run: continuing it (it is reused as is if finished; "
+        print(f"{run_dir} holds a run: continuing it (reused as it is if finished; "
               "--retrain starts again)", flush=True)  # fmt: skip
     result = train(cfg, resume=run_dir if last.is_file() else None,
-                   argv=["alexnet", "demo", "(train)"])  # fmt: skip
+                   argv=argv or ["alexnet", "demo"])  # fmt: skip
     if result["status"] != "finished":
         raise UserError(f"{run_dir}: training stopped ({result['status']}); run again to resume")
     return {**result, "reused": steps_before == result["step"]}
