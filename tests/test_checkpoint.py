@@ -16,13 +16,7 @@ from alexnet.errors import UserError
 from alexnet.model import AlexNet
 from alexnet.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small() -> AlexNet:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from references import torchvision_reference, torchvision_state
 
 from alexnet import caffe_pb
 from alexnet.checkpoint import load_model
@@ -191,71 +192,8 @@ def test_caffe_cli_default_mean_pixel(tmp_path, capsys):
     assert "227" in capsys.readouterr().out
 
 
-def _torchvision_state(seed: int = 0, classes: int = 7) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = {
-        "features.0": (64, 3, 11, 11),
-        "features.3": (192, 64, 5, 5),
-        "features.6": (384, 192, 3, 3),
-        "features.8": (256, 384, 3, 3),
-        "features.10": (256, 256, 3, 3),
-        "classifier.1": (4096, 9216),
-        "classifier.4": (4096, 4096),
-        "classifier.6": (classes, 4096),
-    }
-    sd = {}
-    for key, shape in shapes.items():
-        fan_in = int(np.prod(shape[1:]))
-        sd[f"{key}.weight"] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-        sd[f"{key}.bias"] = torch.randn(shape[0], generator=g) * 0.05
-    return sd
-
-
-def torchvision_reference(sd: dict[str, torch.Tensor]) -> torch.nn.Sequential:
-    """torchvision's alexnet layout written out independently (eval mode: dropout inactive)."""
-    nn = torch.nn
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 11, 4, 2),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-        nn.AdaptiveAvgPool2d((6, 6)),
-        nn.Flatten(),
-        nn.Dropout(),
-        nn.Linear(9216, 4096),
-        nn.ReLU(),
-        nn.Dropout(),
-        nn.Linear(4096, 4096),
-        nn.ReLU(),
-        nn.Linear(4096, sd["classifier.6.bias"].numel()),
-    )
-    index = {
-        "features.0": 0,
-        "features.3": 3,
-        "features.6": 6,
-        "features.8": 8,
-        "features.10": 10,
-        "classifier.1": 16,
-        "classifier.4": 19,
-        "classifier.6": 21,
-    }
-    net.load_state_dict(
-        {f"{index[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in sd.items()}
-    )
-    return net.eval()
-
-
 def test_torchvision_import_matches_torchvision_preprocessing(tmp_path):
-    sd = _torchvision_state()
+    sd = torchvision_state()
     torch.save(sd, tmp_path / "alexnet-owt.pth")
     assert (
         main(

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from references import torchvision_reference, torchvision_state
 
 from alexnet.cli import main as cli
 from alexnet.model import AlexNet, count_parameters
@@ -233,45 +233,12 @@ def test_sgd_overfits_one_small_batch():
     assert (m(x).argmax(1) == y).all()
 
 
-def torchvision_layout() -> nn.Module:
-    """torchvision.models.alexnet's module tree, written out (torchvision is not needed)."""
-    net = nn.Module()
-    net.features = nn.Sequential(
-        nn.Conv2d(3, 64, 11, 4, 2),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2),
-    )
-    net.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-    net.classifier = nn.Sequential(
-        nn.Dropout(),
-        nn.Linear(9216, 4096),
-        nn.ReLU(),
-        nn.Dropout(),
-        nn.Linear(4096, 4096),
-        nn.ReLU(),
-        nn.Linear(4096, 1000),
-    )
-    net.forward = lambda x: net.classifier(torch.flatten(net.avgpool(net.features(x)), 1))
-    return net
-
-
 def test_owt_loads_torchvision_weights_unchanged():
-    torch.manual_seed(0)
-    tv = torchvision_layout().eval()
+    sd = torchvision_state(classes=1000)
     owt = AlexNet(arch="owt").eval()
-    owt.load_torchvision_state_dict(tv.state_dict())
+    owt.load_torchvision_state_dict(sd)
     x = torch.randn(2, 3, 224, 224)
-    torch.testing.assert_close(owt(x), tv.forward(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(owt(x), torchvision_reference(sd)(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError):
         owt.load_torchvision_state_dict({"features.1.weight": torch.zeros(1)})
 

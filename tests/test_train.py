@@ -20,6 +20,8 @@ from alexnet.checkpoint import load_checkpoint, load_model
 from alexnet.errors import UserError
 from alexnet.train import TrainingDiverged, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_data(root: Path, n_train: int = 64, n_val: int = 32, size: int = 16) -> Path:
     """Four classes told apart by a bright band and a colour: learnable in a few steps."""
@@ -62,15 +64,6 @@ def tiny_config(data: Path, out: Path, **overrides) -> C.TrainConfig:
         **overrides,
     }
     return C.preset("quick", **settings)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions are fastest (and least disturbed by a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
