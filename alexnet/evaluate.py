@@ -156,12 +156,7 @@ def per_class_csv(counts: Counts, classes: list[str], names: list[str]) -> str:
     return buf.getvalue()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, action="append", required=True,
-                        help="a checkpoint, run directory or .safetensors; repeat for an "
-                             "ensemble (softmax averaged, PAPER F4)")  # fmt: skip
-    parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
-    parser.add_argument("--split", default="val")
+def add_views_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--views",
         type=int,
@@ -169,6 +164,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="1: centre crop; 10: corners + centre and reflections (PAPER B5)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, action="append", required=True,
+                        help="a checkpoint, run directory or .safetensors; repeat for an "
+                             "ensemble (softmax averaged, PAPER F4)")  # fmt: skip
+    parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    parser.add_argument("--split", default="val")
+    add_views_argument(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch per rank")
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

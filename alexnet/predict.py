@@ -90,16 +90,12 @@ def top_k(probs: torch.Tensor, ckpt: dict, k: int) -> list[list[dict]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from alexnet.evaluate import add_views_argument
+
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="a checkpoint, run directory or .safetensors")  # fmt: skip
-    parser.add_argument(
-        "--views",
-        type=int,
-        choices=(1, 10),
-        default=1,
-        help="1: centre crop; 10: corners + centre and reflections (PAPER B5)",
-    )
+    add_views_argument(parser)
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
