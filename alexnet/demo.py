@@ -214,125 +214,6 @@ def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- 5. figures
-def make_figures(run_dirs: list[Path], checkpoint: Path, data: Path, out: Path, seed: int):
-    """The paper's section-6.1 figures for the first model, and every run's curves."""
-    from alexnet import evaluate as E
-    from alexnet import features, figures
-    from alexnet.checkpoint import load_model
-    from alexnet.data import PreparedDataset
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for i, run_dir in enumerate(run_dirs):
-        name = "curves.png" if i == 0 else f"curves-{i + 1}.png"
-        figures.plot_curves(figures.read_metrics(run_dir), out / name, title=run_dir.name)
-        written[name] = "loss, error and learning rate per epoch"
-    model, ckpt = load_model(checkpoint)
-    towers = 2 if model.config.get("towers") else 1
-    figures.plot_filters(model.conv1.weight.detach(), towers, out / "filters.png")
-    written["filters.png"] = "the conv1 kernels, each tower in its own rows (PAPER F1)"
-    common = dict(checkpoint=checkpoint, data=data, split="val", indices=None, seed=seed,
-                  device="cpu")  # fmt: skip
-    figures.run(argparse.Namespace(what="predictions", n=8, views=10,
-                                   out=out / "predictions.png", **common))  # fmt: skip
-    written["predictions.png"] = "test images and their five most probable classes (F2)"
-    # F3 searches the training set: its fc7 vectors are computed once (resumable) and kept.
-    index = out.parent / "features" / "train_fc7.npy"
-    if not index.is_file():
-        index.parent.mkdir(parents=True, exist_ok=True)
-        model = model.to(memory_format=torch.channels_last)
-        features.extract(model, E.view_augment(ckpt), PreparedDataset(data, "train"), "fc7",
-                         index, batch_size=250, source={"checkpoint": str(checkpoint)})  # fmt: skip
-    figures.run(argparse.Namespace(what="neighbours", n=6, views=1, index_split="train",
-                                   index_features=index, layer="fc7", k=6,
-                                   out=out / "neighbours.png", **common))  # fmt: skip
-    written["neighbours.png"] = "test images and the six training images nearest in fc7 (F3)"
-    return written
-
-
-# ---------------------------------------------------------------------------- 6. report
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def _results_table(ev: dict) -> list[str]:
-    rows = ["| model | test views | top-1 accuracy | top-1 error | top-5 error | seconds |",
-            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for key, r in ev.items():
-        what = "1 model" if key.startswith("single") else f"ensemble of {r['models']} (F4)"
-        views = "centre crop" if r["views"] == 1 else "10 views (B5)"
-        rows.append(f"| {what} | {views} | {_pct(1 - r['top1_error'])} | {_pct(r['top1_error'])} "
-                    f"| {_pct(r['top5_error'])} | {r['seconds']:.0f} |")  # fmt: skip
-    return rows
-
-
-def _epoch_table(records: list[dict]) -> list[str]:
-    rows = ["| epoch | lr | train loss | train error | test top-1 error (centre) | images/s | s |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in records:
-        rows.append(f"| {r['epoch']} | {r['lr']:.3g} | {r['train_loss']:.4f} | "
-                    f"{_pct(r['train_error'])} | {_pct(r['val_top1_error'])} | "
-                    f"{r['images_per_sec']:.0f} | {r['seconds']:.0f} |")  # fmt: skip
-    return rows
-
-
-def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
-    from alexnet.fileio import atomic_write_json, atomic_write_text
-
-    ev, env, tr = results["evaluation"], results["environment"], results["train"]
-    hw, ver = env["hardware"], env["versions"]
-    lines = [
-        "# AlexNet demo: Fashion-MNIST, end to end",
-        "",
-        f"**Test accuracy {_pct(results['test_accuracy'])}** (one model, ten views, PAPER B5) "
-        f"in **{results['wall_seconds']:.0f} s** of wall time for the whole command "
-        f"(`{results['command']}`).",
-        "",
-        *_results_table(ev),
-        "",
-        f"Data: {results['data']['train']} training and {results['data']['test']} test images "
-        f"({results['data']['root']}); the test set is only used for the numbers above and the "
-        "per-epoch column below (no choice was made on it: fixed schedule, last checkpoint).",
-        "",
-        f"Hardware: {hw['cpu']}, {hw['cpu_count']} cores, {hw['torch_threads']} torch threads; "
-        f"load average {results['load_average'][0]:.2f} at the start, "
-        f"{results['load_average'][1]:.2f} at the end. torch {ver['torch']}, Python "
-        f"{ver['python']}, git {str(env['git'].get('commit'))[:10]}.",
-        "",
-        "## Time",
-        "",
-        "| stage | seconds |",
-        "| --- | --- |",
-        *[f"| {k} | {v:.1f} |" for k, v in results["stages"].items()],
-        "",
-        f"## Training ({tr['epochs']} epochs, {tr['mean_images_per_sec']:.0f} images/s)",
-        "",
-        *_epoch_table(tr["records"]),
-        "",
-        f"The recipe is `{tr['run_dir']}/config.json` (`alexnet train --config` reruns it): "
-        "the paper's (D1-D5) with these settings for this data and time budget:",
-        "",
-        *[f"- `{k}` = {v}" for k, v in results["recipe"].items()],
-        "",
-        "## Per-class test accuracy (ten views)",
-        "",
-        "| class | accuracy |",
-        "| --- | --- |",
-        *[f"| {n} | {_pct(a)} |" for n, a in
-          zip(class_names, ev["single_10view"]["per_class_top1_accuracy"], strict=True)],
-        "",
-        "## Figures",
-        "",
-    ]  # fmt: skip
-    for name, caption in results["figures"].items():
-        lines += [f"{caption}:", "", f"![{caption}](figures/{name})", ""]
-    atomic_write_json(out / "results.json", results)
-    report = out / "report.md"
-    atomic_write_text(report, "\n".join(lines))
-    return report
-
-
 # --------------------------------------------------------------------------- command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -377,6 +258,7 @@ def _stage(n: int, title: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from alexnet.demo_report import make_figures, pct, write_report
     from alexnet.figures import read_metrics
     from alexnet.runlog import environment
 
@@ -436,8 +318,8 @@ def run(args: argparse.Namespace) -> int:
     _stage(6, "done")
     print(f"report: {report}")
     print(
-        f"test accuracy: {_pct(results['test_accuracy'])} (ten views), "
-        f"{_pct(results['test_accuracy_centre'])} (centre crop)"
+        f"test accuracy: {pct(results['test_accuracy'])} (ten views), "
+        f"{pct(results['test_accuracy_centre'])} (centre crop)"
     )
     print(f"wall time: {results['wall_seconds']:.0f} s "
           f"({results['wall_seconds'] / 60:.1f} min) for the whole demo")  # fmt: skip
