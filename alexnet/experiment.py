@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/experiments/ablations"))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-images", type=int, default=10000,
+    p.add_argument("--train-images", type=int, default=5000,
                    help="random training subset (0: all); the time budget default")  # fmt: skip
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="run these variants (and the baseline) only")  # fmt: skip

@@ -63,20 +63,25 @@ def base_config(data: Path, image_size: int, pixel_std: float, epochs: int):
         "data.root": str(data), "data.crop_size": crop, "data.pad": 0, "data.pca_std": 0.1,
         "data.scale": 1.0 / pixel_std, "schedule.epochs": epochs,
         "schedule.milestones": schedule_for(epochs), "run.export": False,
+        "data.val_split": "monitor",
     }, source="ablations")  # fmt: skip
     return cfg
 
 
+MONITOR_IMAGES = 1000  # test images validated after every epoch (curves only)
+
+
 def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
-    """A prepared copy of ``data`` with ``n`` random training images (and the whole test
-    set), made once; the statistics (B2, B4) are those of the subset."""
+    """A prepared copy of ``data`` with ``n`` random training images (all when None), the
+    whole test set (``val``, the score) and ``monitor``, a fixed 1,000 of the test images that
+    training validates on after every epoch: with a small training set, validating on all
+    10,000 would cost more than the training. Made once; the statistics (B2, B4) are those
+    of the training subset."""
     from alexnet.data import PreparedDataset, store
     from alexnet.experiment import subset_indices
 
     train = PreparedDataset(data, "train")
-    if n is None or n >= len(train):
-        return data
-    target = out / f"data-{n}"
+    target = out / f"data-{n or len(train)}"
     if (target / "meta.json").is_file():
         return target
     idx = subset_indices(train.labels, n, seed)
@@ -85,7 +90,11 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
     def arrays(ds, i):
         return ds.get_batch(i).permute(0, 2, 3, 1).numpy(), ds.labels[i].numpy()
 
-    splits = {"train": arrays(train, idx), "val": arrays(val, np.arange(len(val)))}
+    splits = {
+        "train": arrays(train, idx),
+        "val": arrays(val, np.arange(len(val))),
+        "monitor": arrays(val, subset_indices(val.labels, MONITOR_IMAGES, seed)),
+    }
     meta = train.meta
     store.prepare_arrays(target, splits, meta["classes"], meta["class_names"],
                          dataset=meta.get("dataset", "arrays"),

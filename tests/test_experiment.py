@@ -132,6 +132,7 @@ def test_subset_data_keeps_the_chosen_images(data, tmp_path):
     full, part = PreparedDataset(data, "train"), PreparedDataset(sub, "train")
     idx = subset_indices(full.labels, 100, 3)
     assert len(part) == 100 and len(PreparedDataset(sub, "val")) == 40
+    assert len(PreparedDataset(sub, "monitor")) == 40  # min(1000, all the test images)
     assert torch.equal(part.get_batch(np.arange(100)), full.get_batch(idx))
     assert torch.equal(part.labels, full.labels[idx])
     mean = full.get_batch(idx).double().mean(0).float()
