@@ -52,7 +52,9 @@ class ModelConfig:
     towers: bool = True  # groups=2 in conv2, conv4, conv5 (PAPER A4, A6, A12)
     widths: tuple[int, ...] | None = None  # conv1..conv5 kernel counts; None = the arch's
     fc_width: int | None = None  # fc6/fc7 neurons; None = the arch's (4096 for paper, A7)
-    init: str = "paper"  # N(0, 0.01^2) weights, biases 0/1 (PAPER D2, D3) | "none": torch's
+    # "paper": N(0, 0.01^2) weights, biases 0/1 (PAPER D2, D3) | "kaiming": He init, for the
+    # small nets (see AlexNet.reset_parameters) | "none": torch's
+    init: str = "paper"
 
 
 @dataclass
@@ -295,7 +297,7 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     need(m.arch in ARCHS, f"model.arch={m.arch!r}: choose from {', '.join(ARCHS)}")
     need(m.lrn_convention in ("code", "printed"), "model.lrn_convention: code or printed")
     need(m.pool_kernel in (2, 3), f"model.pool_kernel={m.pool_kernel}: 3 or 2")
-    need(m.init in ("paper", "none"), f"model.init={m.init!r}: paper or none")
+    need(m.init in ("paper", "kaiming", "none"), f"model.init={m.init!r}: paper, kaiming or none")
     need(m.activation in ("relu", "tanh"), f"model.activation={m.activation!r}: relu or tanh")
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     need(d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0")
