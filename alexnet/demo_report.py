@@ -104,7 +104,7 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
     ev, env, tr = results["evaluation"], results["environment"], results["train"]
     hw, ver = env["hardware"], env["versions"]
     lines = [
-        "# AlexNet demo: Fashion-MNIST, end to end",
+        f"# AlexNet demo: {results['data']['dataset']}, end to end",
         "",
         f"**Test accuracy {pct(results['test_accuracy'])}** (one model, ten views, PAPER B5) "
         f"in **{results['wall_seconds']:.0f} s** of wall time for the whole command "
