@@ -229,12 +229,13 @@ def plot(summary: list[dict], out: Path, title: str) -> None:
 
 def run_ablations(args) -> int:
     from alexnet.data import PreparedDataset
+    from alexnet.demo import RECIPE
     from alexnet.errors import UserError
     from alexnet.experiment import resolve_data, write_outputs
     from alexnet.model import ARCHS
 
     data, meta = resolve_data(args.data)
-    vs = variants(ARCHS["small"].widths)
+    vs = variants(tuple(RECIPE.get("model.widths") or ARCHS["small"].widths))
     if args.only:
         unknown = set(args.only) - {v.name for v in vs}
         if unknown:

@@ -113,9 +113,10 @@ def test_demo_rerun_reuses_data_and_training(demo_run, capsys):
     }
 
 
-def test_schedule_cuts_at_half_and_three_quarters():
-    assert demo.schedule_for(4) == (2, 3)
-    assert demo.schedule_for(8) == (4, 6)
+def test_schedule_cuts_at_two_thirds_and_five_sixths():
+    assert demo.schedule_for(6) == (4, 5)
+    assert demo.schedule_for(12) == (8, 10)
+    assert demo.schedule_for(4) == (3,)
     assert demo.schedule_for(1) == ()
     assert demo.schedule_for(2) == (1,)
 

@@ -149,6 +149,9 @@ class DeviceAugment:
             x.add_(noise[:, :, None, None].to(x.dtype))  # x is a fresh tensor
         return self._finish(x)
 
+    def _use_gather(self, device: torch.device) -> bool:
+        return self.method == "gather" or (self.method == "auto" and device.type != "cpu")
+
     def _crops(self, images, centred, mean, ys, xs, flips, batch=None) -> torch.Tensor:
         """Float crops minus the mean image at the same place (PAPER B2), flipped together.
 
@@ -158,9 +161,8 @@ class DeviceAugment:
         """
         device = images.device
         batch = torch.arange(len(ys), device=device) if batch is None else batch
-        use_gather = self.method == "gather" or (self.method == "auto" and device.type != "cpu")
         c = self.crop
-        if use_gather:
+        if self._use_gather(device):
             if centred is not None:
                 return gather_crops(centred, batch, ys, xs, flips, c)
             x = gather_crops(images, batch, ys, xs, flips, c).float()
@@ -195,9 +197,19 @@ class DeviceAugment:
     def views(self, images: torch.Tensor, n: int = 10) -> torch.Tensor:
         """Test views (B*n, C, crop, crop), image-major (views of image 0 first), mean
         subtracted the same way as in training; no colour noise."""
-        b, _, h, w = images.shape
+        b, channels, h, w = images.shape
         device = images.device
         mean, _, _ = self._buffers(device)
+        if not self._use_gather(device):
+            # The same n places in every image: n batched slices (view-major), not b*n copies.
+            c = self.crop
+            out = torch.empty((b, n, channels, c, c), dtype=torch.float32, device=device)
+            for k, (y, x, f) in enumerate(self.view_offsets(h, w, n)):
+                patch, mpatch = images[:, :, y : y + c, x : x + c], mean[:, y : y + c, x : x + c]
+                if f:
+                    patch, mpatch = patch.flip(-1), mpatch.flip(-1)
+                torch.sub(patch, mpatch, out=out[:, k])
+            return self._finish(out.view(b * n, channels, c, c))
         offsets = torch.tensor(self.view_offsets(h, w, n), device=device)  # (n, 3)
         ys, xs = offsets[:, 0].repeat(b), offsets[:, 1].repeat(b)
         flips = offsets[:, 2].bool().repeat(b)
