@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet import distributed as D
 from alexnet.errors import UserError
 from alexnet.model import AlexNet, count_parameters
 
@@ -44,20 +45,10 @@ class Settings:
 REFERENCE = Settings(precision="fp32", channels_last=False, compile=False)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: without them oneDNN emulates bf16 and it is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def best_settings(device: torch.device, args: argparse.Namespace) -> Settings:
     precision = args.precision
     if precision == "auto":
-        native = device.type == "cuda" or cpu_has_native_bf16()
+        native = device.type == "cuda" or D.cpu_has_native_bf16()
         precision = "bf16" if native else "fp32"
     return Settings(precision, channels_last=not args.no_channels_last, compile=args.compile)
 
@@ -362,7 +353,7 @@ def _environment(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_native_bf16": D.cpu_has_native_bf16(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -91,7 +91,7 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU: faster) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32) | bf16 | fp32
     channels_last: bool = True  # NHWC activations: faster convolutions on CUDA and oneDNN
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms; resume is then bitwise

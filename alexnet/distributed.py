@@ -131,11 +131,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: without them oneDNN emulates bf16 and it is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. ``auto`` is bf16 on CUDA devices that support
-    it and fp32 on CPUs: measured on a 2-core AMX Xeon, bf16 autocast made a training step
-    about 2x slower than fp32 for both the paper and the small model (docs/TRAINING.md).
-    ``bf16`` autocasts on any CPU and on bf16-capable GPUs."""
+    it and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs: on this
+    project's AVX-512 Xeon without them, bf16 autocast made a training step about 2x slower
+    than fp32 (docs/TRAINING.md). ``bf16`` autocasts on any CPU and on bf16-capable GPUs."""
     if precision == "fp32":
         return None
     if device.type == "cuda":
@@ -145,7 +155,7 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             raise UserError(f"run.precision=bf16: {torch.cuda.get_device_name(device)} lacks bf16")
         return None
     if device.type == "cpu":
-        return torch.bfloat16 if precision == "bf16" else None
+        return torch.bfloat16 if precision == "bf16" or cpu_has_native_bf16() else None
     if precision == "bf16":
         raise UserError(f"run.precision=bf16: not supported on {device}")
     return None

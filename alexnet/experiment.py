@@ -94,9 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ablations", help="LRN, pooling, dropout, colour noise, views, towers")
     p.add_argument("--data", type=Path, help=f"prepared dataset (default {DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=Path("runs/experiments/ablations"))
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-images", type=int, default=5000,
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-images", type=int, default=10000,
                    help="random training subset (0: all); the time budget default")  # fmt: skip
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="run these variants (and the baseline) only")  # fmt: skip

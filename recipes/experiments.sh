@@ -11,4 +11,4 @@ uptime
 alexnet experiment fig1 --data "$DATA" --out runs/experiments/fig1 \
     --seeds 3 --epochs 3 --lrs 0.01 0.03 0.1 --train-images 20000
 alexnet experiment ablations --data "$DATA" --out runs/experiments/ablations \
-    --seeds 2 --epochs 4 --train-images 5000
+    --seeds 3 --epochs 8 --train-images 10000

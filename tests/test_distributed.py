@@ -97,3 +97,14 @@ def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
     data = tiny_data(tmp_path / "data")
     with pytest.raises(UserError, match="not divisible by the 3 processes"):
         train(tiny_config(data, tmp_path))
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    from alexnet import distributed as D
+
+    cpu = torch.device("cpu")
+    assert D.precision_dtype("fp32", cpu) is None
+    assert D.precision_dtype("bf16", cpu) is torch.bfloat16
+    for native, want in ((False, None), (True, torch.bfloat16)):
+        monkeypatch.setattr(D, "cpu_has_native_bf16", lambda n=native: n)
+        assert D.precision_dtype("auto", cpu) is want
