@@ -3,9 +3,12 @@ at their native size; the official test set becomes ``val``."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,45 @@ def test_broken_idx_files_are_clear_errors(tmp_path, capsys):
         ["prepare", "fashion-mnist", str(tmp_path / "out"), "--source", str(tmp_path / "missing")]
     )
     assert rc == 2 and "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A local HTTP server over ``tmp_path / "site"``: the canonical download, offline."""
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield site, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_checks_md5_before_writing_and_prepares(served, tmp_path, monkeypatch):
+    site, url = served
+    make_fashion_idx(site, n_train=20, n_test=10)  # the four .gz files
+    md5s = {name: hashlib.md5((site / name).read_bytes()).hexdigest()
+            for name in small.FASHION_MNIST_FILES}  # fmt: skip
+    monkeypatch.setattr(small, "FASHION_MNIST_FILES", md5s)
+    monkeypatch.setattr(small, "FASHION_MNIST_URL", url)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "fashion-mnist", str(out), "--download"]) == 0
+    got = out / "source"
+    for name in md5s:
+        assert (got / name).read_bytes() == (site / name).read_bytes()
+    assert (len(PreparedDataset(out, "train")), len(PreparedDataset(out, "val"))) == (20, 10)
+    got = small.download_fashion_mnist(tmp_path / "dl")  # into a folder of one's choice
+    # A corrupt file on the server: a clear error naming it, nothing written for it.
+    bad = "t10k-labels-idx1-ubyte.gz"
+    (tmp_path / "dl" / bad).unlink()
+    (site / bad).write_bytes(b"not the file")
+    with pytest.raises(UserError, match=f"{bad}: MD5 .* expected"):
+        small.download_fashion_mnist(tmp_path / "dl")
+    assert not (tmp_path / "dl" / bad).exists()
+    with pytest.raises(UserError, match="download failed"):
+        small.download_fashion_mnist(tmp_path / "dl2", url=url + "missing/")
 
 
 def test_checksums_accept_the_right_file_and_name_the_wrong_one(tmp_path):

@@ -46,21 +46,27 @@ def check_md5(path: Path, expected: str) -> None:
         raise UserError(f"{path}: MD5 {got}, expected {expected} (corrupt or wrong file)")
 
 
-def download_fashion_mnist(folder: str | Path) -> Path:
-    """Fetch the four files from the canonical address into ``folder``, checking MD5s."""
-    folder = Path(folder)
+def download_fashion_mnist(folder: str | Path, url: str | None = None) -> Path:
+    """Fetch the four files from the canonical address (or ``url``) into ``folder``. A file
+    is written only once its MD5 is right, so a bad download never leaves a file behind;
+    files already there with the right MD5 are kept."""
+    folder, url = Path(folder), url or FASHION_MNIST_URL
+    folder.mkdir(parents=True, exist_ok=True)
     for name, md5 in FASHION_MNIST_FILES.items():
         target = folder / name
         if target.is_file() and md5_of(target) == md5:
             continue
+        print(f"downloading {url + name}", flush=True)
         try:
-            with urllib.request.urlopen(FASHION_MNIST_URL + name, timeout=60) as r:
+            with urllib.request.urlopen(url + name, timeout=60) as r:
                 data = r.read()
         except OSError as e:
-            raise UserError(f"{FASHION_MNIST_URL + name}: download failed ({e})") from None
+            raise UserError(f"{url + name}: download failed ({e})") from None
+        got = hashlib.md5(data).hexdigest()
+        if got != md5:
+            raise UserError(f"{url + name}: MD5 {got}, expected {md5} (corrupt download)")
         with atomic_open(target, "wb") as f:
             f.write(data)
-        check_md5(target, md5)
     return folder
 
 
