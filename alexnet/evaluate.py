@@ -181,7 +181,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     parser.add_argument("--split", default="val")
     add_views_argument(parser)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch per rank")
+    parser.add_argument(
+        "--batch-size", type=int, default=64,
+        help="images per batch per rank; also the most views per forward pass",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
