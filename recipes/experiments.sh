@@ -12,3 +12,6 @@ alexnet experiment fig1 --data "$DATA" --out runs/experiments/fig1 \
     --seeds 3 --epochs 3 --lrs 0.01 0.03 0.1 --train-images 20000
 alexnet experiment ablations --data "$DATA" --out runs/experiments/ablations \
     --seeds 3 --epochs 8 --train-images 10000
+# The same variants where the net can over-fit: 2,500 images, 30 epochs (about the same steps).
+alexnet experiment ablations --data "$DATA" --out runs/experiments/ablations-2500 \
+    --seeds 3 --epochs 30 --train-images 2500
