@@ -46,10 +46,8 @@ REFERENCE = Settings(precision="fp32", channels_last=False, compile=False)
 
 
 def best_settings(device: torch.device, args: argparse.Namespace) -> Settings:
-    precision = args.precision
-    if precision == "auto":
-        native = device.type == "cuda" or D.cpu_has_native_bf16()
-        precision = "bf16" if native else "fp32"
+    # The same rule as training's run.precision (auto: bf16 where the hardware has it).
+    precision = "fp32" if D.precision_dtype(args.precision, device) is None else "bf16"
     return Settings(precision, channels_last=not args.no_channels_last, compile=args.compile)
 
 

@@ -83,7 +83,7 @@ def test_download_checks_md5_before_writing_and_prepares(served, tmp_path, monke
     for name in md5s:
         assert (got / name).read_bytes() == (site / name).read_bytes()
     assert (len(PreparedDataset(out, "train")), len(PreparedDataset(out, "val"))) == (20, 10)
-    got = small.download_fashion_mnist(tmp_path / "dl")  # into a folder of one's choice
+    small.download_fashion_mnist(tmp_path / "dl")  # into a folder of one's choice
     # A corrupt file on the server: a clear error naming it, nothing written for it.
     bad = "t10k-labels-idx1-ubyte.gz"
     (tmp_path / "dl" / bad).unlink()

@@ -175,12 +175,17 @@ class DeviceAugment:
                 patch = centred[b, :, y : y + c, x : x + c]
                 out[k].copy_(patch.flip(-1) if f else patch)
                 continue
-            patch, mpatch = images[b, :, y : y + c, x : x + c], mean[:, y : y + c, x : x + c]
-            if f:
-                patch, mpatch = patch.flip(-1), mpatch.flip(-1)
-            out[k].copy_(patch)
-            out[k].sub_(mpatch)
+            self._crop_minus_mean(images[b], mean, y, x, f, out[k])
         return out
+
+    def _crop_minus_mean(self, pixels, mean, y: int, x: int, flip: bool, out) -> None:
+        """``out`` = the crop at (y, x) of ``pixels`` (C, H, W) or (B, C, H, W), minus the
+        mean image's crop at the same place (PAPER B2), both reflected if ``flip``."""
+        c = self.crop
+        patch, mpatch = pixels[..., y : y + c, x : x + c], mean[:, y : y + c, x : x + c]
+        if flip:
+            patch, mpatch = patch.flip(-1), mpatch.flip(-1)
+        torch.sub(patch, mpatch, out=out)
 
     def view_offsets(self, h: int, w: int, n: int) -> list[tuple[int, int, bool]]:
         """(row, col, flipped) of each test view: 1 = centre; 10 = PAPER B5 (tl, tr, bl, br,
@@ -205,10 +210,7 @@ class DeviceAugment:
             c = self.crop
             out = torch.empty((b, n, channels, c, c), dtype=torch.float32, device=device)
             for k, (y, x, f) in enumerate(self.view_offsets(h, w, n)):
-                patch, mpatch = images[:, :, y : y + c, x : x + c], mean[:, y : y + c, x : x + c]
-                if f:
-                    patch, mpatch = patch.flip(-1), mpatch.flip(-1)
-                torch.sub(patch, mpatch, out=out[:, k])
+                self._crop_minus_mean(images, mean, y, x, f, out[:, k])
             return self._finish(out.view(b * n, channels, c, c))
         offsets = torch.tensor(self.view_offsets(h, w, n), device=device)  # (n, 3)
         ys, xs = offsets[:, 0].repeat(b), offsets[:, 1].repeat(b)
