@@ -10,12 +10,14 @@ printed in the paper.
 Why a custom implementation: ``torch.nn.LocalResponseNorm`` pads, reshapes to 5-D and calls
 ``avg_pool3d``, and autograd then differentiates every one of those steps, so the window sum
 is computed again for the backward pass and several full-size temporaries are kept. Here the
-window sum S is computed once in the forward pass with a few shifted adds over the channel
-dimension, and the backward pass reuses the saved denominator d = k + c*S:
+window sum S is computed once in the forward pass (a GEMM with a banded 0/1 matrix on CPU, a
+few shifted adds elsewhere), the forward saves p = d^-beta and r = b/d with d = k + c*S, and
+the backward pass is
 
-    dL/da_i = g_i * d_i^-beta - 2 * c * beta * a_i * sum_{j in window(i)} g_j * b_j / d_j
+    dL/da_i = g_i * p_i - 2 * c * beta * a_i * sum_{j in window(i)} g_j * r_j
 
-(for odd n the window is symmetric, so the same shifted-add sum serves both passes).
+(for odd n the window is symmetric, so the same window sum serves both passes). On CPU both
+passes walk the batch in cache-sized slices.
 Reductions run in float32 for bfloat16/float16 inputs; the output has the input's dtype and
 memory format.
 See docs/PERFORMANCE.md for the alternatives that were measured.
@@ -62,6 +64,21 @@ def band_matrix(channels: int, before: int, after: int, groups: int = 1, **kw) -
     return (same_group & (offset <= before) & (-offset <= after)).to(kw.get("dtype"))
 
 
+def _matmul_ok(t: Tensor) -> bool:
+    cl = t.is_contiguous(memory_format=torch.channels_last)
+    return t.device.type == "cpu" and (t.is_contiguous() or cl)
+
+
+def _band_sum(t: Tensor, band: Tensor) -> Tensor:
+    """t's channels times the (C, C) matrix ``band``: out[:, i] = sum_j t[:, j] * band[j, i],
+    for an NCHW or channels_last tensor; the result has t's layout."""
+    n, channels, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        rows = t.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C) rows: a plain GEMM
+        return (rows @ band).view(n, h, w, channels).permute(0, 3, 1, 2)
+    return (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
+
+
 def window_sum(
     t: Tensor, before: int, after: int, groups: int = 1, method: str = "auto", scale: float = 1.0
 ) -> Tensor:
@@ -72,19 +89,12 @@ def window_sum(
     fastest on CPU, see docs/PERFORMANCE.md). ``"shift"``: before+after shifted in-place adds
     (exact, any layout; used on GPU, where memory bandwidth is plentiful and TF32 could round
     a matmul). ``"auto"``: matmul on CPU for NCHW or channels_last tensors, shift otherwise."""
-    n, channels, h, w = t.shape
-    cl = t.is_contiguous(memory_format=torch.channels_last)
+    channels = t.shape[1]
     if method == "auto":
-        matmul_ok = t.device.type == "cpu" and (t.is_contiguous() or cl)
-        method = "matmul" if matmul_ok else "shift"
+        method = "matmul" if _matmul_ok(t) else "shift"
     if method == "matmul":
         band = band_matrix(channels, before, after, groups, device=t.device, dtype=t.dtype)
-        if scale != 1.0:
-            band = band * scale
-        if cl and not t.is_contiguous():  # (N*H*W, C) rows: a plain GEMM
-            rows = t.permute(0, 2, 3, 1).reshape(-1, channels)
-            return (rows @ band).view(n, h, w, channels).permute(0, 3, 1, 2)
-        return (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
+        return _band_sum(t, band * scale if scale != 1.0 else band)
     out = t.clone(memory_format=torch.preserve_format)
     width = channels // groups
     for g in range(groups):
@@ -108,33 +118,78 @@ def _neg_pow(d: Tensor, beta: float) -> Tensor:
     return torch.pow(d, -beta)
 
 
+# On CPU the batch is normalised a slice at a time, each slice about this many elements, so
+# that the half-dozen temporaries of one slice stay in the core's caches instead of making
+# full passes over memory (docs/PERFORMANCE.md: 1.4-1.7x on the small model's LRN layers).
+CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+def _batch_slices(x: Tensor) -> list[slice]:
+    n = x.shape[0]
+    if x.device.type != "cpu" or n == 0:
+        return [slice(0, n)]
+    step = max(1, CPU_CHUNK_ELEMENTS // max(1, x[0].numel()))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 class _LRNFunction(torch.autograd.Function):
-    """Forward computes the window sum once; backward reuses the saved denominator."""
+    """Forward computes the window sum once and saves p = d^-beta and r = b / d (d = k + c*S,
+    b the output), so that the backward pass is three element-wise steps and one window sum:
+
+        dL/da = g * p - 2*c*beta * a * W(g * r),   W = the mirrored window sum
+
+    (for odd n the window is symmetric, so W is the forward's window)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, c: float, beta: float, k: float, groups: int):
-        acc = x.to(_acc_dtype(x))
+        acc_dtype = _acc_dtype(x)
+        before, after = _window(size)
+        matmul = _matmul_ok(x)
+        band = band_matrix(x.shape[1], before, after, groups, device=x.device, dtype=acc_dtype)
+        band = band * c
+        y = torch.empty_like(x)
+        p = torch.empty_like(x, dtype=acc_dtype)
+        r = torch.empty_like(x, dtype=acc_dtype)
         # Autocast would run the window-sum GEMM in bf16; the sums stay in float32.
         with torch.autocast(x.device.type, enabled=False):
-            d = window_sum(acc * acc, *_window(size), groups, scale=c).add_(k)  # k + c*S > 0
-        p = _neg_pow(d, beta)
-        ctx.save_for_backward(x, d, p)
+            for sl in _batch_slices(x):
+                a = x[sl].to(acc_dtype)
+                sq = a * a
+                s = _band_sum(sq, band) if matmul else window_sum(sq, before, after, groups,
+                                                                       "shift", c)  # fmt: skip
+                d = s.add_(k)  # k + c*S > 0
+                pp = _neg_pow(d, beta)
+                b = torch.mul(a, pp, out=sq)
+                torch.div(b, d, out=r[sl])
+                p[sl] = pp
+                y[sl] = b
+        ctx.save_for_backward(x, p, r)
         ctx.size, ctx.c, ctx.beta, ctx.groups = size, c, beta, groups
-        return (acc * p).to(x.dtype)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        x, d, p = ctx.saved_tensors
-        acc = x.to(p.dtype)
-        gp = g.to(p.dtype) * p  # g * d^-beta
+        x, p, r = ctx.saved_tensors
         # sum over the j whose window holds i: the mirrored window (the same for odd n)
         after, before = _window(ctx.size)
-        # 2*c*beta * sum_j g_j b_j / d_j
+        scale = 2 * ctx.c * ctx.beta
+        matmul = _matmul_ok(x)
+        band = band_matrix(x.shape[1], before, after, ctx.groups, device=x.device, dtype=p.dtype)
+        band = band * scale
+        if matmul:
+            fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+            g = g.contiguous(memory_format=fmt)
+        grad = torch.empty_like(x)
         with torch.autocast(x.device.type, enabled=False):
-            t = window_sum(gp * acc / d, before, after, ctx.groups, scale=2 * ctx.c * ctx.beta)
-        grad = gp.sub_(t.mul_(acc))
-        return grad.to(x.dtype), None, None, None, None, None
+            for sl in _batch_slices(x):
+                gf = g[sl].to(p.dtype)
+                u = gf * r[sl]
+                t = _band_sum(u, band) if matmul else window_sum(
+                    u, before, after, ctx.groups, "shift", scale)  # fmt: skip
+                gp = torch.mul(gf, p[sl], out=u)  # g * d^-beta
+                grad[sl] = gp.addcmul_(x[sl], t, value=-1)
+        return grad, None, None, None, None, None
 
 
 def lrn_formula(

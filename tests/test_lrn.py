@@ -192,3 +192,25 @@ def test_strided_input_takes_the_shift_path_and_is_exact():
     yr, gr = grads_of(reference_lrn, x.contiguous(), g)
     torch.testing.assert_close(y, yr)
     torch.testing.assert_close(gx, gr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_slices_cover_the_batch(monkeypatch, dtype, channels_last):
+    # On CPU the Function walks the batch in slices; make them 2 images so that a batch of 5
+    # takes three slices, the last one short, and check every image against the formula.
+    import alexnet.lrn as lrn_module
+
+    x = activations((5, 16, 6, 6), dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(lrn_module, "CPU_CHUNK_ELEMENTS", 2 * x[0].numel() + 1)
+    assert [(s.start, s.stop) for s in lrn_module._batch_slices(x)] == [(0, 2), (2, 4), (4, 5)]
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    y, gx = grads_of(lambda t: local_response_norm(t, groups=2), x, g)
+    yr, gr = grads_of(lambda t: reference_lrn(t, groups=2), x.double(), g.double())
+    tol = dict(rtol=2**-7, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), yr, **tol)
+    torch.testing.assert_close(gx.double(), gr, **tol)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
