@@ -79,19 +79,31 @@ def test_predictions_and_neighbours_commands_write_pngs(tmp_path):
         _png(out)
 
 
-def test_neighbours_are_the_nearest_in_fc7(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layer", ["fc7", "pool5"])
+def test_neighbours_are_the_nearest(tmp_path, monkeypatch, layer):
     data, run = evalkit.tiny_run()
     model, ckpt = load_model(run)
     aug = view_augment(ckpt)
     train, val = PreparedDataset(data, "train"), PreparedDataset(data, "val")
+    assert len(train) == 64  # the index below is the whole training split
     with torch.no_grad():
-        ft = model.forward_features(aug.views(train.get_batch(np.arange(64)).contiguous(), 1))
-        fq = model.forward_features(aug.views(val.get_batch(np.array([2, 9])).contiguous(), 1))
-    want = torch.cdist(fq.double(), ft.double()).argsort(dim=1)[:, :6]
+        ft = model.forward_features(
+            aug.views(train.get_batch(np.arange(64)).contiguous(), 1), layer
+        )
+        fq = model.forward_features(
+            aug.views(val.get_batch(np.array([2, 9])).contiguous(), 1), layer
+        )
+    # The tiny model's fc7 vectors are nearly all alike, so exact ties occur: they go to the
+    # lower index (features.knn's rule), hence the stable sort on distances computed as knn
+    # does (differences squared, not the |a|^2 + |b|^2 - 2ab form, which rounds ties apart).
+    dist = torch.cdist(fq.flatten(1).double(), ft.flatten(1).double(),
+                       compute_mode="donot_use_mm_for_euclid_dist")  # fmt: skip
+    want = torch.argsort(dist, dim=1, stable=True)[:, :6]
     got = {}
     monkeypatch.setattr(figures, "plot_neighbours", lambda *a: got.setdefault("args", a))
+    out = str(tmp_path / "n.png")
     assert main(["figures", "neighbours", "--checkpoint", str(run), "--data", str(data),
-                 "--indices", "2", "9", "--out", str(tmp_path / "n.png")]) == 0  # fmt: skip
+                 "--indices", "2", "9", "--layer", layer, "--out", out]) == 0  # fmt: skip
     queries, shown, q_labels, n_labels = got["args"][:4]
     for i in range(2):
         for j in range(6):
