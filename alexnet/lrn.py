@@ -111,16 +111,17 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
-def _neg_pow(d: Tensor, beta: float) -> Tensor:
+def _neg_pow(d: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
     """d ** -beta; beta = 0.75 (the paper's value) as rsqrt(d * sqrt(d)), cheaper than pow."""
     if beta == 0.75:
-        return torch.rsqrt(d * torch.sqrt(d))
-    return torch.pow(d, -beta)
+        return torch.rsqrt(d * torch.sqrt(d), out=out)
+    return torch.pow(d, -beta, out=out)
 
 
 # On CPU the batch is normalised a slice at a time, each slice about this many elements, so
 # that the half-dozen temporaries of one slice stay in the core's caches instead of making
-# full passes over memory (docs/PERFORMANCE.md: 1.4-1.7x on the small model's LRN layers).
+# full passes over memory (docs/PERFORMANCE.md: about 2x on the demo's and the paper's first
+# LRN layer).
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 
@@ -158,10 +159,9 @@ class _LRNFunction(torch.autograd.Function):
                 s = _band_sum(sq, band) if matmul else window_sum(sq, before, after, groups,
                                                                        "shift", c)  # fmt: skip
                 d = s.add_(k)  # k + c*S > 0
-                pp = _neg_pow(d, beta)
+                pp = _neg_pow(d, beta, out=p[sl])
                 b = torch.mul(a, pp, out=sq)
                 torch.div(b, d, out=r[sl])
-                p[sl] = pp
                 y[sl] = b
         ctx.save_for_backward(x, p, r)
         ctx.size, ctx.c, ctx.beta, ctx.groups = size, c, beta, groups

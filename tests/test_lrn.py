@@ -214,3 +214,15 @@ def test_batch_slices_cover_the_batch(monkeypatch, dtype, channels_last):
     torch.testing.assert_close(gx.double(), gr, **tol)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_other_beta_takes_pow_and_matches_the_formula(beta):
+    # beta = 0.75 (PAPER A8) has its own rsqrt path; any other beta goes through pow.
+    x = activations((3, 8, 4, 4), scale=2.0, dtype=torch.float64).requires_grad_()
+
+    def f(t):
+        return local_response_norm(t, 5, 0.5, beta, 2.0, "code", 2)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    torch.testing.assert_close(f(x), reference_lrn(x, 5, 0.5, beta, 2.0, "code", 2))
