@@ -133,6 +133,17 @@ def _batch_slices(x: Tensor) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _window_summer(x: Tensor, before: int, after: int, groups: int, scale: float, dtype):
+    """scale * the window sum (``window_sum``) for slices of ``x``, chosen and set up once per
+    pass: the banded GEMM (its matrix built here) on CPU for NCHW or channels_last tensors,
+    shifted adds otherwise."""
+    if _matmul_ok(x):
+        band = band_matrix(x.shape[1], before, after, groups, device=x.device, dtype=dtype)
+        band = band * scale
+        return lambda t: _band_sum(t, band)
+    return lambda t: window_sum(t, before, after, groups, "shift", scale)
+
+
 class _LRNFunction(torch.autograd.Function):
     """Forward computes the window sum once and saves p = d^-beta and r = b / d (d = k + c*S,
     b the output), so that the backward pass is three element-wise steps and one window sum:
@@ -144,10 +155,7 @@ class _LRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, size: int, c: float, beta: float, k: float, groups: int):
         acc_dtype = _acc_dtype(x)
-        before, after = _window(size)
-        matmul = _matmul_ok(x)
-        band = band_matrix(x.shape[1], before, after, groups, device=x.device, dtype=acc_dtype)
-        band = band * c
+        summed = _window_summer(x, *_window(size), groups, c, acc_dtype)
         y = torch.empty_like(x)
         p = torch.empty_like(x, dtype=acc_dtype)
         r = torch.empty_like(x, dtype=acc_dtype)
@@ -156,9 +164,7 @@ class _LRNFunction(torch.autograd.Function):
             for sl in _batch_slices(x):
                 a = x[sl].to(acc_dtype)
                 sq = a * a
-                s = _band_sum(sq, band) if matmul else window_sum(sq, before, after, groups,
-                                                                       "shift", c)  # fmt: skip
-                d = s.add_(k)  # k + c*S > 0
+                d = summed(sq).add_(k)  # k + c*S > 0
                 pp = _neg_pow(d, beta, out=p[sl])
                 b = torch.mul(a, pp, out=sq)
                 torch.div(b, d, out=r[sl])
@@ -173,11 +179,8 @@ class _LRNFunction(torch.autograd.Function):
         x, p, r = ctx.saved_tensors
         # sum over the j whose window holds i: the mirrored window (the same for odd n)
         after, before = _window(ctx.size)
-        scale = 2 * ctx.c * ctx.beta
-        matmul = _matmul_ok(x)
-        band = band_matrix(x.shape[1], before, after, ctx.groups, device=x.device, dtype=p.dtype)
-        band = band * scale
-        if matmul:
+        summed = _window_summer(x, before, after, ctx.groups, 2 * ctx.c * ctx.beta, p.dtype)
+        if _matmul_ok(x):  # the GEMM needs g * r in x's layout
             fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
             g = g.contiguous(memory_format=fmt)
         grad = torch.empty_like(x)
@@ -185,8 +188,7 @@ class _LRNFunction(torch.autograd.Function):
             for sl in _batch_slices(x):
                 gf = g[sl].to(p.dtype)
                 u = gf * r[sl]
-                t = _band_sum(u, band) if matmul else window_sum(
-                    u, before, after, ctx.groups, "shift", scale)  # fmt: skip
+                t = summed(u)
                 gp = torch.mul(gf, p[sl], out=u)  # g * d^-beta
                 grad[sl] = gp.addcmul_(x[sl], t, value=-1)
         return grad, None, None, None, None, None
