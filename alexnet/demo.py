@@ -22,6 +22,8 @@ is the last one, not the checkpoint with the best test error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -193,6 +195,60 @@ def train_one(cfg, *, retrain: bool, argv: list[str] | None = None) -> dict:
     return {**result, "reused": steps_before == result["step"]}
 
 
+def default_jobs(models: int) -> int:
+    """How many models train at once: on a CPU, one per core (up to ``models``), since a
+    small net uses several cores in one process poorly (docs/RESULTS.md: two one-thread runs
+    at once train about 1.4 times the images/s of one two-thread run); on a GPU, one."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(models, torch.get_num_threads()))
+
+
+def _train_child(cfg, retrain: bool, threads: int, log: Path | None) -> dict:
+    """``train_one`` in a child process with ``threads`` intra-op threads, its output in
+    ``log`` (None: this console)."""
+    torch.set_num_threads(threads)
+    if log is None:
+        return train_one(cfg, retrain=retrain)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as f:
+        with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            return train_one(cfg, retrain=retrain)
+
+
+def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
+    """Train every config, ``jobs`` at a time: one after another in this process when
+    ``jobs`` is 1, else in child processes that share the intra-op threads out; the first
+    run prints here, the others to ``<out>/<name>.log``. Each run resumes or is reused as
+    ``train_one`` decides, so an interrupted ensemble continues where it stopped."""
+    if jobs <= 1 or len(cfgs) == 1:
+        return [train_one(c, retrain=retrain) for c in cfgs]
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    jobs = min(jobs, len(cfgs))
+    threads = max(1, torch.get_num_threads() // jobs)
+    logs = [None] + [Path(c.run.out_dir) / f"{c.run.name}.log" for c in cfgs[1:]]
+    print(f"demo: training {len(cfgs)} models, {jobs} at once with {threads} thread(s) each; "
+          f"the output of the others goes to {', '.join(str(g) for g in logs[1:])}",
+          flush=True)  # fmt: skip
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_child, c, retrain, threads, log)
+                   for c, log in zip(cfgs, logs, strict=True)]  # fmt: skip
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            # A failed run (or Ctrl-C, which reaches the children too: each saves a
+            # checkpoint and stops) ends the ensemble: runs not yet started are not started,
+            # those in progress are waited for.
+            print("demo: stopping; waiting for the runs in progress", flush=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 # -------------------------------------------------------------------------- 4. evaluate
 def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     """Centre and ten-view results of the first model and, for several, of the ensemble."""
@@ -209,14 +265,16 @@ def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     env = D.DistEnv.from_environ()
     out: dict = {}
     groups = [("single", 1)] + ([("ensemble", len(models))] if len(models) > 1 else [])
-    for what, k in groups:
-        for views in (1, 10):
-            t0 = time.perf_counter()
-            counts = E.evaluate(models[:k], augs[:k], ds, views=views, batch_size=100,
-                                device=device, env=env)  # fmt: skip
-            res = E.summary(counts, views, checkpoints[:k], "val")
-            res["seconds"] = round(time.perf_counter() - t0, 2)
-            res["per_class_top1_accuracy"] = (counts.top1 / counts.images.clamp(min=1)).tolist()
+    for views in (1, 10):
+        # one pass scores the first model and the ensemble: each model runs once
+        t0 = time.perf_counter()
+        counts = E.evaluate(models, augs, ds, views=views, batch_size=100, device=device,
+                            env=env, sizes=[k for _, k in groups])  # fmt: skip
+        seconds = round(time.perf_counter() - t0, 2)
+        for (what, k), c in zip(groups, counts, strict=True):
+            res = E.summary(c, views, checkpoints[:k], "val")
+            res["seconds"] = seconds  # the pass's, shared by the single model and the ensemble
+            res["per_class_top1_accuracy"] = (c.top1 / c.images.clamp(min=1)).tolist()
             out[f"{what}_{views}view"] = res
             print(
                 f"demo: {what} ({k} model{'s' * (k > 1)}), {views} view(s): top-1 error "
@@ -257,6 +315,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train this many models (seeds seed, seed+1, ...) and also report "
         "their ensemble (PAPER F4)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="models trained at once (default: on a CPU one per core, up to --models; on a GPU 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epoch: a smoke run")
     parser.add_argument("--retrain", action="store_true",
@@ -275,18 +338,19 @@ def run(args: argparse.Namespace) -> int:
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
-    if epochs < 1 or args.models < 1:
-        raise UserError(f"--epochs {epochs} and --models {args.models}: both must be >= 1")
+    jobs = default_jobs(args.models) if args.jobs is None else args.jobs
+    if epochs < 1 or args.models < 1 or jobs < 1:
+        raise UserError(f"--epochs {epochs}, --models {args.models} and --jobs {jobs}: "
+                        "each must be >= 1")  # fmt: skip
     stages: dict[str, float] = {}
     t = _stage(1, f"data and preparation ({args.data})")
     meta = ensure_prepared(args.data, args.source)
     stages["data + prepare"] = time.perf_counter() - t
     t = _stage(2, f"train {args.models} small model(s), {epochs} epochs each")
-    trained = []
-    for i in range(args.models):
-        cfg = demo_config(args.data, args.out, epochs=epochs, seed=args.seed + i,
-                          name="train" if i == 0 else f"train-{i + 1}")  # fmt: skip
-        trained.append(train_one(cfg, retrain=args.retrain))
+    cfgs = [demo_config(args.data, args.out, epochs=epochs, seed=args.seed + i,
+                        name="train" if i == 0 else f"train-{i + 1}")
+            for i in range(args.models)]  # fmt: skip
+    trained = train_all(cfgs, retrain=args.retrain, jobs=jobs)
     reused = all(r.get("reused") for r in trained)
     stages["train (reused: already finished)" if reused else "train"] = time.perf_counter() - t
     run_dirs = [Path(r["run_dir"]) for r in trained]
@@ -319,6 +383,7 @@ def run(args: argparse.Namespace) -> int:
         "recipe": {k: v for k, v in RECIPE.items() if not k.startswith("run.")}
         | {"schedule.epochs": epochs, "schedule.milestones": list(schedule_for(epochs))},
         "seed": args.seed,
+        "models_trained_at_once": min(jobs, args.models),
         "figures": written,
         "environment": environment(torch.device("cpu"), 1, None),
         "stages": stages,

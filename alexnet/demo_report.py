@@ -103,6 +103,8 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
 
     ev, env, tr = results["evaluation"], results["environment"], results["train"]
     hw, ver = env["hardware"], env["versions"]
+    n_at_once = results.get("models_trained_at_once", 1)
+    at_once = f" for the first model; {n_at_once} models trained at once" if n_at_once > 1 else ""
     lines = [
         f"# AlexNet demo: {results['data']['dataset']}, end to end",
         "",
@@ -112,6 +114,9 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         "",
         *_results_table(ev),
         "",
+        *(["The single model and the ensemble are scored in one pass per number of views "
+           "(each model runs once); the seconds are that pass's.", ""]
+          if len(ev) > 2 else []),
         f"Data: {results['data']['train']} training and {results['data']['test']} test images "
         f"({results['data']['root']}); the test set is only used for the numbers above and the "
         "per-epoch column below (no choice was made on it: fixed schedule, last checkpoint).",
@@ -127,7 +132,7 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         "| --- | --- |",
         *[f"| {k} | {v:.1f} |" for k, v in results["stages"].items()],
         "",
-        f"## Training ({tr['epochs']} epochs, {tr['mean_images_per_sec']:.0f} images/s)",
+        f"## Training ({tr['epochs']} epochs, {tr['mean_images_per_sec']:.0f} images/s{at_once})",
         "",
         *_epoch_table(tr["records"]),
         "",

@@ -114,16 +114,24 @@ def check_data(ds, ckpt: dict, model, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(models, augs, ds, *, views: int, batch_size: int, device, env, workers: int = 0):
-    """Per-class counts over this rank's share of ``ds``, summed over all ranks."""
+def evaluate(
+    models, augs, ds, *, views: int, batch_size: int, device, env, workers: int = 0, sizes=None
+):
+    """Per-class counts over this rank's share of ``ds``, summed over all ranks, for the
+    ensemble of all ``models``. With ``sizes``, a list of counts instead, one for the ensemble
+    of the first k models for each k in ``sizes``, from one pass in which each model runs
+    once (the demo scores its first model and the ensemble together)."""
     from alexnet import distributed as D
     from alexnet.data import make_loader
 
+    ks = [len(models)] if sizes is None else list(sizes)
+    if not all(1 <= k <= len(models) for k in ks):
+        raise ValueError(f"sizes {ks}: each must be between 1 and {len(models)} models")
     loader = make_loader(
         ds, batch_size, shuffle=False, num_workers=workers, rank=env.rank,
         world_size=env.world_size, pad=False,  # each image exactly once over all ranks
     )  # fmt: skip
-    counts = Counts.zeros(len(ds.classes), device)
+    counts = [Counts.zeros(len(ds.classes), device) for _ in ks]
     label = f"evaluate {views} view{'s' * (views > 1)}"
     if env.world_size > 1:
         label += f" (rank 0 of {env.world_size})"
@@ -131,12 +139,19 @@ def evaluate(models, augs, ds, *, views: int, batch_size: int, device, env, work
     with Progress(mine, label, enabled=env.is_main) as progress:
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            probs = ensemble_probs(models, augs, images, views, max_batch=batch_size)
-            counts.add(probs, labels)
+            total = None  # the sum of the first i models' probabilities, as ensemble_probs
+            for i in range(max(ks)):
+                p = ensemble_probs(models[i : i + 1], augs[i : i + 1], images, views,
+                                   max_batch=batch_size)  # fmt: skip
+                total = p if total is None else total + p
+                for c, k in zip(counts, ks, strict=True):
+                    if k == i + 1:
+                        c.add(total / k, labels)
             progress.update(labels.shape[0])
-    for t in (counts.images, counts.top1, counts.top5):
-        D.all_reduce_sum(t)
-    return counts
+    for c in counts:
+        for t in (c.images, c.top1, c.top5):
+            D.all_reduce_sum(t)
+    return counts[0] if sizes is None else counts
 
 
 def summary(counts: Counts, views: int, paths: list[Path], split: str) -> dict:

@@ -4,6 +4,7 @@ reuses everything. The accuracy in the report is checked against a direct comput
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -39,17 +40,20 @@ def learnable_idx(folder: Path, n_train: int = 256, n_test: int = 60, seed: int 
 
 
 @torch.no_grad()
-def direct_accuracy(checkpoint: Path, images: np.ndarray, labels: np.ndarray, views: int):
-    """Softmax averaged over the views, computed here from the model and DeviceAugment."""
+def direct_accuracy(checkpoints, images: np.ndarray, labels: np.ndarray, views: int):
+    """Softmax averaged over the views (and the models of an ensemble, PAPER F4), computed
+    here from the models and DeviceAugment."""
     from alexnet.checkpoint import load_model
     from alexnet.data import DeviceAugment
 
-    model, ck = load_model(checkpoint)
-    stats = {k: torch.as_tensor(v) for k, v in ck["data_stats"].items()}
-    aug = DeviceAugment(stats, ck["augment"]["crop_size"], train=False,
-                        scale=ck["augment"]["scale"])  # fmt: skip
     x = torch.from_numpy(images[:, None].copy())
-    probs = torch.softmax(model(aug.views(x, views)), 1).view(len(x), views, -1).mean(1)
+    probs = 0
+    for checkpoint in [checkpoints] if isinstance(checkpoints, Path) else checkpoints:
+        model, ck = load_model(checkpoint)
+        stats = {k: torch.as_tensor(v) for k, v in ck["data_stats"].items()}
+        aug = DeviceAugment(stats, ck["augment"]["crop_size"], train=False,
+                            scale=ck["augment"]["scale"])  # fmt: skip
+        probs = probs + torch.softmax(model(aug.views(x, views)), 1).view(len(x), views, -1).mean(1)
     return float((probs.argmax(1).numpy() == labels).mean())
 
 
@@ -111,6 +115,34 @@ def test_demo_rerun_reuses_data_and_training(demo_run, capsys):
     assert again["evaluation"]["single_10view"] == first["evaluation"]["single_10view"] | {
         "seconds": again["evaluation"]["single_10view"]["seconds"]
     }
+
+
+def test_demo_trains_an_ensemble_two_at_once(tmp_path, capsys):
+    arrays = learnable_idx(tmp_path / "idx", n_test=40)
+    out = tmp_path / "out"
+    argv = ["demo", "--source", str(tmp_path / "idx"), "--data", str(tmp_path / "prepared"),
+            "--out", str(out), "--quick", "--models", "2", "--jobs", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "training 2 models, 2 at once" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["models_trained_at_once"] == 2
+    ev = results["evaluation"]
+    assert set(ev) == {"single_1view", "single_10view", "ensemble_1view", "ensemble_10view"}
+    # the second model printed into its log, trained the whole epoch, and is another seed
+    assert "epoch 1/1" in (out / "train-2.log").read_text()
+    ckpts = [out / name / "checkpoints" / "last.pt" for name in ("train", "train-2")]
+    first, second = (torch.load(c, map_location="cpu", weights_only=True) for c in ckpts)
+    assert first["step"] == second["step"] == 256 // 128
+    assert not torch.equal(first["model"]["conv1.weight"], second["model"]["conv1.weight"])
+    x, y = arrays["t10k"]
+    for views in (1, 10):
+        got = 1 - ev[f"ensemble_{views}view"]["top1_error"]
+        assert got == pytest.approx(direct_accuracy(ckpts, x, y.astype(np.int64), views), abs=1e-9)
+
+
+def test_demo_jobs_must_be_positive(tmp_path):
+    with pytest.raises(UserError, match="--jobs 0"):
+        demo.run(argparse.Namespace(models=2, jobs=0, epochs=None, quick=True))
 
 
 def test_schedule_cuts_at_two_thirds_and_five_sixths():

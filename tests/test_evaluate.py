@@ -138,3 +138,27 @@ def test_mismatched_classes_and_missing_files_are_clear_errors(tmp_path, data, c
     assert "5" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data)]) == 2
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_one_pass_scores_the_first_model_and_the_ensemble(tmp_path, data):
+    # sizes=[1, 3]: the counts of model a alone and of the three-model ensemble from one
+    # pass, exactly as two separate evaluations give them.
+    from alexnet import distributed as D
+    from alexnet import evaluate as E
+
+    biases = ([0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0],
+              [0.25, 0.05, 0.45, 5.0, 0.15, 0.35, -10.0, 0.55],
+              [1.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0])  # fmt: skip
+    paths = [evalkit.known_checkpoint(tmp_path / f"{i}.pt", b, seed=i)
+             for i, b in enumerate(biases)]  # fmt: skip
+    models, _, augs = E.load_ensemble(paths, torch.device("cpu"))
+    ds = PreparedDataset(data, "val")
+    common = dict(views=10, batch_size=4, device=torch.device("cpu"), env=D.DistEnv(0, 1, 0))
+    first, three = E.evaluate(models, augs, ds, sizes=[1, 3], **common)
+    for got, k in ((first, 1), (three, 3)):
+        alone = E.evaluate(models[:k], augs[:k], ds, **common)
+        for name in ("images", "top1", "top5"):
+            assert torch.equal(getattr(got, name), getattr(alone, name))
+    assert not torch.equal(first.top1, three.top1)  # the two differ, so the check can fail
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        E.evaluate(models, augs, ds, sizes=[4], **common)
