@@ -1,6 +1,7 @@
 """``alexnet demo``: the whole system end to end on real data (Fashion-MNIST), on a CPU.
 
     alexnet demo [--out runs/demo] [--data data/fashion-mnist] [--epochs N] [--quick]
+                 [--models K [--jobs J]]
 
 1. data: the four IDX files of Fashion-MNIST (60,000 training and 10,000 test images), from
    Debian's ``dataset-fashion-mnist`` (installed with apt-get when we are root and it is
@@ -9,6 +10,7 @@
    and verifies);
 3. train: the ``small`` network with the paper's recipe scaled to the data (``RECIPE``);
    a finished run is reused, an interrupted one resumed (``--retrain`` starts afresh);
+   with ``--models K`` the K models train at the same time on a CPU, one process per core;
 4. evaluate: top-1/top-5 error on the 10,000 test images, centre view and ten views (PAPER B5),
    and the softmax-averaged ensemble with ``--models K`` (PAPER F4);
 5. figures: conv1 kernels (F1), top-5 predictions (F2), fc7 neighbours (F3), training curves;
