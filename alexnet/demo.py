@@ -221,26 +221,25 @@ def _train_child(cfg, retrain: bool, threads: int, log: Path | None) -> dict:
 def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
     """Train every config, ``jobs`` at a time: one after another in this process when
     ``jobs`` is 1, else in child processes that share the intra-op threads out; the first
-    run prints here, the others to ``<out>/<name>.log``. Each run resumes or is reused as
-    ``train_one`` decides, so an interrupted ensemble continues where it stopped."""
+    run prints on this console, the others into ``<out>/<name>.log``, and a line here marks
+    each run's end. Each run resumes or is reused as ``train_one`` decides, so an
+    interrupted ensemble continues where it stopped."""
     if jobs <= 1 or len(cfgs) == 1:
         return [train_one(c, retrain=retrain) for c in cfgs]
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = min(jobs, len(cfgs))
     threads = max(1, torch.get_num_threads() // jobs)
     logs = [None] + [Path(c.run.out_dir) / f"{c.run.name}.log" for c in cfgs[1:]]
     print(f"demo: training {len(cfgs)} models, {jobs} at once with {threads} thread(s) each; "
-          f"the output of the others goes to {', '.join(str(g) for g in logs[1:])}",
-          flush=True)  # fmt: skip
+          f"the others' output: {', '.join(str(g) for g in logs[1:])}", flush=True)  # fmt: skip
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_train_child, c, retrain, threads, log)
                    for c, log in zip(cfgs, logs, strict=True)]  # fmt: skip
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()
+            for n, f in enumerate(as_completed(futures), 1):
+                r = f.result()  # the first failed run raises here
+                print(f"demo: finished {n}/{len(cfgs)}: {r['run_dir']}", flush=True)
             return [f.result() for f in futures]
         except BaseException:
             # A failed run (or Ctrl-C, which reaches the children too: each saves a

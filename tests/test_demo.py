@@ -123,7 +123,11 @@ def test_demo_trains_an_ensemble_two_at_once(tmp_path, capsys):
     argv = ["demo", "--source", str(tmp_path / "idx"), "--data", str(tmp_path / "prepared"),
             "--out", str(out), "--quick", "--models", "2", "--jobs", "2"]  # fmt: skip
     assert main(argv) == 0
-    assert "training 2 models, 2 at once" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "training 2 models, 2 at once" in log
+    finished = {line.rsplit(": ", 1)[1] for line in log.splitlines()
+                if line.startswith(("demo: finished 1/2: ", "demo: finished 2/2: "))}  # fmt: skip
+    assert finished == {str(out / "train"), str(out / "train-2")}
     results = json.loads((out / "results.json").read_text())
     assert results["models_trained_at_once"] == 2
     ev = results["evaluation"]
