@@ -116,7 +116,7 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         "",
         *(["The single model and the ensemble are scored in one pass per number of views "
            "(each model runs once); the seconds are that pass's.", ""]
-          if len(ev) > 2 else []),
+          if "ensemble_1view" in ev else []),
         f"Data: {results['data']['train']} training and {results['data']['test']} test images "
         f"({results['data']['root']}); the test set is only used for the numbers above and the "
         "per-epoch column below (no choice was made on it: fixed schedule, last checkpoint).",

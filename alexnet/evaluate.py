@@ -42,22 +42,16 @@ def view_augment(ckpt: dict):
     return DeviceAugment(stats, crop, train=False, scale=float(aug.get("scale", 1.0)))
 
 
-def ensemble_probs(
-    models: list, augs: list, images: torch.Tensor, views: int, max_batch: int | None = None
-) -> torch.Tensor:
-    """Softmax averaged over the views of each image (B5), then over the models (F4): (B, K).
+def view_probs(model, aug, images: torch.Tensor, views: int, max_batch: int | None = None):
+    """One model's softmax averaged over the views of each image (PAPER B5): (B, K).
 
     ``max_batch``: forward at most this many views at a time (default: all B*views at once).
     On the CPU ten views of a 100-image batch as one 1,000-image forward ran at less than
     half the images/s of ten 100-view forwards (the activations fall out of cache)."""
-    total = None
-    for model, aug in zip(models, augs, strict=True):
-        x = aug.views(images, views)  # (B*views, C, crop, crop), image-major
-        chunks = x.split(max_batch) if max_batch else (x,)
-        probs = torch.softmax(torch.cat([model(c).float() for c in chunks]), dim=1)
-        probs = probs.view(images.shape[0], views, -1).mean(dim=1)
-        total = probs if total is None else total + probs
-    return total / len(models)
+    x = aug.views(images, views)  # (B*views, C, crop, crop), image-major
+    chunks = x.split(max_batch) if max_batch else (x,)
+    probs = torch.softmax(torch.cat([model(c).float() for c in chunks]), dim=1)
+    return probs.view(images.shape[0], views, -1).mean(dim=1)
 
 
 @dataclass
@@ -118,9 +112,10 @@ def evaluate(
     models, augs, ds, *, views: int, batch_size: int, device, env, workers: int = 0, sizes=None
 ):
     """Per-class counts over this rank's share of ``ds``, summed over all ranks, for the
-    ensemble of all ``models``. With ``sizes``, a list of counts instead, one for the ensemble
-    of the first k models for each k in ``sizes``, from one pass in which each model runs
-    once (the demo scores its first model and the ensemble together)."""
+    ensemble of all ``models``: their view-averaged softmax averaged (PAPER F4). With
+    ``sizes``, a list of counts instead, one for the ensemble of the first k models for each
+    k in ``sizes``, from one pass in which each model runs once (the demo scores its first
+    model and the ensemble together)."""
     from alexnet import distributed as D
     from alexnet.data import make_loader
 
@@ -139,10 +134,9 @@ def evaluate(
     with Progress(mine, label, enabled=env.is_main) as progress:
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            total = None  # the sum of the first i models' probabilities, as ensemble_probs
+            total = None  # the sum of the first i models' probabilities
             for i in range(max(ks)):
-                p = ensemble_probs(models[i : i + 1], augs[i : i + 1], images, views,
-                                   max_batch=batch_size)  # fmt: skip
+                p = view_probs(models[i], augs[i], images, views, max_batch=batch_size)
                 total = p if total is None else total + p
                 for c, k in zip(counts, ks, strict=True):
                     if k == i + 1:

@@ -69,6 +69,12 @@ def _matmul_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and (t.is_contiguous() or cl)
 
 
+def _scaled_band(channels: int, before: int, after: int, groups: int, scale: float, device, dtype):
+    """``scale`` times ``band_matrix``."""
+    band = band_matrix(channels, before, after, groups, device=device, dtype=dtype)
+    return band * scale if scale != 1.0 else band
+
+
 def _band_sum(t: Tensor, band: Tensor) -> Tensor:
     """t's channels times the (C, C) matrix ``band``: out[:, i] = sum_j t[:, j] * band[j, i],
     for an NCHW or channels_last tensor; the result has t's layout."""
@@ -93,8 +99,7 @@ def window_sum(
     if method == "auto":
         method = "matmul" if _matmul_ok(t) else "shift"
     if method == "matmul":
-        band = band_matrix(channels, before, after, groups, device=t.device, dtype=t.dtype)
-        return _band_sum(t, band * scale if scale != 1.0 else band)
+        return _band_sum(t, _scaled_band(channels, before, after, groups, scale, t.device, t.dtype))
     out = t.clone(memory_format=torch.preserve_format)
     width = channels // groups
     for g in range(groups):
@@ -138,8 +143,7 @@ def _window_summer(x: Tensor, before: int, after: int, groups: int, scale: float
     pass: the banded GEMM (its matrix built here) on CPU for NCHW or channels_last tensors,
     shifted adds otherwise."""
     if _matmul_ok(x):
-        band = band_matrix(x.shape[1], before, after, groups, device=x.device, dtype=dtype)
-        band = band * scale
+        band = _scaled_band(x.shape[1], before, after, groups, scale, x.device, dtype)
         return lambda t: _band_sum(t, band)
     return lambda t: window_sum(t, before, after, groups, "shift", scale)
 

@@ -61,11 +61,11 @@ def read_images(paths: list[Path], size: int, channels: int):
 @torch.no_grad()
 def predict(model, aug, images: torch.Tensor, views: int, batch_size: int = 32) -> torch.Tensor:
     """Class probabilities (N, K), softmax averaged over the views (PAPER B5)."""
-    from alexnet.evaluate import ensemble_probs
+    from alexnet.evaluate import view_probs
 
     device = next(model.parameters()).device
     out = [
-        ensemble_probs([model], [aug], images[i : i + batch_size].to(device), views).cpu()
+        view_probs(model, aug, images[i : i + batch_size].to(device), views).cpu()
         for i in range(0, images.shape[0], batch_size)
     ]
     return torch.cat(out) if out else torch.zeros(0, model.fc8.out_features)
