@@ -10,6 +10,7 @@ no ``if distributed`` branches. The device-level settings every process makes th
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import threading
@@ -79,7 +80,12 @@ def setup(env: DistEnv, device: torch.device) -> None:
 
 
 def teardown() -> None:
+    """Close the process group, and free it now. DDP's wrapper sits in reference cycles and
+    holds the group: left to the interpreter's exit, gloo's threads can be destroyed while
+    still joinable, and the process aborts ("terminate called without an active exception")
+    after a finished run. The caller drops its own references first."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

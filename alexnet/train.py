@@ -351,7 +351,7 @@ def train(
     ck_path, ck = _resume_checkpoint(resume, cfg) if resume else (None, None)
     previous = D.set_determinism(cfg.run.deterministic, device)
     D.setup(env, device)
-    log = None
+    log = s = None
     try:
         if ck_path is not None:
             run_dir = ck_path.parent.parent
@@ -384,6 +384,7 @@ def train(
         if log is not None:
             log.close()
         torch.use_deterministic_algorithms(previous)
+        s = None  # noqa: F841 -- the session's DDP wrapper holds the process group: let go of it
         D.teardown()
 
 
