@@ -10,7 +10,7 @@ A checkpoint is one ``torch.save``d dict (see docs/ARCHITECTURE.md, "Checkpoints
     optimizer, schedule, epoch, step, rng, sampler, metrics: all resuming needs
 
 Every value is a tensor or plain Python data, so ``torch.load(..., weights_only=True)`` reads it.
-Writes go through ``alexnet.fileio.atomic_torch_save``: a crash or a full disk while saving
+Writes go through ``alexnet.runtime.fileio.atomic_torch_save``: a crash or a full disk while saving
 leaves the previous checkpoint intact.
 """
 
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from alexnet import distributed as D
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open, atomic_torch_save
+from alexnet.runtime import distributed as D
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open, atomic_torch_save
 
 FORMAT = "alexnet-checkpoint/1"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile

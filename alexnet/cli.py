@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,11 +29,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fc7 (or any layer) features, nearest neighbours, binary codes",
     ),
     "figures": ("alexnet.figures", "the paper's figures: filters, predictions, neighbours, curves"),
-    "convert": ("alexnet.convert", "import Caffe / torchvision weights; export ONNX / safetensors"),
-    "bench": ("alexnet.bench", "training and inference speed against the usual implementation"),
-    "bench-loader": ("alexnet.data.bench", "data loading speed against per-image PIL loading"),
-    "experiment": ("alexnet.experiment", "the paper's experiments at small scale"),
-    "demo": ("alexnet.demo", "the whole system end to end on Fashion-MNIST"),
+    "convert": (
+        "alexnet.interop.convert",
+        "import Caffe / torchvision weights; export ONNX / safetensors",
+    ),
+    "bench": (
+        "alexnet.bench.speed",
+        "training and inference speed against the usual implementation",
+    ),
+    "bench-loader": ("alexnet.bench.loader", "data loading speed against per-image PIL loading"),
+    "experiment": ("alexnet.lab.experiment", "the paper's experiments at small scale"),
+    "demo": ("alexnet.lab.demo", "the whole system end to end on Fashion-MNIST"),
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 ARCHS = ("paper", "owt", "small")
 SCHEDULES = ("plateau", "steps", "constant")

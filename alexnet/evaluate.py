@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_write_json, atomic_write_text
-from alexnet.progress import Progress
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
+from alexnet.runtime.progress import Progress
 
 
 def view_augment(ckpt: dict):
@@ -116,8 +116,8 @@ def evaluate(
     ``sizes``, a list of counts instead, one for the ensemble of the first k models for each
     k in ``sizes``, from one pass in which each model runs once (the demo scores its first
     model and the ensemble together)."""
-    from alexnet import distributed as D
     from alexnet.data import make_loader
+    from alexnet.runtime import distributed as D
 
     ks = [len(models)] if sizes is None else list(sizes)
     if not all(1 <= k <= len(models) for k in ks):
@@ -202,8 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alexnet import distributed as D
     from alexnet.data import PreparedDataset
+    from alexnet.runtime import distributed as D
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")

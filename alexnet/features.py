@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open, atomic_write_json
-from alexnet.progress import Progress
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.progress import Progress
 
 # ----------------------------------------------------------------------------- extraction
 

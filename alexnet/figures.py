@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open
 
 TRUE_COLOUR, OTHER_COLOUR = "#d62728", "#1f77b4"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = summarize(args.model, **options)
     except ValueError as e:
-        from alexnet.errors import UserError
+        from alexnet.runtime.errors import UserError
 
         raise UserError(str(e)) from e
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
-from alexnet import distributed as D
-from alexnet.errors import UserError
 from alexnet.optim import PaperSGD, make_schedule, param_groups, set_lr, warmup_factor
-from alexnet.progress import Progress
-from alexnet.runlog import RunLog, environment, epoch_line, new_run_dir
+from alexnet.runtime import distributed as D
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.progress import Progress
+from alexnet.runtime.runlog import RunLog, environment, epoch_line, new_run_dir
 
 
 class TrainingDiverged(UserError):

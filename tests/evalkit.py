@@ -74,8 +74,8 @@ def train_tiny(data: Path, out_dir: Path, steps: int = 8) -> Path:
 def known_checkpoint(path: Path, bias: list[float], seed: int = 0) -> Path:
     """A small-arch checkpoint whose output ignores the image: fc8's weights are zero, so the
     logits are ``bias`` for every input and every view."""
-    from alexnet.fileio import atomic_torch_save
     from alexnet.model import AlexNet
+    from alexnet.runtime.fileio import atomic_torch_save
 
     torch.manual_seed(seed)
     model = AlexNet(len(bias), arch="small", widths=(8, 16, 16, 16, 8), fc_width=16)

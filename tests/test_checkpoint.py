@@ -12,8 +12,8 @@ import torch
 from test_train import tiny_config, tiny_data
 
 from alexnet import checkpoint as ck_io
-from alexnet.errors import UserError
 from alexnet.model import AlexNet
+from alexnet.runtime.errors import UserError
 from alexnet.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from references import torchvision_reference, torchvision_state
 
-from alexnet import caffe_pb
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
-from alexnet.convert import import_caffe
 from alexnet.data import DeviceAugment
-from alexnet.fileio import atomic_torch_save
+from alexnet.interop import caffe_pb
+from alexnet.interop.convert import import_caffe
+from alexnet.runtime.fileio import atomic_torch_save
 
 # A narrow bvlc_alexnet: same layer pattern (grouped conv2/4/5, LRN before pool), small widths.
 WIDTHS = (8, 16, 24, 24, 16)

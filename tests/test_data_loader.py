@@ -9,7 +9,7 @@ import torch
 
 from alexnet.data import PreparedDataset, make_loader, prepare_arrays
 from alexnet.data.dataset import epoch_order
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 N = 37
 

@@ -17,7 +17,7 @@ from datagen import make_cifar_batches, make_fashion_idx, write_idx
 
 from alexnet.cli import main
 from alexnet.data import PreparedDataset, small
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 
 def test_fashion_mnist_from_idx_files(tmp_path, capsys):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet import demo
 from alexnet.cli import main
-from alexnet.errors import UserError
+from alexnet.lab import demo
+from alexnet.runtime.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datagen import write_idx  # noqa: E402

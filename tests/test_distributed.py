@@ -22,9 +22,9 @@ import torch
 from test_train import tiny_config, tiny_data
 
 from alexnet.checkpoint import load_checkpoint
-from alexnet.distributed import DistEnv
-from alexnet.errors import UserError
 from alexnet.model import AlexNet
+from alexnet.runtime.distributed import DistEnv
+from alexnet.runtime.errors import UserError
 from alexnet.train import train
 
 SAME_DRAWS = {
@@ -118,7 +118,7 @@ def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
-    from alexnet import distributed as D
+    from alexnet.runtime import distributed as D
 
     cpu = torch.device("cpu")
     assert D.precision_dtype("fp32", cpu) is None

@@ -143,8 +143,8 @@ def test_mismatched_classes_and_missing_files_are_clear_errors(tmp_path, data, c
 def test_one_pass_scores_the_first_model_and_the_ensemble(tmp_path, data):
     # sizes=[1, 3]: the counts of model a alone and of the three-model ensemble from one
     # pass, exactly as two separate evaluations give them.
-    from alexnet import distributed as D
     from alexnet import evaluate as E
+    from alexnet.runtime import distributed as D
 
     biases = ([0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0],
               [0.25, 0.05, 0.45, 5.0, 0.15, 0.35, -10.0, 0.55],

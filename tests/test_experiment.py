@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet import experiments_ablations as A
-from alexnet import experiments_fig1 as F1
 from alexnet.cli import main
 from alexnet.data import PreparedDataset, prepare_arrays
-from alexnet.errors import UserError
-from alexnet.experiment import mean_std, subset_indices
+from alexnet.lab import ablations as A
+from alexnet.lab import fig1 as F1
+from alexnet.lab.experiment import mean_std, subset_indices
+from alexnet.runtime.errors import UserError
 
 
 def tiny_fashion(root: Path, n_train: int = 320, n_val: int = 40, seed: int = 0) -> Path:
@@ -169,7 +169,7 @@ def test_ablations_table_is_the_paired_difference_of_its_runs(data, tmp_path):
 def test_unknown_variant_is_a_clear_error(data, tmp_path):
     from argparse import Namespace
 
-    from alexnet.experiment import run
+    from alexnet.lab.experiment import run
 
     with pytest.raises(UserError, match="--only"):
         run(Namespace(which="ablations", data=data, out=tmp_path, seeds=1, epochs=1,

@@ -17,7 +17,7 @@ import torch
 
 from alexnet import config as C
 from alexnet.checkpoint import load_checkpoint, load_model
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 from alexnet.train import TrainingDiverged, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

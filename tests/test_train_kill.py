@@ -15,8 +15,8 @@ import torch
 from test_train import tiny_config, tiny_data
 
 from alexnet.checkpoint import load_checkpoint
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_write_json
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_write_json
 from alexnet.train import train
 
 

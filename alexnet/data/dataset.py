@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from alexnet.data import store
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 
 class PreparedDataset(torch.utils.data.Dataset):

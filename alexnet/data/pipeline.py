@@ -25,9 +25,9 @@ from PIL import Image, UnidentifiedImageError
 
 from alexnet.data import store
 from alexnet.data.sources import Item
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open, atomic_write_json
-from alexnet.progress import Progress
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.progress import Progress
 
 
 @dataclass(frozen=True)

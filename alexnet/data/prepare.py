@@ -20,8 +20,8 @@ from PIL import Image
 
 from alexnet.data import pipeline, small, sources, store
 from alexnet.data.verify import verify
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_write_text
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_write_text
 
 
 def _image_options(p: argparse.ArgumentParser) -> None:

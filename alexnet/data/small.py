@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian: dataset-fashion-mnist
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 # As torchvision's ImageFolder: what counts as an image file (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

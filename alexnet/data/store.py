@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open, atomic_write_json
 
 FORMAT = "alexnet-prepared"
 VERSION = 1

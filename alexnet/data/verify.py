@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.data import store
-from alexnet.errors import UserError
-from alexnet.progress import Progress
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.progress import Progress
 
 
 def _check_layout(root: Path, split: str, meta: dict, index, data) -> list[str]:

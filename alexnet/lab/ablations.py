@@ -56,7 +56,7 @@ def base_config(data: Path, image_size: int, pixel_std: float, epochs: int):
     FC 512 with rate 0.02: the demo's recipe when the ablations of docs/RESULTS.md ran (the
     demo has since moved to FC 1024 and 0.04 for its longer schedule)."""
     from alexnet import config as C
-    from alexnet.demo import RECIPE, schedule_for
+    from alexnet.lab.demo import RECIPE, schedule_for
 
     crop = int(round(image_size * 0.875 / 2) * 2)
     cfg = C.preset("small")
@@ -80,7 +80,7 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
     10,000 would cost more than the training. Made once; the statistics (B2, B4) are those
     of the training subset."""
     from alexnet.data import PreparedDataset, store
-    from alexnet.experiment import subset_indices
+    from alexnet.lab.experiment import subset_indices
 
     train = PreparedDataset(data, "train")
     target = out / f"data-{n or len(train)}"
@@ -107,9 +107,9 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
 def score(checkpoint: Path, data: Path, views: int) -> dict:
     import torch
 
-    from alexnet import distributed as D
     from alexnet import evaluate as E
     from alexnet.data import PreparedDataset
+    from alexnet.runtime import distributed as D
 
     models, ckpts, augs = E.load_ensemble([checkpoint], torch.device("cpu"))
     models = [m.to(memory_format=torch.channels_last) for m in models]
@@ -122,7 +122,7 @@ def _scored(cache: Path, key: str, fn) -> dict:
     """``fn()`` once per key (a run's checkpoint and the views), kept in ``cache``."""
     import json
 
-    from alexnet.fileio import atomic_write_json
+    from alexnet.runtime.fileio import atomic_write_json
 
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in done:
@@ -134,8 +134,8 @@ def _scored(cache: Path, key: str, fn) -> dict:
 def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dict]:
     """Train (or reuse) the variant's runs and score their last checkpoints."""
     from alexnet import config as C
-    from alexnet.demo import train_one
     from alexnet.figures import read_metrics
+    from alexnet.lab.demo import train_one
 
     rows = []
     for seed in range(seeds):
@@ -159,7 +159,7 @@ def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dic
 
 def summarise(vs: list[Variant], rows: dict[str, list[dict]]) -> list[dict]:
     """Per variant: test error mean/std and the paired (same seed) difference to baseline."""
-    from alexnet.experiment import mean_std
+    from alexnet.lab.experiment import mean_std
 
     base = {r["seed"]: r["top1_error"] for r in rows["baseline"]}
     out = []
@@ -204,7 +204,7 @@ def plot(summary: list[dict], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alexnet.fileio import atomic_open
+    from alexnet.runtime.fileio import atomic_open
 
     rows = [s for s in summary if s["variant"] != "baseline"]
     y = np.arange(len(rows))
@@ -231,10 +231,10 @@ def plot(summary: list[dict], out: Path, title: str) -> None:
 
 def run_ablations(args) -> int:
     from alexnet.data import PreparedDataset
-    from alexnet.demo import RECIPE
-    from alexnet.errors import UserError
-    from alexnet.experiment import resolve_data, write_outputs
+    from alexnet.lab.demo import RECIPE
+    from alexnet.lab.experiment import resolve_data, write_outputs
     from alexnet.model import ARCHS
+    from alexnet.runtime.errors import UserError
 
     data, meta = resolve_data(args.data)
     vs = variants(tuple(RECIPE.get("model.widths") or ARCHS["small"].widths))

@@ -28,8 +28,8 @@ def neighbours(model, ckpt: dict, data: Path, out: Path, seed: int, queries: int
     from alexnet import figures
     from alexnet.data import PreparedDataset
     from alexnet.evaluate import view_augment
-    from alexnet.experiment import subset_indices
     from alexnet.features import knn
+    from alexnet.lab.experiment import subset_indices
 
     model = model.to(memory_format=torch.channels_last)
     aug = view_augment(ckpt)
@@ -99,7 +99,7 @@ def _epoch_table(records: list[dict]) -> list[str]:
 
 
 def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
-    from alexnet.fileio import atomic_write_json, atomic_write_text
+    from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 
     ev, env, tr = results["evaluation"], results["environment"], results["train"]
     hw, ver = env["hardware"], env["versions"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.progress import Progress
+from alexnet.runtime.progress import Progress
 
 
 class FourLayerCNN(nn.Module):
@@ -140,7 +140,7 @@ def plot(curves: dict[str, list[Curve]], threshold: float, out, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alexnet.fileio import atomic_open
+    from alexnet.runtime.fileio import atomic_open
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     styles = {"relu": ("-", "#1f77b4", "ReLU"), "tanh": ("--", "#d62728", "tanh")}
@@ -178,7 +178,7 @@ def _store(path, key: dict, curve: Curve) -> None:
     import dataclasses
     import json
 
-    from alexnet.fileio import atomic_write_text
+    from alexnet.runtime.fileio import atomic_write_text
 
     old = path.read_text() if path.is_file() else ""
     atomic_write_text(
@@ -188,7 +188,7 @@ def _store(path, key: dict, curve: Curve) -> None:
 
 def _load(data, n: int | None, seed: int):
     from alexnet.data import DeviceAugment, PreparedDataset
-    from alexnet.experiment import subset_indices
+    from alexnet.lab.experiment import subset_indices
 
     ds = PreparedDataset(data, "train")
     idx = subset_indices(ds.labels, n, seed)
@@ -201,7 +201,7 @@ def _load(data, n: int | None, seed: int):
 
 
 def run_fig1(args) -> int:
-    from alexnet.experiment import (
+    from alexnet.lab.experiment import (
         FMNIST_THRESHOLD,
         THRESHOLDS,
         fmt_ms,

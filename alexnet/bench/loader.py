@@ -24,7 +24,7 @@ from PIL import Image
 
 from alexnet.data.augment import DeviceAugment
 from alexnet.data.dataset import PreparedDataset, make_loader
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_write_json, atomic_write_text
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 # Figure 1's threshold: the paper's 25% on CIFAR-10. Fashion-MNIST is far easier (a 4-layer
@@ -53,7 +53,7 @@ def resolve_data(data: Path | None) -> tuple[Path, dict]:
         if not (data / "meta.json").is_file():
             raise UserError(f"{data}: not a prepared dataset (no meta.json; `alexnet prepare`)")
         return data, store.read_meta(data)
-    from alexnet.demo import ensure_prepared
+    from alexnet.lab.demo import ensure_prepared
 
     return DEFAULT_DATA, ensure_prepared(DEFAULT_DATA, None)
 
@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.train_images is not None and args.train_images < 0:
         raise UserError(f"--train-images {args.train_images}: must be >= 0 (0: all)")
     if args.which == "fig1":
-        from alexnet.experiments_fig1 import run_fig1
+        from alexnet.lab.fig1 import run_fig1
 
         return run_fig1(args)
-    from alexnet.experiments_ablations import run_ablations
+    from alexnet.lab.ablations import run_ablations
 
     return run_ablations(args)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_write_json, atomic_write_text
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 
 
 def new_run_dir(out_dir: str | Path, name: str, preset: str) -> Path:

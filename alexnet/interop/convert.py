@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.errors import UserError
-from alexnet.fileio import atomic_open, atomic_torch_save
 from alexnet.lrn import LocalResponseNorm
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_open, atomic_torch_save
 
 CAFFE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # Caffe's ILSVRC-2012 mean pixel in BGR order (the mean of imagenet_mean.binaryproto).
@@ -48,7 +48,7 @@ def read_caffe_layers(path: Path) -> list[tuple[str, str, list[np.ndarray], obje
     """``[(name, type, blobs, layer message), ...]`` in file order, V1 or V2 format."""
     from google.protobuf.message import DecodeError
 
-    from alexnet import caffe_pb
+    from alexnet.interop import caffe_pb
 
     net = caffe_pb.messages()["NetParameter"]()
     try:
@@ -138,7 +138,7 @@ def _read_mean(path: Path | None, size: int) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read the mean image ({e})") from e
     else:
-        from alexnet import caffe_pb
+        from alexnet.interop import caffe_pb
 
         blob = caffe_pb.messages()["BlobProto"]()
         try:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -253,9 +253,9 @@ def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
 # -------------------------------------------------------------------------- 4. evaluate
 def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     """Centre and ten-view results of the first model and, for several, of the ensemble."""
-    from alexnet import distributed as D
     from alexnet import evaluate as E
     from alexnet.data import PreparedDataset
+    from alexnet.runtime import distributed as D
 
     device = torch.device("cpu")
     models, ckpts, augs = E.load_ensemble(checkpoints, device)
@@ -333,9 +333,9 @@ def _stage(n: int, title: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alexnet.demo_report import make_figures, pct, write_report
     from alexnet.figures import read_metrics
-    from alexnet.runlog import environment
+    from alexnet.lab.report import make_figures, pct, write_report
+    from alexnet.runtime.runlog import environment
 
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)

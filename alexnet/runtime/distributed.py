@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alexnet.errors import UserError
+from alexnet.runtime.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet import distributed as D
-from alexnet.errors import UserError
 from alexnet.model import AlexNet, count_parameters
+from alexnet.runtime import distributed as D
+from alexnet.runtime.errors import UserError
 
 
 @dataclass(frozen=True)

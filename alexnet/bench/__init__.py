@@ -1,0 +1,1 @@
+"""Speed: training and inference against the usual way and the strongest peers; data loading."""

@@ -1,0 +1,1 @@
+"""Other people's weights in (Caffe, torchvision), portable formats out (ONNX, safetensors)."""

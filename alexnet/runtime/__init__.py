@@ -1,0 +1,1 @@
+"""Infrastructure: processes and devices, run directories, progress, atomic files, errors."""
