@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open, atomic_torch_save
 
@@ -119,11 +118,22 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
                 fout.write(chunk)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``; a clear error for anything else."""
+def resolve(path: str | os.PathLike, which: str = "last") -> Path:
+    """The checkpoint file meant by ``path``: the file itself, or in a run directory
+    ``checkpoints/last.pt`` (``which="last"``: where training stopped, what resuming reads)
+    or ``checkpoints/best.pt`` (``which="best"``: the lowest validation error; the last one
+    where no best was kept)."""
     path = Path(path)
-    if path.is_dir():  # a run directory: its last checkpoint
-        path = path / "checkpoints" / "last.pt"
+    if not path.is_dir():
+        return path
+    best = path / "checkpoints" / "best.pt"
+    return best if which == "best" and best.is_file() else path / "checkpoints" / "last.pt"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (a file, or a run directory's last
+    checkpoint); a clear error for anything else."""
+    path = resolve(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
     try:
@@ -143,10 +153,7 @@ def load_model(
     or a ``weights.safetensors`` export. The model is in eval mode on ``map_location``."""
     from alexnet.model import AlexNet
 
-    path = Path(path)
-    if path.is_dir():
-        best = path / "checkpoints" / "best.pt"
-        path = best if best.is_file() else path / "checkpoints" / "last.pt"
+    path = resolve(path, "best")
     ckpt = _load_safetensors(path) if path.suffix == ".safetensors" else load_checkpoint(path)
     config = dict(ckpt["model_config"])
     if isinstance(config.get("widths"), list):
@@ -214,92 +221,6 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     }
 
 
-# Saving and restoring a training run (``alexnet.train.Session``).
-
-
 def checkpoint_step(path: str | os.PathLike) -> int | None:
     """The step a checkpoint file was written at (for messages)."""
     return torch.load(path, map_location="cpu", weights_only=True).get("step")
-
-
-def _rank_state(s: Any) -> dict[str, Any]:
-    return {"rng": rng_state(s.generator), "epoch_sums": s.epoch_sums.tolist()}
-
-
-def save_training(s: Any, *, best: bool = False, finished: str | None = None) -> None:
-    """Write ``last.pt`` (and ``best.pt``) on rank 0; every rank must call it (the per-rank
-    random states are gathered). The model is saved unwrapped and, for the two-tower layout,
-    as the grouped network, so ``load_model`` reads every checkpoint the same way."""
-    ranks = D.gather_objects(_rank_state(s))
-    path, error = s.log.checkpoints / "last.pt", ""
-    if s.env.is_main:
-        try:
-            save_checkpoint(path, _checkpoint(s, ranks, finished))
-            if best:
-                link_or_copy(path, s.log.checkpoints / "best.pt")
-        except OSError as e:  # a full disk, a quota: the previous file is still whole
-            kept = f"{path} (step {checkpoint_step(path)})" if path.exists() else "none"
-            error = (
-                f"{path}: could not save the checkpoint at step {s.step} ({e}); the last good "
-                f"checkpoint is intact: {kept}. Free space and resume with --resume {s.log.path}"
-            )
-    if D.any_rank(bool(error), s.device):  # also the barrier: no rank runs ahead of the save
-        raise UserError(error or "rank 0 could not save the checkpoint")
-    s.last_good = path
-
-
-def _checkpoint(s: Any, ranks: list[dict[str, Any]], finished: str | None) -> dict:
-    model = s.model
-    state = model.grouped_state_dict() if hasattr(model, "grouped_state_dict") else None
-    return {
-        "model": state if state is not None else model.state_dict(),
-        **s.meta,
-        "config": s.cfg.to_dict(),
-        "optimizer": s.optimizer.state_dict(),
-        "schedule": s.schedule.state_dict(),
-        "epoch": s.epoch,
-        "step": s.step,
-        "rng": {"ranks": [r["rng"] for r in ranks]},
-        "sampler": {
-            "epoch": s.epoch,
-            "batch": s.batch_in_epoch,
-            "seed": s.cfg.run.seed,
-            "world_size": s.env.world_size,
-            "epoch_sums": [r["epoch_sums"] for r in ranks],
-        },
-        "metrics": {
-            "best_val_top1_error": s.best,
-            "last": s.log.records[-1] if s.log.records else None,
-        },
-        "finished": finished,
-    }
-
-
-def restore_training(s: Any, ck: dict[str, Any], path: Path) -> None:
-    """Continue exactly where ``ck`` stopped: weights, velocity, schedule, position in the
-    epoch, partial epoch sums and every random state (when the world size is the same)."""
-    if hasattr(s.model, "grouped_state_dict"):
-        from alexnet.towers import grouped_to_towers
-
-        s.model.load_state_dict(grouped_to_towers(ck["model"]))
-    else:
-        s.model.load_state_dict(ck["model"])
-    s.optimizer.load_state_dict(ck["optimizer"])
-    s.schedule.load_state_dict(ck["schedule"])
-    s.epoch, s.step, s.batch_in_epoch = ck["epoch"], ck["step"], ck["sampler"]["batch"]
-    s.best = ck["metrics"]["best_val_top1_error"]
-    s.last_good = path
-    ranks, sums = ck["rng"]["ranks"], ck["sampler"]["epoch_sums"]
-    if len(ranks) != s.env.world_size:
-        if s.env.is_main:
-            print(
-                f"resume: saved with {len(ranks)} processes, now {s.env.world_size}: the data "
-                "order is kept, random draws restart (not bitwise equal to an unbroken run)"
-            )
-        return
-    s.epoch_sums = torch.tensor(sums[s.env.rank], dtype=torch.float64, device=s.device)
-    try:
-        set_rng_state(ranks[s.env.rank], s.generator)
-    except (RuntimeError, ValueError) as e:  # e.g. a CPU generator state on a CUDA device
-        if s.env.is_main:
-            print(f"resume: random states not restored ({e}); continuing with fresh ones")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alexnet.recipes import PRESETS
 from alexnet.runtime.errors import UserError
 
-ARCHS = ("paper", "owt", "small")
 SCHEDULES = ("plateau", "steps", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -42,16 +43,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """``AlexNet``'s keyword arguments, less the three the data decides (classes, channels,
+    crop size): ``AlexNet(num_classes, in_channels=..., image_size=..., **asdict(model))``.
+    None takes the arch's own value (alexnet/model.py: ``ARCHS``)."""
+
     arch: str = "paper"  # paper (PAPER A1-A12) | owt (torchvision's variant, H2) | small
-    lrn: bool = True  # local response normalisation after conv1, conv2 (PAPER A8)
+    widths: tuple[int, ...] | None = None  # conv1..conv5 kernel counts (paper: A3-A6)
+    fc_width: int | None = None  # fc6/fc7 neurons (paper: 4096, A7)
+    lrn: bool | None = None  # LRN after conv1, conv2 (paper: yes, A8; owt: no)
     lrn_convention: str = "code"  # "code": c = alpha/n (the authors' code) | "printed": c = alpha
     lrn_per_tower: bool = True  # normalise within each tower's maps, as layers-145.cfg (H1)
     pool_kernel: int = 3  # overlapping max pooling z=3, s=2 (PAPER A9); 2 = non-overlapping
-    activation: str = "relu"  # (PAPER A2); "tanh" for the comparison of PAPER E4
     dropout: float = 0.5  # on fc6 and fc7 outputs (PAPER C1)
-    towers: bool = True  # groups=2 in conv2, conv4, conv5 (PAPER A4, A6, A12)
-    widths: tuple[int, ...] | None = None  # conv1..conv5 kernel counts; None = the arch's
-    fc_width: int | None = None  # fc6/fc7 neurons; None = the arch's (4096 for paper, A7)
+    activation: str = "relu"  # (PAPER A2); "tanh" for the comparison of PAPER E4
+    towers: bool | None = None  # groups=2 in conv2, conv4, conv5 (paper: yes, A4, A6, A12)
+    conv1_padding: int | None = None  # None: the arch's (paper: 2 on 224 px, see PAPER A3)
     # "paper": N(0, 0.01^2) weights, biases 0/1 (PAPER D2, D3) | "kaiming": He init, for the
     # small nets (see AlexNet.reset_parameters) | "none": torch's
     init: str = "paper"
@@ -95,7 +101,7 @@ class RunConfig:
     channels_last: bool = True  # NHWC activations: faster convolutions on CUDA and oneDNN
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms; resume is then bitwise
-    towers: str = ""  # "cuda:0,cuda:1": the model-parallel two-GPU layout (PAPER A12)
+    tower_devices: str = ""  # "cuda:0,cuda:1": the model-parallel two-GPU layout (PAPER A12)
     log_every: int = 20  # steps between loss read-backs, NaN checks and TensorBoard points
     progress_interval_s: float = 30.0  # seconds between plain progress lines (no terminal)
     save_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = at the end of each epoch only
@@ -117,39 +123,6 @@ class TrainConfig:
 
 
 SECTIONS = ("data", "model", "optim", "schedule", "run")
-
-# Each preset is a set of overrides on the defaults above, which are the paper's.
-PRESETS: dict[str, dict[str, Any]] = {
-    # ImageNet, the paper's recipe as written: D1-D5, plateau cuts, at most 90 epochs.
-    "paper": {},
-    # The authors' log (PAPER H1): drops after epochs 25, 51 and 79, stop after 91.
-    "paper-steps": {"schedule.kind": "steps", "schedule.epochs": 91},
-    # 28-32 px data (Fashion-MNIST, CIFAR-10) on a CPU: the small arch, crops of the stored
-    # size after 2 px padding, a short plateau schedule.
-    "small": {
-        "model.arch": "small",
-        "data.crop_size": 0,
-        "data.pad": 2,
-        "data.num_workers": 0,
-        "schedule.epochs": 30,
-        "schedule.patience": 2,
-        "schedule.threshold": 0.002,
-        "run.log_every": 10,
-        "run.progress_interval_s": 10.0,
-    },
-    # A smoke run that fits in a minute or two: small arch, 3 epochs, one drop.
-    "quick": {
-        "model.arch": "small",
-        "data.crop_size": 0,
-        "data.pad": 2,
-        "data.num_workers": 0,
-        "schedule.kind": "steps",
-        "schedule.epochs": 3,
-        "schedule.milestones": (2,),
-        "run.log_every": 5,
-        "run.progress_interval_s": 5.0,
-    },
-}
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
@@ -286,57 +259,90 @@ def apply_overrides(
 
 
 def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
-    """Raise one ``UserError`` listing every problem, before any work starts."""
-    d, m, o, s, r = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.run
-    problems = []
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            problems.append(msg)
-
-    need(m.arch in ARCHS, f"model.arch={m.arch!r}: choose from {', '.join(ARCHS)}")
-    need(m.lrn_convention in ("code", "printed"), "model.lrn_convention: code or printed")
-    need(m.pool_kernel in (2, 3), f"model.pool_kernel={m.pool_kernel}: 3 or 2")
-    need(m.init in ("paper", "kaiming", "none"), f"model.init={m.init!r}: paper, kaiming or none")
-    need(m.activation in ("relu", "tanh"), f"model.activation={m.activation!r}: relu or tanh")
-    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
-    need(d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0")
-    need(d.pca_std >= 0, f"data.pca_std={d.pca_std}: must be >= 0")
-    need(d.pca_scale in ("unit", "std"), f"data.pca_scale={d.pca_scale!r}: unit or std")
-    need(d.num_workers >= 0 and d.val_batch_size >= 0, "data.num_workers/val_batch_size >= 0")
-    need(o.batch_size > 0, f"optim.batch_size={o.batch_size}: must be > 0")
-    need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
-    need(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: must be in [0, 1)")
-    need(o.weight_decay >= 0 and o.bias_lr_mult > 0, "optim.weight_decay >= 0, bias_lr_mult > 0")
-    need(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing: must be in [0, 1)")
-    need(o.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0")
-    need(s.kind in SCHEDULES, f"schedule.kind={s.kind!r}: choose from {', '.join(SCHEDULES)}")
-    need(s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0")
-    need(0.0 < s.factor < 1.0, f"schedule.factor={s.factor}: must be in (0, 1)")
-    need(s.patience >= 1 and s.max_cuts >= 0, "schedule.patience >= 1 and max_cuts >= 0")
-    need(list(s.milestones) == sorted(set(s.milestones)), "schedule.milestones: must increase")
-    need(
-        r.precision in PRECISIONS, f"run.precision={r.precision!r}: choose {', '.join(PRECISIONS)}"
-    )
-    need(
-        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r.device) is not None,
-        f"run.device={r.device!r}: use auto, cpu, cuda or cuda:N",
-    )
-    need(r.log_every > 0 and r.save_every_steps >= 0 and r.max_steps >= 0, "run.* counts >= 0")
-    need("/" not in r.name, f"run.name={r.name!r}: a name, not a path (see run.out_dir)")
-    if r.towers:
-        parts = r.towers.split(",")
-        need(len(parts) == 2, f"run.towers={r.towers!r}: two devices, e.g. cuda:0,cuda:1")
-        need(m.towers, "run.towers needs model.towers=true (the grouped layout it splits)")
+    """Raise one ``UserError`` listing every problem, before any work starts. With
+    ``check_files``, also the dataset: it must be prepared, and the crops and the model must
+    fit its images."""
+    problems = [f"{k}={v}: must be a finite number" for k, v in flatten(cfg.to_dict()).items()
+                if isinstance(v, float) and not math.isfinite(v)]  # fmt: skip
+    problems += _setting_problems(cfg)
     if check_files:
-        need(bool(d.root), "data.root: no dataset given (--data DIR, made by `alexnet prepare`)")
-        if d.root:
-            need(
-                (Path(d.root) / "meta.json").is_file(),
-                f"{d.root}: not a prepared dataset (no meta.json; run `alexnet prepare` first)",
-            )
+        problems += _data_problems(cfg)
+    else:
+        problems += _model_problems(cfg, image_size=cfg.data.crop_size or None, channels=3)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def _setting_problems(cfg: TrainConfig) -> list[str]:
+    d, o, s, r = cfg.data, cfg.optim, cfg.schedule, cfg.run
+    checks = [
+        (d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0"),
+        (d.pca_std >= 0, f"data.pca_std={d.pca_std}: must be >= 0"),
+        (d.pca_scale in ("unit", "std"), f"data.pca_scale={d.pca_scale!r}: unit or std"),
+        (d.num_workers >= 0 and d.val_batch_size >= 0, "data.num_workers/val_batch_size >= 0"),
+        (o.batch_size > 0, f"optim.batch_size={o.batch_size}: must be > 0"),
+        (o.lr > 0, f"optim.lr={o.lr}: must be > 0"),
+        (0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: must be in [0, 1)"),
+        (o.weight_decay >= 0 and o.bias_lr_mult > 0, "optim.weight_decay >= 0, bias_lr_mult > 0"),
+        (0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing: must be in [0, 1)"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0"),
+        (s.kind in SCHEDULES, f"schedule.kind={s.kind!r}: choose from {', '.join(SCHEDULES)}"),
+        (s.epochs > 0, f"schedule.epochs={s.epochs}: must be > 0"),
+        (0.0 < s.factor < 1.0, f"schedule.factor={s.factor}: must be in (0, 1)"),
+        (s.patience >= 1 and s.max_cuts >= 0, "schedule.patience >= 1 and max_cuts >= 0"),
+        (list(s.milestones) == sorted(set(s.milestones)), "schedule.milestones: must increase"),
+        (r.precision in PRECISIONS, f"run.precision={r.precision!r}: {', '.join(PRECISIONS)}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r.device) is not None,
+         f"run.device={r.device!r}: use auto, cpu, cuda or cuda:N"),
+        (r.log_every > 0 and r.save_every_steps >= 0 and r.max_steps >= 0, "run.* counts >= 0"),
+        ("/" not in r.name, f"run.name={r.name!r}: a name, not a path (see run.out_dir)"),
+    ]  # fmt: skip
+    if r.tower_devices:
+        checks += [
+            (len(r.tower_devices.split(",")) == 2,
+             f"run.tower_devices={r.tower_devices!r}: two devices, e.g. cuda:0,cuda:1"),
+            (cfg.model.towers is not False,
+             "run.tower_devices needs model.towers (the grouped layout it splits)"),
+        ]  # fmt: skip
+    return [msg for ok, msg in checks if not ok]
+
+
+def _model_problems(cfg: TrainConfig, *, image_size: int | None, channels: int) -> list[str]:
+    """The model's own checks (``alexnet.model.resolve_options`` and the layer sizes), run
+    by building it on the meta device: no memory, no time."""
+    import torch
+
+    from alexnet.model import AlexNet
+
+    try:
+        with torch.device("meta"):
+            AlexNet(2, in_channels=channels, image_size=image_size,
+                    **dataclasses.asdict(cfg.model))  # fmt: skip
+    except ValueError as e:
+        return [f"model ({cfg.model.arch}): {e}"]
+    return []
+
+
+def _data_problems(cfg: TrainConfig) -> list[str]:
+    d = cfg.data
+    if not d.root:
+        return ["data.root: no dataset given (--data DIR, made by `alexnet prepare`)"]
+    meta_path = Path(d.root) / "meta.json"
+    if not meta_path.is_file():
+        return [f"{d.root}: not a prepared dataset (no meta.json; run `alexnet prepare` first)"]
+    try:
+        meta = json.loads(meta_path.read_text())
+        h, w = meta["image_size"]
+        channels = int(meta.get("channels", 3))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{meta_path}: unreadable ({type(e).__name__}: {e}); prepare the data again"]
+    crop = d.crop_size or min(h, w)
+    if crop > min(h, w):
+        # Training crops may reach into the padding, but the validation and test views (the
+        # centre and the ten of PAPER B5) are cut from the stored image itself.
+        return [f"data.crop_size={crop}: larger than the {h}x{w} images of {d.root} (the test "
+                f"views are cut from the stored image; use at most {min(h, w)})"]  # fmt: skip
+    return _model_problems(cfg, image_size=crop, channels=channels)
 
 
 # Settings that may change when a run is resumed; any other difference is an error.
@@ -392,8 +398,13 @@ FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--patience", "schedule.patience", int, "epochs without improvement before a rate cut"),
     ("--workers", "data.num_workers", int, "data loader processes per rank"),
     ("--device", "run.device", str, "auto | cpu | cuda | cuda:N"),
-    ("--precision", "run.precision", str, "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
-    ("--towers", "run.towers", str, "two devices for the two-GPU layout, e.g. cuda:0,cuda:1"),
+    ("--precision", "run.precision", str, "auto (bf16 where native, else fp32) | bf16 | fp32"),
+    (
+        "--towers",
+        "run.tower_devices",
+        str,
+        "two devices for the two-GPU layout, e.g. cuda:0,cuda:1",
+    ),
     ("--seed", "run.seed", int, "random seed"),
     ("--name", "run.name", str, "run directory name (default: <preset>-<date>-<time>)"),
     ("--out", "run.out_dir", str, "parent directory of run directories (default: runs)"),

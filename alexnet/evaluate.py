@@ -62,6 +62,9 @@ class Counts:
     top1: torch.Tensor  # (K,) correct at rank 1
     top5: torch.Tensor  # (K,) true class among the five most probable
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images, self.top1, self.top5
+
     @classmethod
     def zeros(cls, k: int, device) -> Counts:
         return cls(*(torch.zeros(k, dtype=torch.int64, device=device) for _ in range(3)))
@@ -143,7 +146,7 @@ def evaluate(
                         c.add(total / k, labels)
             progress.update(labels.shape[0])
     for c in counts:
-        for t in (c.images, c.top1, c.top5):
+        for t in c.tensors():
             D.all_reduce_sum(t)
     return counts[0] if sizes is None else counts
 

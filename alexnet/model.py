@@ -17,7 +17,10 @@ from torch import Tensor, nn
 
 from alexnet.lrn import LocalResponseNorm
 
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")
+CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+LEARNED = (*CONVS, "fc6", "fc7", "fc8")  # the eight learned layers (PAPER A1)
+LAYERS = (*CONVS, "pool5", "fc6", "fc7", "fc8")  # what ``forward_features`` can return
+GROUPED = ("conv2", "conv4", "conv5")  # see only their own tower's maps (PAPER A4, A6)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,39 @@ TORCHVISION_KEYS = {
 }
 
 
+def resolve_options(**options) -> dict:
+    """``AlexNet``'s keyword arguments checked, with the arch's own value filled in wherever
+    None was given: ``AlexNet(**resolved)`` builds the same network whatever the defaults
+    become later. Raises ``ValueError`` naming the first bad option."""
+    o = dict(options)
+    arch = o["arch"]
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    choices = {
+        "activation": ("relu", "tanh"),
+        "pool_kernel": (3, 2),
+        "lrn_convention": ("code", "printed"),
+        "init": ("paper", "kaiming", "none"),
+    }
+    for name, allowed in choices.items():
+        if o[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {o[name]!r}")
+    if not 0.0 <= o["dropout"] < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), not {o['dropout']}")
+    spec = ARCHS[arch]
+    for name in ("image_size", "widths", "fc_width", "lrn", "towers"):
+        if o[name] is None:
+            o[name] = getattr(spec, name)
+    if o["conv1_padding"] is None:
+        o["conv1_padding"] = spec.paddings[0]
+    o["widths"] = tuple(o["widths"])
+    if len(o["widths"]) != 5 or min(o["widths"]) < 1:
+        raise ValueError(f"widths needs five positive conv widths, got {o['widths']}")
+    if o["towers"] and any(w % 2 for w in o["widths"]):
+        raise ValueError(f"two towers (groups=2) need even widths, got {o['widths']}")
+    return o
+
+
 class AlexNet(nn.Module):
     """AlexNet. ``AlexNet()`` is the paper's network; keyword options serve the ablations.
 
@@ -133,47 +169,19 @@ class AlexNet(nn.Module):
         init: str = "paper",
     ) -> None:
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-        if activation not in ("relu", "tanh"):
-            raise ValueError(f"activation must be 'relu' or 'tanh', not {activation!r}")
-        if pool_kernel not in (2, 3):
-            raise ValueError(f"pool_kernel must be 3 (overlapping) or 2, not {pool_kernel}")
-        spec = ARCHS[arch]
-        widths = tuple(widths or spec.widths)
-        if len(widths) != 5:
-            raise ValueError(f"widths needs five conv widths, got {widths}")
-        lrn = spec.lrn if lrn is None else lrn
-        towers = spec.towers if towers is None else towers
-        image_size = image_size or spec.image_size
-        fc_width = fc_width or spec.fc_width
-        paddings = list(spec.paddings)
-        if conv1_padding is not None:
-            paddings[0] = conv1_padding
-        g = 2 if towers else 1
-        self.config = dict(
-            num_classes=num_classes,
-            arch=arch,
-            in_channels=in_channels,
-            image_size=image_size,
-            widths=widths,
-            fc_width=fc_width,
-            lrn=lrn,
-            lrn_convention=lrn_convention,
-            lrn_per_tower=lrn_per_tower,
-            pool_kernel=pool_kernel,
-            dropout=dropout,
-            activation=activation,
-            towers=towers,
-            conv1_padding=paddings[0],
-            init=init,
-        )
-        self.input_size = image_size
+        self.config = resolve_options(
+            num_classes=num_classes, arch=arch, in_channels=in_channels, image_size=image_size,
+            widths=widths, fc_width=fc_width, lrn=lrn, lrn_convention=lrn_convention,
+            lrn_per_tower=lrn_per_tower, pool_kernel=pool_kernel, dropout=dropout,
+            activation=activation, towers=towers, conv1_padding=conv1_padding, init=init,
+        )  # fmt: skip
+        o, spec = self.config, ARCHS[arch]
+        self.input_size = o["image_size"]
         self.dropout_at = spec.dropout_at
         self.act = F.relu if activation == "relu" else torch.tanh
-
-        k, s, p = spec.kernels, spec.strides, paddings
-        c1, c2, c3, c4, c5 = widths
+        g = 2 if o["towers"] else 1
+        k, s, p = spec.kernels, spec.strides, (o["conv1_padding"], *spec.paddings[1:])
+        c1, c2, c3, c4, c5 = o["widths"]
         self.conv1 = nn.Conv2d(in_channels, c1, k[0], s[0], p[0])  # 3 -> 96, 11x11/4: PAPER A3
         self.conv2 = nn.Conv2d(c1, c2, k[1], s[1], p[1], groups=g)  # 5x5x48 per tower: A4
         self.conv3 = nn.Conv2d(c2, c3, k[2], s[2], p[2])  # 3x3x256, sees both towers: A5
@@ -181,17 +189,15 @@ class AlexNet(nn.Module):
         self.conv5 = nn.Conv2d(c4, c5, k[4], s[4], p[4], groups=g)  # 3x3x192: A6
         # Each tower normalises over its own maps only (PAPER A12, H1): LRN in groups.
         self.lrn_groups = g if lrn_per_tower else 1
-        self.lrn1 = self._make_lrn(lrn, lrn_convention, self.lrn_groups)
-        self.lrn2 = self._make_lrn(lrn, lrn_convention, self.lrn_groups)
+        self.lrn1 = self._make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
+        self.lrn2 = self._make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
         self.pool = nn.MaxPool2d(kernel_size=pool_kernel, stride=2)  # z=3, s=2: PAPER A9
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if spec.adaptive_pool else None
         self.drop = nn.Dropout(dropout)  # PAPER C1
-        flat = self._flat_features(in_channels, image_size)  # 6*6*256 = 9216: PAPER A7
-        self.fc6 = nn.Linear(flat, fc_width)
-        self.fc7 = nn.Linear(fc_width, fc_width)
-        self.fc8 = nn.Linear(fc_width, num_classes)  # feeds the softmax: PAPER A1
-        if init not in ("paper", "kaiming", "none"):
-            raise ValueError(f"init must be 'paper', 'kaiming' or 'none', not {init!r}")
+        flat = self._flat_features(in_channels, o["image_size"])  # 6*6*256 = 9216: PAPER A7
+        self.fc6 = nn.Linear(flat, o["fc_width"])
+        self.fc7 = nn.Linear(o["fc_width"], o["fc_width"])
+        self.fc8 = nn.Linear(o["fc_width"], num_classes)  # feeds the softmax: PAPER A1
         if init != "none":
             self.reset_parameters(init)
 
@@ -206,7 +212,7 @@ class AlexNet(nn.Module):
         add, and SGD stalls at the label marginal. He et al.'s scaling keeps the signal alive.
         """
         ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
-        for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        for name in LEARNED:
             layer = getattr(self, name)
             if init == "paper":
                 nn.init.normal_(layer.weight, mean=0.0, std=0.01)
@@ -272,7 +278,7 @@ class AlexNet(nn.Module):
     def _flat_features(self, in_channels: int, image_size: int) -> int:
         """fc6's fan-in, from the map sizes: floor((n + 2p - k) / s) + 1 per layer."""
         n = image_size
-        for i, conv in enumerate((self.conv1, self.conv2, self.conv3, self.conv4, self.conv5)):
+        for i, conv in enumerate(getattr(self, name) for name in CONVS):
             n = (n + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
             if i in (0, 1, 4):
                 n = (n - self.pool.kernel_size) // self.pool.stride + 1
@@ -292,11 +298,6 @@ class AlexNet(nn.Module):
                 raise KeyError(f"unexpected key {key!r} in a torchvision alexnet state dict")
             renamed[f"{TORCHVISION_KEYS[module]}.{param}"] = value
         self.load_state_dict(renamed)
-
-
-def build_model(arch: str = "paper", num_classes: int = 1000, **options) -> AlexNet:
-    """``AlexNet(num_classes, arch=arch, **options)``; ``build_model(**model.config)`` rebuilds."""
-    return AlexNet(num_classes, arch=arch, **options)
 
 
 def count_parameters(model: nn.Module) -> int:

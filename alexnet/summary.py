@@ -9,9 +9,7 @@ import json
 import torch
 from torch import nn
 
-from alexnet.model import AlexNet
-
-LEARNED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+from alexnet.model import LEARNED, AlexNet
 
 
 def layer_table(model: AlexNet) -> list[dict]:

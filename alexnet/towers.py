@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from alexnet.model import AlexNet
-
-LEARNED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+from alexnet.model import CONVS, LEARNED, AlexNet
 
 
 def _halves(n: int) -> tuple[int, int]:
@@ -52,49 +50,17 @@ class Tower(nn.Module):
 
     def __init__(self, template: AlexNet, index: int) -> None:
         super().__init__()
-
-        def half(n: int) -> int:
-            return _halves(n)[index]
-
-        t = template
-        self.conv1 = nn.Conv2d(
-            t.conv1.in_channels,
-            half(t.conv1.out_channels),
-            t.conv1.kernel_size,
-            t.conv1.stride,
-            t.conv1.padding,
-        )
-        self.conv2 = nn.Conv2d(
-            t.conv1.out_channels // 2,
-            half(t.conv2.out_channels),
-            t.conv2.kernel_size,
-            t.conv2.stride,
-            t.conv2.padding,
-        )
-        self.conv3 = nn.Conv2d(
-            t.conv2.out_channels,
-            half(t.conv3.out_channels),
-            t.conv3.kernel_size,
-            t.conv3.stride,
-            t.conv3.padding,
-        )
-        self.conv4 = nn.Conv2d(
-            t.conv3.out_channels // 2,
-            half(t.conv4.out_channels),
-            t.conv4.kernel_size,
-            t.conv4.stride,
-            t.conv4.padding,
-        )
-        self.conv5 = nn.Conv2d(
-            t.conv4.out_channels // 2,
-            half(t.conv5.out_channels),
-            t.conv5.kernel_size,
-            t.conv5.stride,
-            t.conv5.padding,
-        )
-        self.fc6 = nn.Linear(t.fc6.in_features, half(t.fc6.out_features))
-        self.fc7 = nn.Linear(t.fc7.in_features, half(t.fc7.out_features))
-        self.fc8 = nn.Linear(t.fc8.in_features, half(t.fc8.out_features))
+        for name in CONVS:
+            conv = getattr(template, name)
+            # A grouped layer's kernels see conv.in_channels / groups maps: their own tower's
+            # (conv2, conv4, conv5); conv1 and conv3 (groups=1) see every input map.
+            self.add_module(name, nn.Conv2d(
+                conv.in_channels // conv.groups, _halves(conv.out_channels)[index],
+                conv.kernel_size, conv.stride, conv.padding,
+            ))  # fmt: skip
+        for name in ("fc6", "fc7", "fc8"):
+            fc = getattr(template, name)
+            self.add_module(name, nn.Linear(fc.in_features, _halves(fc.out_features)[index]))
 
 
 class TwoTowerAlexNet(nn.Module):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,137 +21,17 @@ import torch.nn.functional as F
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
-from alexnet.optim import PaperSGD, make_schedule, param_groups, set_lr, warmup_factor
+from alexnet.evaluate import Counts
+from alexnet.optim import set_lr, warmup_factor
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.progress import Progress
 from alexnet.runtime.runlog import RunLog, environment, epoch_line, new_run_dir
+from alexnet.session import Session, build
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-@dataclass
-class Session:
-    """Everything one training process holds; built once by ``build``."""
-
-    cfg: C.TrainConfig
-    env: D.DistEnv
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    model: torch.nn.Module  # the plain module (what checkpoints hold)
-    net: torch.nn.Module  # what runs: DDP and/or torch.compile around ``model``
-    optimizer: PaperSGD
-    schedule: Any
-    train_loader: Any
-    val_loader: Any
-    aug_train: Any
-    aug_val: Any
-    generator: torch.Generator  # every augmentation draw (crop, flip, colour noise)
-    log: RunLog
-    meta: dict[str, Any]  # classes, class_names, data_stats, augment, model_config
-    epoch: int = 0
-    step: int = 0
-    batch_in_epoch: int = 0
-    best: float = math.inf
-    last_good: Path | None = None
-    stop: D.StopRequest = field(default_factory=D.StopRequest)
-    epoch_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.optim.batch_size
-
-
-def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
-    from alexnet.data import PreparedDataset, make_loader
-
-    train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
-    val_ds = PreparedDataset(cfg.data.root, cfg.data.val_split)
-    per_rank = cfg.optim.batch_size // env.world_size
-    if len(train_ds) < cfg.optim.batch_size:
-        raise UserError(
-            f"{cfg.data.root}: {len(train_ds)} training images, fewer than one batch of "
-            f"{cfg.optim.batch_size} (optim.batch_size)"
-        )
-    common = dict(seed=cfg.run.seed, num_workers=cfg.data.num_workers, rank=env.rank,
-                  world_size=env.world_size)  # fmt: skip
-    train = make_loader(train_ds, per_rank, shuffle=True, drop_last=True, **common)
-    # pad=False: every validation image counted exactly once over all ranks.
-    val = make_loader(val_ds, cfg.data.val_batch_size or per_rank, shuffle=False,
-                      drop_last=False, pad=False, **common)  # fmt: skip
-    return train_ds, train, val
-
-
-def _model(cfg: C.TrainConfig, num_classes: int, channels: int, crop: int):
-    from alexnet.model import AlexNet
-
-    m = cfg.model
-    return AlexNet(
-        num_classes, arch=m.arch, in_channels=channels, image_size=crop, widths=m.widths,
-        fc_width=m.fc_width, lrn=m.lrn, lrn_convention=m.lrn_convention,
-        lrn_per_tower=m.lrn_per_tower, pool_kernel=m.pool_kernel, dropout=m.dropout,
-        activation=m.activation, towers=m.towers, init=m.init,
-    )  # fmt: skip
-
-
-def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
-    """Data, model, optimizer and schedule, seeded so every rank builds the same network."""
-    from alexnet.data import DeviceAugment
-
-    train_ds, train_loader, val_loader = _loaders(cfg, env)
-    crop = cfg.data.crop_size or train_ds.image_size[0]
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
-    try:
-        model = _model(cfg, len(train_ds.classes), train_ds.channels, crop)
-    except ValueError as e:  # e.g. crops too small for the arch: a config error
-        raise UserError(f"model ({cfg.model.arch}, {crop} px crops): {e}") from None
-    model_config = dict(model.config)
-    if cfg.run.towers:
-        from alexnet.towers import TwoTowerAlexNet
-
-        model = TwoTowerAlexNet.from_grouped(model, tuple(cfg.run.towers.split(",")))
-    else:
-        model = model.to(device)
-    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + 17 + env.rank)
-    d, o = cfg.data, cfg.optim
-    aug = dict(scale=d.scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
-    aug_train = DeviceAugment(
-        train_ds.stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug
-    )
-    aug_val = DeviceAugment(train_ds.stats, crop, train=False, **aug)
-    groups = param_groups(model, weight_decay=o.weight_decay, bias_decay=o.bias_decay,
-                          bias_lr_mult=o.bias_lr_mult)  # fmt: skip
-    optimizer = PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    net = model
-    if env.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.run.compile:
-        net = torch.compile(net)
-    meta = {
-        "model_config": model_config,
-        "classes": train_ds.classes,
-        "class_names": train_ds.class_names,
-        "data_stats": {k: v.clone() for k, v in train_ds.stats.items()},
-        "augment": {
-            "crop_size": crop,
-            "scale": d.scale,
-            "pad": d.pad,
-            "flip": d.flip,
-            "pca_std": d.pca_std,
-            "pca_scale": d.pca_scale,
-        },  # fmt: skip
-    }
-    return Session(
-        cfg, env, device, D.precision_dtype(cfg.run.precision, device), model, net, optimizer,
-        make_schedule(cfg.schedule, o.lr), train_loader, val_loader, aug_train, aug_val,
-        generator, RunLog(Path(), enabled=False), meta,
-    )  # fmt: skip
 
 
 def _autocast(s: Session):
@@ -163,7 +41,8 @@ def _autocast(s: Session):
 
 
 def _input_device(s: Session) -> torch.device:
-    return torch.device(s.cfg.run.towers.split(",")[0]) if s.cfg.run.towers else s.device
+    towers = s.cfg.run.tower_devices
+    return torch.device(towers.split(",")[0]) if towers else s.device
 
 
 def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, lr: float):
@@ -204,10 +83,7 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
     ``"interrupted"``."""
     cfg, loader = s.cfg, s.train_loader
     s.net.train()
-    loader.set_epoch(s.epoch)
-    loader.start_batch = s.batch_in_epoch
-    if s.batch_in_epoch == 0:
-        s.epoch_sums.zero_()  # loss sum, wrong, images, seconds of this epoch on this rank
+    s.start_epoch()
     first_bad = torch.full((), 2**62, dtype=torch.int64, device=s.device)
     warmup = round(cfg.optim.warmup_epochs * len(loader))
     status, t0, seconds0 = "done", time.perf_counter(), float(s.epoch_sums[3])
@@ -223,7 +99,7 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
             n = loss.new_tensor(labels.shape[0]).double()
             s.epoch_sums[:3] += torch.stack([loss.double() * n, wrong.double(), n])
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad > s.step), s.step, first_bad)
-            s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + 1
+            s.step += 1
             progress.update(s.global_batch)
             sync = s.step % cfg.run.log_every == 0
             if sync:
@@ -244,7 +120,7 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
                 break
             if cfg.run.save_every_steps and s.step % cfg.run.save_every_steps == 0:
                 _check_finite(s, first_bad)
-                ckpt_io.save_training(s)
+                s.save()
     _check_finite(s, first_bad)
     loss_sum, wrong, images, _ = D.all_reduce_sum(s.epoch_sums[:3].clone()).tolist() + [0]
     seconds = float(s.epoch_sums[3])
@@ -258,27 +134,28 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
 
 
 @torch.no_grad()
-def evaluate(s: Session) -> dict[str, float]:
-    """Validation loss, top-1 and top-5 error (centre crop), summed over all ranks."""
+def validate(s: Session) -> dict[str, float]:
+    """Validation loss, top-1 and top-5 error (centre crop), summed over all ranks; counted
+    as ``alexnet evaluate`` counts (``Counts``)."""
     s.net.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=s.device)  # loss, top1, top5 wrong, n
-    k = min(5, len(s.meta["classes"]))
+    counts = Counts.zeros(len(s.meta["classes"]), s.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     dev = _input_device(s)
     s.val_loader.set_epoch(0)
     for images, labels in s.val_loader:
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         with _autocast(s):
             logits = s.net(s.aug_val(images)).float()
-        topk = logits.topk(k, dim=1).indices
-        hit = topk == labels[:, None]
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        sums += torch.stack(
-            [loss.double(), (~hit[:, 0]).sum().double(), (~hit.any(1)).sum().double(),
-             loss.new_tensor(labels.shape[0]).double()]
-        )  # fmt: skip
-    loss, top1, top5, n = D.all_reduce_sum(sums).tolist()
-    n = max(n, 1.0)
-    return {"val_loss": loss / n, "val_top1_error": top1 / n, "val_top5_error": top5 / n}
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        counts.add(logits, labels)
+    n, top1, top5 = (int(D.all_reduce_sum(t).sum()) for t in counts.tensors())
+    loss = float(D.all_reduce_sum(loss_sum))
+    n = max(n, 1)
+    return {
+        "val_loss": loss / n,
+        "val_top1_error": (n - top1) / n,
+        "val_top5_error": (n - top5) / n,
+    }
 
 
 def run_epochs(s: Session) -> str:
@@ -290,18 +167,19 @@ def run_epochs(s: Session) -> str:
             lr = s.schedule.lr
             train_metrics, status = train_one_epoch(s)
             if status != "done":
-                ckpt_io.save_training(s)
+                s.save()
                 return "stopped" if status == "max_steps" else "interrupted"
-            val = evaluate(s)
+            val = validate(s)
             action = s.schedule.epoch_end(val["val_top1_error"])  # PAPER D4
             record = {"epoch": s.epoch + 1, "step": s.step, **train_metrics, **val, "lr": lr,
                       "event": action}  # fmt: skip
             improved = val["val_top1_error"] < s.best
             s.best = min(s.best, val["val_top1_error"])
             s.log.log_epoch(record)
-            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            s.epoch += 1
+            s.start_epoch()
             done = action == "stop" or s.epoch >= cfg.schedule.epochs
-            ckpt_io.save_training(s, best=improved, finished="schedule" if done else None)
+            s.save(best=improved, finished="schedule" if done else None)
             if s.env.is_main:
                 print(epoch_line(record, cfg.schedule.epochs), flush=True)
             if done:
@@ -310,8 +188,7 @@ def run_epochs(s: Session) -> str:
 
 
 def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, dict[str, Any]]:
-    path = Path(resume)
-    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    path = ckpt_io.resolve(resume)
     ck = ckpt_io.load_checkpoint(path)
     diffs = C.differences(ck["config"], cfg.to_dict())
     if diffs:
@@ -329,10 +206,12 @@ def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
             f"optim.batch_size={cfg.optim.batch_size}: not divisible by the "
             f"{env.world_size} processes (the global batch is split evenly)"
         )
-    if cfg.run.towers:
+    if cfg.run.tower_devices:
         if env.distributed:
-            raise UserError("run.towers: the two-tower layout runs in one process (no torchrun)")
-        devices = [D.pick_device(d, env) for d in cfg.run.towers.split(",")]
+            raise UserError(
+                "run.tower_devices: the two-tower layout runs in one process (no torchrun)"
+            )
+        devices = [D.pick_device(d, env) for d in cfg.run.tower_devices.split(",")]
         return devices[0]
     return D.pick_device(cfg.run.device, env)
 
@@ -364,7 +243,7 @@ def train(
         s.stop = D.StopRequest(announce=env.is_main)
         log = s.log = RunLog(run_dir, enabled=env.is_main, resume_epoch=ck["epoch"] if ck else None)
         if ck is not None:
-            ckpt_io.restore_training(s, ck, ck_path)
+            s.load_state_dict(ck, ck_path)
         log.write_config(cfg.to_dict())
         log.write_env(environment(device, env.world_size, argv))
         log.open_tensorboard(s.step)
@@ -432,7 +311,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
 
     base = None
     if args.resume and not (args.preset or args.config):
-        base = C.from_dict(ckpt_io.load_checkpoint(_ckpt_file(args.resume))["config"])
+        base = C.from_dict(ckpt_io.load_checkpoint(args.resume)["config"])
     cfg = C.from_args(args, base)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -442,8 +321,3 @@ def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
         summary = {k: result[k] for k in ("status", "run_dir", "epoch", "step")}
         print("train: " + json.dumps(summary))
     return {"finished": 0, "stopped": 0, "interrupted": 130}[result["status"]]
-
-
-def _ckpt_file(resume: str) -> Path:
-    path = Path(resume)
-    return path / "checkpoints" / "last.pt" if path.is_dir() else path

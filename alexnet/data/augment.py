@@ -203,6 +203,9 @@ class DeviceAugment:
         """Test views (B*n, C, crop, crop), image-major (views of image 0 first), mean
         subtracted the same way as in training; no colour noise."""
         b, channels, h, w = images.shape
+        if self.crop > min(h, w):
+            # Views are cut from the stored image (no padding): a larger crop has no pixels.
+            raise ValueError(f"test views of {self.crop} px from {h}x{w} images: crop too large")
         device = images.device
         mean, _, _ = self._buffers(device)
         if not self._use_gather(device):

@@ -205,7 +205,14 @@ class Loader:
         self._workers = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Another epoch starts at its first batch; the same epoch keeps its position."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.start_batch, self.batches_done = int(epoch), 0, 0
+
+    @property
+    def position(self) -> int:
+        """Batches of this epoch yielded so far (or to be skipped, after ``load_state_dict``)."""
+        return self.batches_done
 
     def batches(self) -> list[np.ndarray]:
         """This epoch's batches of dataset indices for this rank (all of them)."""
@@ -239,7 +246,9 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self.start_batch = int(state["start_batch"])
+        # "batch": the key of checkpoints written before the loader kept its own position
+        self.start_batch = int(state["start_batch"] if "start_batch" in state else state["batch"])
+        self.batches_done = self.start_batch
 
     def __iter__(self):
         todo = self.batches()[self.start_batch :]

@@ -1,0 +1,233 @@
+"""The training session: what one training process holds (data, model, optimizer, schedule,
+random states, position), built once by ``build``, and its ``state_dict`` /
+``load_state_dict``, which make a checkpoint complete: resuming from one gives the same run
+as not stopping (STYLE 8). ``alexnet.checkpoint`` does the file I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alexnet import checkpoint as ckpt_io
+from alexnet import config as C
+from alexnet.optim import PaperSGD, make_schedule, param_groups
+from alexnet.runtime import distributed as D
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.runlog import RunLog
+
+
+@dataclass
+class Session:
+    """Everything one training process holds; built once by ``build``."""
+
+    cfg: C.TrainConfig
+    env: D.DistEnv
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: torch.nn.Module  # the plain module (what checkpoints hold)
+    net: torch.nn.Module  # what runs: DDP and/or torch.compile around ``model``
+    optimizer: PaperSGD
+    schedule: Any
+    train_loader: Any  # its state_dict is the position in the epoch
+    val_loader: Any
+    aug_train: Any
+    aug_val: Any
+    generator: torch.Generator  # every augmentation draw (crop, flip, colour noise)
+    log: RunLog
+    meta: dict[str, Any]  # classes, class_names, data_stats, augment, model_config
+    epoch: int = 0
+    step: int = 0
+    best: float = math.inf
+    last_good: Path | None = None
+    stop: D.StopRequest = field(default_factory=D.StopRequest)
+    # This rank's sums over the epoch so far: loss, wrong, images, seconds.
+    epoch_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.optim.batch_size
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already trained on (this rank's loader position)."""
+        return self.train_loader.position
+
+    def start_epoch(self) -> None:
+        """Point the loader at epoch ``self.epoch``: a new epoch starts at its first batch;
+        the epoch a checkpoint stopped in continues at the batch after the last one saved."""
+        self.train_loader.set_epoch(self.epoch)
+        if self.batch_in_epoch == 0:
+            self.epoch_sums.zero_()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: gathered from every rank into the checkpoint."""
+        return {"rng": ckpt_io.rng_state(self.generator), "epoch_sums": self.epoch_sums.tolist()}
+
+    def state_dict(self, ranks: list[dict[str, Any]], finished: str | None = None) -> dict:
+        """The checkpoint: the model (unwrapped and, for two towers, as the grouped network,
+        so ``load_model`` reads every checkpoint the same way), what inference needs
+        (``meta``), and all resuming needs. ``ranks``: every rank's ``rank_state()``."""
+        grouped = getattr(self.model, "grouped_state_dict", None)
+        return {
+            "model": grouped() if grouped is not None else self.model.state_dict(),
+            **self.meta,
+            "config": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": {"ranks": [r["rng"] for r in ranks]},
+            "sampler": {
+                **self.train_loader.state_dict(),
+                "world_size": self.env.world_size,
+                "epoch_sums": [r["epoch_sums"] for r in ranks],
+            },
+            "metrics": {
+                "best_val_top1_error": self.best,
+                "last": self.log.records[-1] if self.log.records else None,
+            },
+            "finished": finished,
+        }
+
+    def load_state_dict(self, ck: dict[str, Any], path: Path) -> None:
+        """Continue exactly where ``ck`` stopped: weights, velocity, schedule, position in
+        the epoch, partial epoch sums and every random state (when the world size is the
+        same; with another, the data order is kept and the random draws restart)."""
+        if hasattr(self.model, "grouped_state_dict"):
+            from alexnet.towers import grouped_to_towers
+
+            self.model.load_state_dict(grouped_to_towers(ck["model"]))
+        else:
+            self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.schedule.load_state_dict(ck["schedule"])
+        self.epoch, self.step = ck["epoch"], ck["step"]
+        self.train_loader.load_state_dict(ck["sampler"])
+        self.best = ck["metrics"]["best_val_top1_error"]
+        self.last_good = path
+        ranks, sums = ck["rng"]["ranks"], ck["sampler"]["epoch_sums"]
+        if len(ranks) != self.env.world_size:
+            if self.env.is_main:
+                print(
+                    f"resume: saved with {len(ranks)} processes, now {self.env.world_size}: the "
+                    "data order is kept, random draws restart (not bitwise equal to an unbroken "
+                    "run)"
+                )
+            return
+        self.epoch_sums = torch.tensor(sums[self.env.rank], dtype=torch.float64, device=self.device)
+        try:
+            ckpt_io.set_rng_state(ranks[self.env.rank], self.generator)
+        except (RuntimeError, ValueError) as e:  # e.g. a CPU generator state on a CUDA device
+            if self.env.is_main:
+                print(f"resume: random states not restored ({e}); continuing with fresh ones")
+
+    def save(self, *, best: bool = False, finished: str | None = None) -> None:
+        """Write ``last.pt`` (and ``best.pt``) on rank 0; every rank must call it (the
+        per-rank random states are gathered, and no rank runs ahead of the save)."""
+        ranks = D.gather_objects(self.rank_state())
+        path, error = self.log.checkpoints / "last.pt", ""
+        if self.env.is_main:
+            try:
+                ckpt_io.save_checkpoint(path, self.state_dict(ranks, finished))
+                if best:
+                    ckpt_io.link_or_copy(path, self.log.checkpoints / "best.pt")
+            except OSError as e:  # a full disk, a quota: the previous file is still whole
+                kept = f"{path} (step {ckpt_io.checkpoint_step(path)})" if path.exists() else "none"
+                error = (
+                    f"{path}: could not save the checkpoint at step {self.step} ({e}); the last "
+                    f"good checkpoint is intact: {kept}. Free space and resume with --resume "
+                    f"{self.log.path}"
+                )
+        if D.any_rank(bool(error), self.device):
+            raise UserError(error or "rank 0 could not save the checkpoint")
+        self.last_good = path
+
+
+# -- building ------------------------------------------------------------------------------
+def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
+    from alexnet.data import PreparedDataset, make_loader
+
+    train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
+    val_ds = PreparedDataset(cfg.data.root, cfg.data.val_split)
+    per_rank = cfg.optim.batch_size // env.world_size
+    if len(train_ds) < cfg.optim.batch_size:
+        raise UserError(
+            f"{cfg.data.root}: {len(train_ds)} training images, fewer than one batch of "
+            f"{cfg.optim.batch_size} (optim.batch_size)"
+        )
+    common = dict(seed=cfg.run.seed, num_workers=cfg.data.num_workers, rank=env.rank,
+                  world_size=env.world_size)  # fmt: skip
+    train = make_loader(train_ds, per_rank, shuffle=True, drop_last=True, **common)
+    # pad=False: every validation image counted exactly once over all ranks.
+    val = make_loader(val_ds, cfg.data.val_batch_size or per_rank, shuffle=False,
+                      drop_last=False, pad=False, **common)  # fmt: skip
+    return train_ds, train, val
+
+
+def _place(model: torch.nn.Module, cfg: C.TrainConfig, device: torch.device) -> torch.nn.Module:
+    """On ``device``, or as two towers on the devices of ``run.tower_devices`` (PAPER A12)."""
+    if cfg.run.tower_devices:
+        from alexnet.towers import TwoTowerAlexNet
+
+        model = TwoTowerAlexNet.from_grouped(model, tuple(cfg.run.tower_devices.split(",")))
+    else:
+        model = model.to(device)
+    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
+def _augment_settings(cfg: C.TrainConfig, crop: int) -> dict[str, Any]:
+    d = cfg.data
+    return {"crop_size": crop, "scale": d.scale, "pad": d.pad, "flip": d.flip,
+            "pca_std": d.pca_std, "pca_scale": d.pca_scale}  # fmt: skip
+
+
+def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
+    """Data, model, optimizer and schedule, seeded so every rank builds the same network."""
+    from alexnet.data import DeviceAugment
+    from alexnet.model import AlexNet
+
+    train_ds, train_loader, val_loader = _loaders(cfg, env)
+    crop = cfg.data.crop_size or train_ds.image_size[0]
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
+    try:
+        model = AlexNet(len(train_ds.classes), in_channels=train_ds.channels, image_size=crop,
+                        **asdict(cfg.model))  # fmt: skip
+    except ValueError as e:  # e.g. crops too small for the arch: a config error
+        raise UserError(f"model ({cfg.model.arch}, {crop} px crops): {e}") from None
+    model_config = dict(model.config)
+    model = _place(model, cfg, device)
+    torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + 17 + env.rank)
+    d, o = cfg.data, cfg.optim
+    aug = dict(scale=d.scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
+    aug_train = DeviceAugment(
+        train_ds.stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug
+    )
+    aug_val = DeviceAugment(train_ds.stats, crop, train=False, **aug)
+    groups = param_groups(model, weight_decay=o.weight_decay, bias_decay=o.bias_decay,
+                          bias_lr_mult=o.bias_lr_mult)  # fmt: skip
+    optimizer = PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    net = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.run.compile:
+        net = torch.compile(net)
+    meta = {
+        "model_config": model_config,
+        "classes": train_ds.classes,
+        "class_names": train_ds.class_names,
+        "data_stats": {k: v.clone() for k, v in train_ds.stats.items()},
+        "augment": _augment_settings(cfg, crop),
+    }
+    return Session(
+        cfg, env, device, D.precision_dtype(cfg.run.precision, device), model, net, optimizer,
+        make_schedule(cfg.schedule, o.lr), train_loader, val_loader, aug_train, aug_val,
+        generator, RunLog(Path(), enabled=False), meta,
+    )  # fmt: skip
