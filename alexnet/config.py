@@ -107,6 +107,9 @@ class RunConfig:
     save_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = at the end of each epoch only
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in all; 0 = no limit
     export: bool = True  # write weights.safetensors (the best model) at the end
+    # Under torchrun: seconds a collective waits for a frozen or lost rank before the run
+    # fails with an error naming it (torch's default is 30 minutes).
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -295,6 +298,7 @@ def _setting_problems(cfg: TrainConfig) -> list[str]:
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r.device) is not None,
          f"run.device={r.device!r}: use auto, cpu, cuda or cuda:N"),
         (r.log_every > 0 and r.save_every_steps >= 0 and r.max_steps >= 0, "run.* counts >= 0"),
+        (r.dist_timeout_s > 0, f"run.dist_timeout_s={r.dist_timeout_s}: must be > 0"),
         ("/" not in r.name, f"run.name={r.name!r}: a name, not a path (see run.out_dir)"),
     ]  # fmt: skip
     if r.tower_devices:
@@ -365,6 +369,7 @@ RESUMABLE_CHANGES = {
     "run.save_every_steps",
     "run.max_steps",
     "run.export",
+    "run.dist_timeout_s",
 }
 
 

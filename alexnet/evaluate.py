@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from alexnet.runtime import devices
+from alexnet.runtime.args import natural_int, positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 from alexnet.runtime.progress import Progress
@@ -191,13 +193,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a checkpoint, run directory or .safetensors; repeat for an "
                              "ensemble (softmax averaged, PAPER F4)")  # fmt: skip
     parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
-    parser.add_argument("--split", default="val")
+    parser.add_argument(
+        "--split",
+        help="default: test where the data has its official test set as a split "
+        "(Fashion-MNIST, CIFAR-10), else val (ImageNet, as the paper reports, E2)",
+    )
     add_views_argument(parser)
     parser.add_argument(
-        "--batch-size", type=int, default=64,
+        "--batch-size", type=positive_int, default=64,
         help="images per batch per rank; also the most views per forward pass",
     )  # fmt: skip
-    parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    parser.add_argument("--workers", type=natural_int, default=0, help="loader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     parser.add_argument("--results", type=Path, help="also write the result JSON here")
@@ -206,14 +212,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alexnet.data import PreparedDataset
+    from alexnet.data.store import read_meta, report_split
     from alexnet.runtime import distributed as D
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     env = D.DistEnv.from_environ()
-    device = D.pick_device(args.device, env)
+    device = devices.pick_device(args.device, env.local_rank)
     D.setup(env, device)
     try:
+        if args.split is None:
+            args.split, args.split_is = report_split(read_meta(args.data))
         ds = PreparedDataset(args.data, args.split)
         models, ckpts, augs = load_ensemble(args.checkpoint, device)
         for model, ckpt, path in zip(models, ckpts, args.checkpoint, strict=True):
@@ -240,6 +247,7 @@ def _report(result: dict, counts: Counts, ds, args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     what = f"{result['models']}-model ensemble" if result["models"] > 1 else "1 model"
-    print(f"{what}, {result['views']} view(s), {result['images']} images of {args.split}:")
+    split = args.split + (f" ({args.split_is})" if getattr(args, "split_is", None) else "")
+    print(f"{what}, {result['views']} view(s), {result['images']} images of {split}:")
     print(f"  top-1 error {100 * result['top1_error']:6.2f}%")
     print(f"  top-5 error {100 * result['top5_error']:6.2f}%")

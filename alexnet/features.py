@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.runtime.args import positive_int
+from alexnet.runtime.devices import pick_device
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open, atomic_write_json
 from alexnet.runtime.progress import Progress
@@ -265,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, choices=(1, 10), default=1, help="features averaged "
                    "over the centre view or the ten views of PAPER B5")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the .npy to write")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("knn", help="exact Euclidean nearest neighbours (PAPER F3)")
@@ -306,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         from alexnet.data import PreparedDataset
         from alexnet.evaluate import check_data, view_augment
 
-        model, ckpt = load_model(args.checkpoint, map_location=args.device)
+        model, ckpt = load_model(args.checkpoint, map_location=pick_device(args.device))
         ds = PreparedDataset(args.data, args.split)
         check_data(ds, ckpt, model, args.checkpoint)
         source = {"checkpoint": str(args.checkpoint), "data": str(args.data),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet.runtime.args import positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open
 
@@ -233,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", type=Path, required=True)
         p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
         p.add_argument("--split", default="val", help="where the shown / query images come from")
-        p.add_argument("--n", type=int, default=8 if name == "predictions" else 5)
+        p.add_argument("--n", type=positive_int, default=8 if name == "predictions" else 5)
         p.add_argument("--indices", type=int, nargs="+", help="these images of --split "
                        "(default: --n drawn at random with --seed)")  # fmt: skip
         p.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.runtime.errors import UserError
+from alexnet.runtime.args import positive_int
+from alexnet.runtime.devices import pick_device
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -96,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="a checkpoint, run directory or .safetensors")  # fmt: skip
     add_views_argument(parser)
-    parser.add_argument("--top", type=int, default=5, help="classes to show per image")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
 
@@ -106,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from alexnet.checkpoint import load_model
     from alexnet.evaluate import view_augment
 
-    if args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
-    model, ckpt = load_model(args.checkpoint, map_location=args.device)
+    model, ckpt = load_model(args.checkpoint, map_location=pick_device(args.device))
     aug = view_augment(ckpt)
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at
     images, good, bad = read_images(args.images, size, model.conv1.in_channels)

@@ -15,9 +15,14 @@ import torch
 from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
 from alexnet.optim import PaperSGD, make_schedule, param_groups
+from alexnet.runtime import devices
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.runlog import RunLog
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -44,8 +49,11 @@ class Session:
     best: float = math.inf
     last_good: Path | None = None
     stop: D.StopRequest = field(default_factory=D.StopRequest)
-    # This rank's sums over the epoch so far: loss, wrong, images, seconds.
-    epoch_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    # This rank's sums over the epoch so far, on the session's device (the training step adds
+    # device tensors into them without a sync): loss * images, wrong, images. And the seconds
+    # trained, on the host (a value written from the host each step would be a copy).
+    epoch_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    epoch_seconds: float = 0.0
 
     @property
     def global_batch(self) -> int:
@@ -62,11 +70,13 @@ class Session:
         self.train_loader.set_epoch(self.epoch)
         if self.batch_in_epoch == 0:
             self.epoch_sums.zero_()
+            self.epoch_seconds = 0.0
 
     # -- checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: gathered from every rank into the checkpoint."""
-        return {"rng": ckpt_io.rng_state(self.generator), "epoch_sums": self.epoch_sums.tolist()}
+        sums = [*self.epoch_sums.tolist(), self.epoch_seconds]  # loss, wrong, images, seconds
+        return {"rng": ckpt_io.rng_state(self.generator), "epoch_sums": sums}
 
     def state_dict(self, ranks: list[dict[str, Any]], finished: str | None = None) -> dict:
         """The checkpoint: the model (unwrapped and, for two towers, as the grouped network,
@@ -119,7 +129,9 @@ class Session:
                     "run)"
                 )
             return
-        self.epoch_sums = torch.tensor(sums[self.env.rank], dtype=torch.float64, device=self.device)
+        mine = sums[self.env.rank]
+        self.epoch_sums = torch.tensor(mine[:3], dtype=torch.float64, device=self.device)
+        self.epoch_seconds = float(mine[3])
         try:
             ckpt_io.set_rng_state(ranks[self.env.rank], self.generator)
         except (RuntimeError, ValueError) as e:  # e.g. a CPU generator state on a CUDA device
@@ -128,7 +140,16 @@ class Session:
 
     def save(self, *, best: bool = False, finished: str | None = None) -> None:
         """Write ``last.pt`` (and ``best.pt``) on rank 0; every rank must call it (the
-        per-rank random states are gathered, and no rank runs ahead of the save)."""
+        per-rank random states are gathered, and no rank runs ahead of the save). Weights
+        that are not finite are never saved: such a checkpoint would become the last good."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(p.isfinite().all())]
+        if bad:
+            kept = f"{self.last_good}" if self.last_good else "none yet"
+            raise TrainingDiverged(
+                f"training diverged: non-finite weights in {', '.join(bad[:3])} at step "
+                f"{self.step}; not saved. Last good checkpoint: {kept}. Try a lower optim.lr "
+                f"(now {self.cfg.optim.lr}) or run.precision=fp32."
+            )
         ranks = D.gather_objects(self.rank_state())
         path, error = self.log.checkpoints / "last.pt", ""
         if self.env.is_main:
@@ -154,6 +175,14 @@ def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
 
     train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
     val_ds = PreparedDataset(cfg.data.root, cfg.data.val_split)
+    test_split = train_ds.meta.get("test_split")
+    on_test = cfg.data.val_split == test_split or (
+        train_ds.meta.get("val_is_official_test_set") and cfg.data.val_split == "val"
+    )
+    if env.is_main and on_test:
+        print(f"train: warning: {cfg.data.root}: the validation split {cfg.data.val_split!r} is "
+              "the official test set, so the rate cuts and best.pt are chosen on it (prepare "
+              "the data again for a held-out validation split)", flush=True)  # fmt: skip
     per_rank = cfg.optim.batch_size // env.world_size
     if len(train_ds) < cfg.optim.batch_size:
         raise UserError(
@@ -171,14 +200,13 @@ def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
 
 def _place(model: torch.nn.Module, cfg: C.TrainConfig, device: torch.device) -> torch.nn.Module:
     """On ``device``, or as two towers on the devices of ``run.tower_devices`` (PAPER A12)."""
+    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     if cfg.run.tower_devices:
         from alexnet.towers import TwoTowerAlexNet
 
-        model = TwoTowerAlexNet.from_grouped(model, tuple(cfg.run.tower_devices.split(",")))
-    else:
-        model = model.to(device)
-    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    return model.to(memory_format=fmt)
+        towers = TwoTowerAlexNet.from_grouped(model, tuple(cfg.run.tower_devices.split(",")))
+        return towers.to(memory_format=fmt)
+    return model.to(device, memory_format=fmt)  # one conversion: no second copy of the weights
 
 
 def _augment_settings(cfg: C.TrainConfig, crop: int) -> dict[str, Any]:
@@ -203,7 +231,7 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     model_config = dict(model.config)
     model = _place(model, cfg, device)
     torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + 17 + env.rank)
+    generator = devices.generator(device, cfg.run.seed * 1000 + 17 + env.rank)
     d, o = cfg.data, cfg.optim
     aug = dict(scale=d.scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
     aug_train = DeviceAugment(
@@ -227,7 +255,8 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         "augment": _augment_settings(cfg, crop),
     }
     return Session(
-        cfg, env, device, D.precision_dtype(cfg.run.precision, device), model, net, optimizer,
+        cfg, env, device, devices.precision_dtype(cfg.run.precision, device), model, net, optimizer,
         make_schedule(cfg.schedule, o.lr), train_loader, val_loader, aug_train, aug_val,
         generator, RunLog(Path(), enabled=False), meta,
+        epoch_sums=devices.zeros(3, device=device),
     )  # fmt: skip

@@ -9,7 +9,6 @@ reference scripts: ``build`` (data, model, optimizer, schedule), ``train_one_epo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -23,21 +22,12 @@ from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
 from alexnet.evaluate import Counts
 from alexnet.optim import set_lr, warmup_factor
+from alexnet.runtime import devices
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.progress import Progress
 from alexnet.runtime.runlog import RunLog, environment, epoch_line, new_run_dir
-from alexnet.session import Session, build
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-def _autocast(s: Session):
-    if s.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(s.device.type, dtype=s.amp_dtype)
+from alexnet.session import Session, TrainingDiverged, build
 
 
 def _input_device(s: Session) -> torch.device:
@@ -48,10 +38,10 @@ def _input_device(s: Session) -> torch.device:
 def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, lr: float):
     """One D1 step on one batch; returns (loss, wrong) as device tensors (no sync)."""
     dev = _input_device(s)
-    images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+    images, labels = devices.to_device(images, dev), devices.to_device(labels, dev)
     x = s.aug_train(images, s.generator)  # PAPER B2-B4 on the device
     set_lr(s.optimizer, lr)
-    with _autocast(s):
+    with devices.autocast(dev, s.amp_dtype):
         logits = s.net(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=s.cfg.optim.label_smoothing)
     s.optimizer.zero_grad(set_to_none=True)
@@ -64,7 +54,7 @@ def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, lr: float
 def _check_finite(s: Session, first_bad: torch.Tensor) -> None:
     """Stop every rank if any rank saw a non-finite loss, naming the first such step."""
     bad = int(D.all_reduce_min(first_bad.clone()).item())
-    if bad < 2**62:
+    if bad < NO_BAD_STEP:
         where = (
             f"{s.last_good} (step {ckpt_io.checkpoint_step(s.last_good)})"
             if s.last_good
@@ -77,6 +67,32 @@ def _check_finite(s: Session, first_bad: torch.Tensor) -> None:
         )
 
 
+NO_BAD_STEP = 2**62  # ``first_bad`` before any non-finite loss
+
+
+def account(s: Session, loss: torch.Tensor, wrong: torch.Tensor, images: int,
+            first_bad: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Add one step's loss and errors into the epoch's sums, on the device and without a
+    sync; returns ``first_bad``, the first step whose loss was not finite (or NO_BAD_STEP)."""
+    n = torch.full_like(loss, images, dtype=torch.float64)  # filled on the device: no copy
+    s.epoch_sums.add_(torch.stack([loss.double() * images, wrong.double(), n]))
+    keep = torch.isfinite(loss) | (first_bad <= s.step)  # finite, or an earlier bad step
+    return torch.where(keep, first_bad, s.step)
+
+
+def epoch_metrics(s: Session) -> dict[str, float]:
+    """The epoch's train metrics over all ranks (the all-reduce payload lives on the device)."""
+    loss_sum, wrong, images = D.all_reduce_sum(s.epoch_sums.clone()).tolist()
+    seconds = s.epoch_seconds
+    images = max(images, 1.0)
+    return {
+        "train_loss": loss_sum / images,
+        "train_error": wrong / images,
+        "images_per_sec": images / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
 def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
     """Train from ``s.batch_in_epoch`` to the end of epoch ``s.epoch`` (or an early stop).
     Returns the epoch's train metrics (all ranks) and ``"done"``, ``"max_steps"`` or
@@ -84,9 +100,9 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
     cfg, loader = s.cfg, s.train_loader
     s.net.train()
     s.start_epoch()
-    first_bad = torch.full((), 2**62, dtype=torch.int64, device=s.device)
+    first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=s.device)
     warmup = round(cfg.optim.warmup_epochs * len(loader))
-    status, t0, seconds0 = "done", time.perf_counter(), float(s.epoch_sums[3])
+    status, t0, seconds0 = "done", time.perf_counter(), s.epoch_seconds
     progress = Progress(
         len(loader) * s.global_batch, f"epoch {s.epoch + 1}/{cfg.schedule.epochs}",
         enabled=s.env.is_main, interval=cfg.run.progress_interval_s,
@@ -96,9 +112,7 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
         for images, labels in loader:
             lr = s.schedule.lr * warmup_factor(s.step, warmup)
             loss, wrong = train_step(s, images, labels, lr)
-            n = loss.new_tensor(labels.shape[0]).double()
-            s.epoch_sums[:3] += torch.stack([loss.double() * n, wrong.double(), n])
-            first_bad = torch.where(~torch.isfinite(loss) & (first_bad > s.step), s.step, first_bad)
+            first_bad = account(s, loss, wrong, labels.shape[0], first_bad)
             s.step += 1
             progress.update(s.global_batch)
             sync = s.step % cfg.run.log_every == 0
@@ -115,22 +129,14 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
                 status = "interrupted"
             if cfg.run.max_steps and s.step >= cfg.run.max_steps:
                 status = "max_steps"
-            s.epoch_sums[3] = seconds0 + time.perf_counter() - t0
+            s.epoch_seconds = seconds0 + time.perf_counter() - t0
             if status != "done":
                 break
             if cfg.run.save_every_steps and s.step % cfg.run.save_every_steps == 0:
                 _check_finite(s, first_bad)
                 s.save()
     _check_finite(s, first_bad)
-    loss_sum, wrong, images, _ = D.all_reduce_sum(s.epoch_sums[:3].clone()).tolist() + [0]
-    seconds = float(s.epoch_sums[3])
-    images = max(images, 1.0)
-    return {
-        "train_loss": loss_sum / images,
-        "train_error": wrong / images,
-        "images_per_sec": images / max(seconds, 1e-9),
-        "seconds": seconds,
-    }, status
+    return epoch_metrics(s), status
 
 
 @torch.no_grad()
@@ -143,8 +149,8 @@ def validate(s: Session) -> dict[str, float]:
     dev = _input_device(s)
     s.val_loader.set_epoch(0)
     for images, labels in s.val_loader:
-        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-        with _autocast(s):
+        images, labels = devices.to_device(images, dev), devices.to_device(labels, dev)
+        with devices.autocast(dev, s.amp_dtype):
             logits = s.net(s.aug_val(images)).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         counts.add(logits, labels)
@@ -211,9 +217,9 @@ def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
             raise UserError(
                 "run.tower_devices: the two-tower layout runs in one process (no torchrun)"
             )
-        devices = [D.pick_device(d, env) for d in cfg.run.tower_devices.split(",")]
-        return devices[0]
-    return D.pick_device(cfg.run.device, env)
+        towers = [devices.pick_device(d, env.local_rank) for d in cfg.run.tower_devices.split(",")]
+        return towers[0]
+    return devices.pick_device(cfg.run.device, env.local_rank)
 
 
 def train(
@@ -228,8 +234,13 @@ def train(
     env = D.DistEnv.from_environ()
     device = _check_setup(cfg, env)
     ck_path, ck = _resume_checkpoint(resume, cfg) if resume else (None, None)
-    previous = D.set_determinism(cfg.run.deterministic, device)
-    D.setup(env, device)
+    with devices.determinism(cfg.run.deterministic, device):
+        return _train(cfg, env, device, ck_path, ck, argv)
+
+
+def _train(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device, ck_path: Path | None,
+           ck: dict | None, argv: list[str] | None) -> dict[str, Any]:  # fmt: skip
+    D.setup(env, device, timeout_s=cfg.run.dist_timeout_s)
     log = s = None
     try:
         if ck_path is not None:
@@ -248,23 +259,22 @@ def train(
         log.write_env(environment(device, env.world_size, argv))
         log.open_tensorboard(s.step)
         _banner(s)
-        if ck is not None and ck.get("finished") and s.epoch >= cfg.schedule.epochs:
-            status = "finished"
-        elif (
-            ck is not None
-            and ck.get("finished") == "schedule"
-            and cfg.schedule.epochs == ck["config"]["schedule"]["epochs"]
-        ):
-            status = "finished"
-        else:
-            status = run_epochs(s)
+        status = "finished" if _already_finished(cfg, ck, s.epoch) else run_epochs(s)
         return _result(s, status)
     finally:
         if log is not None:
             log.close()
-        torch.use_deterministic_algorithms(previous)
         s = None  # noqa: F841 -- the session's DDP wrapper holds the process group: let go of it
         D.teardown()
+
+
+def _already_finished(cfg: C.TrainConfig, ck: dict | None, epoch: int) -> bool:
+    """A resumed run with nothing left to do: its epochs are done, or its schedule ended it
+    (a plateau stop) and no more epochs were asked for."""
+    if ck is None or not ck.get("finished"):
+        return False
+    more_asked = cfg.schedule.epochs != ck["config"]["schedule"]["epochs"]
+    return epoch >= cfg.schedule.epochs or (ck["finished"] == "schedule" and not more_asked)
 
 
 def _banner(s: Session) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import tiny_config, tiny_data
+from trainkit import tiny_config, tiny_data
 
 from alexnet import checkpoint as ck_io
 from alexnet.model import AlexNet

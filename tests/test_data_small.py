@@ -1,5 +1,6 @@
 """The small real datasets: Fashion-MNIST IDX files and CIFAR-10 python batches, stored raw
-at their native size; the official test set becomes ``val``."""
+at their native size; a stratified validation split is held out of the training images and
+the official test set is the ``test`` split."""
 
 from __future__ import annotations
 
@@ -22,23 +23,43 @@ from alexnet.runtime.errors import UserError
 
 def test_fashion_mnist_from_idx_files(tmp_path, capsys):
     arrays = make_fashion_idx(tmp_path / "src", n_train=30, n_test=12)
-    assert (
-        main(["prepare", "fashion-mnist", str(tmp_path / "out"), "--source", str(tmp_path / "src")])
-        == 0
-    )
-    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["class_names"] == small.FASHION_MNIST_CLASSES
-    assert meta["val_is_official_test_set"] is True and meta["storage"] == "raw"
-    for split, prefix in (("train", "train"), ("val", "t10k")):
-        ds = PreparedDataset(tmp_path / "out", split)
-        x, y = arrays[prefix]
-        assert ds.image_size == (28, 28) and ds.channels == 1 and len(ds) == len(x)
-        got = ds.get_batch(np.arange(len(ds)))
-        assert np.array_equal(got[:, 0].numpy(), x) and np.array_equal(ds.labels.numpy(), y)
-    stats = PreparedDataset(tmp_path / "out", "train").stats
-    assert stats["eigvals"].shape == (1,) and stats["eigvecs"].shape == (1, 1)
-    var = arrays["train"][0].astype(np.float64).var()
+    out = tmp_path / "out"
+    argv = ["prepare", "fashion-mnist", str(out), "--source", str(tmp_path / "src")]
+    assert main([*argv, "--val-size", "6", "--val-seed", "3"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["class_names"] == small.FASHION_MNIST_CLASSES and meta["storage"] == "raw"
+    assert meta["validation"] == {"size": 6, "seed": 3, "stratified": True, "from": "train"}
+    assert meta["test_split"] == "test"
+    x_train, y_train = arrays["train"]
+    test = PreparedDataset(out, "test")  # the official test set, whole and in order
+    assert np.array_equal(test.get_batch(np.arange(len(test)))[:, 0].numpy(), arrays["t10k"][0])
+    assert np.array_equal(test.labels.numpy(), arrays["t10k"][1])
+    # train + val are the official training images, each exactly once (rows compared whole)
+    got = {}
+    for split in ("train", "val"):
+        ds = PreparedDataset(out, split)
+        assert ds.image_size == (28, 28) and ds.channels == 1
+        got[split] = (ds.get_batch(np.arange(len(ds)))[:, 0].numpy(), ds.labels.numpy())
+    assert len(got["val"][1]) == 6 and len(got["train"][1]) == 24
+    rows = {x.tobytes(): y for x, y in zip(x_train, y_train, strict=True)}
+    both = [(x.tobytes(), y) for part in got.values() for x, y in zip(*part, strict=True)]
+    assert sorted(k for k, _ in both) == sorted(rows) and all(rows[k] == y for k, y in both)
+    stats = PreparedDataset(out, "train").stats  # over the training images only (B2, B4)
+    var = got["train"][0].astype(np.float64).var()
     np.testing.assert_allclose(stats["eigvals"][0].item(), var, rtol=1e-5)
+
+
+def test_validation_split_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])  # shares 0.4, 0.3, 0.2, 0.1
+    held = small.stratified_holdout(labels, 10, seed=0)
+    assert np.bincount(labels[held], minlength=4).tolist() == [4, 3, 2, 1]
+    assert len(set(held.tolist())) == 10 and np.all(np.diff(held) > 0)
+    assert np.array_equal(held, small.stratified_holdout(labels, 10, seed=0))
+    assert not np.array_equal(held, small.stratified_holdout(labels, 10, seed=1))
+    odd = small.stratified_holdout(labels, 7, seed=0)  # 2.8 1.8 1.4 0.7: largest remainders
+    assert np.bincount(labels[odd], minlength=4).tolist() == [3, 2, 1, 1]
+    with pytest.raises(UserError, match="--val-size"):
+        small.carve_validation({"train": (labels, labels), "test": (labels, labels)}, 100, 0)
 
 
 def test_broken_idx_files_are_clear_errors(tmp_path, capsys):
@@ -78,11 +99,12 @@ def test_download_checks_md5_before_writing_and_prepares(served, tmp_path, monke
     monkeypatch.setattr(small, "FASHION_MNIST_FILES", md5s)
     monkeypatch.setattr(small, "FASHION_MNIST_URL", url)
     out = tmp_path / "prepared"
-    assert main(["prepare", "fashion-mnist", str(out), "--download"]) == 0
+    assert main(["prepare", "fashion-mnist", str(out), "--download", "--val-size", "4"]) == 0
     got = out / "source"
     for name in md5s:
         assert (got / name).read_bytes() == (site / name).read_bytes()
-    assert (len(PreparedDataset(out, "train")), len(PreparedDataset(out, "val"))) == (20, 10)
+    sizes = [len(PreparedDataset(out, s)) for s in ("train", "val", "test")]
+    assert sizes == [16, 4, 10]
     small.download_fashion_mnist(tmp_path / "dl")  # into a folder of one's choice
     # A corrupt file on the server: a clear error naming it, nothing written for it.
     bad = "t10k-labels-idx1-ubyte.gz"
@@ -109,10 +131,11 @@ def test_checksums_accept_the_right_file_and_name_the_wrong_one(tmp_path):
 )
 def test_the_real_fashion_mnist(tmp_path, capsys):
     assert main(["prepare", "fashion-mnist", str(tmp_path / "out")]) == 0
-    train, val = (PreparedDataset(tmp_path / "out", s) for s in ("train", "val"))
-    assert (len(train), len(val)) == (60000, 10000)
-    assert np.bincount(train.labels.numpy()).tolist() == [6000] * 10
-    assert np.bincount(val.labels.numpy()).tolist() == [1000] * 10
+    train, val, test = (PreparedDataset(tmp_path / "out", s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (55000, 5000, 10000)
+    assert np.bincount(train.labels.numpy()).tolist() == [5500] * 10  # stratified hold-out
+    assert np.bincount(val.labels.numpy()).tolist() == [500] * 10
+    assert np.bincount(test.labels.numpy()).tolist() == [1000] * 10
     mean = train.stats["mean"]
     assert mean.shape == (1, 28, 28) and 60 < mean.mean().item() < 85  # known: ~72.9
 
@@ -121,16 +144,27 @@ def test_cifar10_batches(tmp_path, capsys):
     batches = make_cifar_batches(tmp_path / "cifar-10-batches-py", per_batch=6)
     out = tmp_path / "out"
     assert (
-        main(["prepare", "cifar10", "--source", str(tmp_path / "cifar-10-batches-py"), str(out)])
+        main(
+            [
+                "prepare",
+                "cifar10",
+                "--source",
+                str(tmp_path / "cifar-10-batches-py"),
+                str(out),
+                "--val-size",
+                "5",
+            ]
+        )  # fmt: skip
         == 0
     )
-    ds = PreparedDataset(out, "train")
-    assert ds.image_size == (32, 32) and ds.channels == 3 and len(ds) == 30
+    ds, held = PreparedDataset(out, "train"), PreparedDataset(out, "val")
+    assert ds.image_size == (32, 32) and ds.channels == 3 and (len(ds), len(held)) == (25, 5)
     assert ds.class_names[0] == "airplane" and ds.class_names[9] == "truck"
-    x3, y3 = batches["data_batch_3"]
-    got = ds.get_batch(np.arange(12, 18)).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(got, x3) and ds.labels[12:18].tolist() == y3.tolist()
-    val = PreparedDataset(out, "val")
+    x3, y3 = batches["data_batch_3"]  # training images keep their order around the hold-out
+    images = np.concatenate([ds.get_batch(np.arange(len(ds))), held.get_batch(np.arange(5))])
+    flat = [x.tobytes() for x in images.transpose(0, 2, 3, 1)]
+    assert all(x.tobytes() in flat for x in x3)
+    val = PreparedDataset(out, "test")
     assert np.array_equal(
         val.get_batch(np.arange(6)).permute(0, 2, 3, 1).numpy(), batches["test_batch"][0]
     )

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_config, tiny_data
+from trainkit import tiny_config, tiny_data
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.model import AlexNet
+from alexnet.runtime import devices
 from alexnet.runtime.distributed import DistEnv
 from alexnet.runtime.errors import UserError
 from alexnet.train import train
@@ -118,11 +119,10 @@ def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
-    from alexnet.runtime import distributed as D
 
     cpu = torch.device("cpu")
-    assert D.precision_dtype("fp32", cpu) is None
-    assert D.precision_dtype("bf16", cpu) is torch.bfloat16
+    assert devices.precision_dtype("fp32", cpu) is None
+    assert devices.precision_dtype("bf16", cpu) is torch.bfloat16
     for native, want in ((False, None), (True, torch.bfloat16)):
-        monkeypatch.setattr(D, "cpu_has_native_bf16", lambda n=native: n)
-        assert D.precision_dtype("auto", cpu) is want
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda n=native: n)
+        assert devices.precision_dtype("auto", cpu) is want

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_config, tiny_data
+from trainkit import tiny_config, tiny_data
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.runtime.errors import UserError

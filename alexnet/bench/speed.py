@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet.model import AlexNet, count_parameters
-from alexnet.runtime import distributed as D
+from alexnet.runtime import devices
 from alexnet.runtime.errors import UserError
 
 
@@ -47,7 +47,7 @@ REFERENCE = Settings(precision="fp32", channels_last=False, compile=False)
 
 def best_settings(device: torch.device, args: argparse.Namespace) -> Settings:
     # The same rule as training's run.precision (auto: bf16 where the hardware has it).
-    precision = "fp32" if D.precision_dtype(args.precision, device) is None else "bf16"
+    precision = "fp32" if devices.precision_dtype(args.precision, device) is None else "bf16"
     return Settings(precision, channels_last=not args.no_channels_last, compile=args.compile)
 
 
@@ -351,25 +351,17 @@ def _environment(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "cpu_native_bf16": D.cpu_has_native_bf16(),
+        "cpu_native_bf16": devices.cpu_has_native_bf16(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device {name}: use cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.precision_check:
         return precision_check(args)
-    device = _resolve_device(args.device)
+    device = devices.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fetch the files from the canonical address into --source, MD5-checked",
     )
+    _validation_options(p)
     p = sub.add_parser("cifar10", help="CIFAR-10 python batches, native 32x32x3")
     p.add_argument("out", type=Path)
     p.add_argument(
@@ -100,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="cifar-10-batches-py folder or cifar-10-python.tar.gz",
     )
+    _validation_options(p)
     p = sub.add_parser("verify", help="check a prepared directory against its index")
     p.add_argument("out", type=Path)
     p.add_argument("--quick", action="store_true", help="decode a sample, not every record")
@@ -237,12 +239,22 @@ def run_folder(args, after_chunk=None) -> int:
     return _prepare_items(args, "folder", splits, classes, list(classes), notes, after_chunk)
 
 
-def _write_small(out: Path, dataset: str, splits, classes: list[str], source: str) -> int:
-    note = {"source": source, "val_is_official_test_set": True}
-    store.prepare_arrays(out, splits, classes, classes, dataset=dataset, extra_meta=note)
-    counts = ", ".join(f"{k} {len(v[1])}" for k, v in splits.items())
-    print(f"{out}: {dataset} prepared ({counts}; val is the official test set)")
+def _write_small(args: argparse.Namespace, dataset: str, splits, classes: list[str],
+                 source: str) -> int:  # fmt: skip
+    small.prepare_small(args.out, dataset, splits, classes, source, val_size=args.val_size,
+                        val_seed=args.val_seed)  # fmt: skip
     return 0
+
+
+def _validation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=small.VAL_SIZE,
+        help="training images held out as the validation split, stratified by class "
+        f"(default {small.VAL_SIZE}); the official test set is its own split",
+    )
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the held-out draw")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,8 +272,6 @@ def run(args: argparse.Namespace) -> int:
             source = small.download_fashion_mnist(source or args.out / "source")
         source = source or Path(small.FASHION_MNIST_DIR)
         splits = small.load_fashion_mnist(source)
-        return _write_small(
-            args.out, "fashion-mnist", splits, small.FASHION_MNIST_CLASSES, str(source)
-        )
+        return _write_small(args, "fashion-mnist", splits, small.FASHION_MNIST_CLASSES, str(source))
     splits, names = small.load_cifar10(args.source)
-    return _write_small(args.out, "cifar10", splits, names, str(args.source))
+    return _write_small(args, "cifar10", splits, names, str(args.source))

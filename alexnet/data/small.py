@@ -1,6 +1,8 @@
 """The small real datasets, kept at their native size: Fashion-MNIST (IDX files) and CIFAR-10
-(python batches). Both become ``prepare_arrays`` input; their official test set is our
-``val`` split (neither has a separate validation set)."""
+(python batches). Neither has a validation set: ``prepare_small`` holds a seeded, stratified
+validation split out of the training images (``val``, what every choice during training is
+made on: rate cuts, the best checkpoint) and keeps the official test set as ``test``, the
+split results are reported on."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ FASHION_MNIST_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+# Training images held out as the validation split: 1/12 of Fashion-MNIST's, 1/10 of CIFAR's.
+VAL_SIZE = 5000
 
 
 def md5_of(path: Path) -> str:
@@ -96,7 +100,7 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def load_fashion_mnist(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"train": (60000x28x28x1, labels), "val": (the 10000 official test images, ...)}``."""
+    """``{"train": (60000x28x28x1, labels), "test": (the 10000 official test images, ...)}``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(
@@ -104,7 +108,7 @@ def load_fashion_mnist(folder: str | Path) -> dict[str, tuple[np.ndarray, np.nda
             "or use --download)"
         )
     out = {}
-    for split, prefix in (("train", "train"), ("val", "t10k")):
+    for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -166,4 +170,46 @@ def load_cifar10(src: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
             ys.append(np.asarray(d[b"labels"], np.int64))
         return np.concatenate(xs), np.concatenate(ys)
 
-    return {"train": batches(CIFAR10_BATCHES), "val": batches(["test_batch"])}, names
+    return {"train": batches(CIFAR10_BATCHES), "test": batches(["test_batch"])}, names
+
+
+def stratified_holdout(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Indices of ``size`` images drawn without replacement, each class in proportion to its
+    share of ``labels`` (largest remainders make the counts add up), in increasing order."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / len(labels)
+    take = np.floor(exact).astype(np.int64)
+    take[np.argsort(-(exact - take), kind="stable")[: size - int(take.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def carve_validation(splits: dict, size: int, seed: int) -> tuple[dict, dict]:
+    """``{"train", "test"}`` -> ``{"train", "val", "test"}`` with ``val`` held out of the
+    training images (``stratified_holdout``); also the record of it for meta.json."""
+    images, labels = splits["train"]
+    if not 0 < size < len(labels):
+        raise UserError(f"--val-size {size}: must be between 1 and {len(labels) - 1}")
+    held = stratified_holdout(labels, size, seed)
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    out = {"train": (images[keep], labels[keep]), "val": (images[held], labels[held]),
+           "test": splits["test"]}  # fmt: skip
+    note = {"size": int(size), "seed": int(seed), "stratified": True, "from": "train"}
+    return out, note
+
+
+def prepare_small(out: Path, dataset: str, splits: dict, classes: list[str], source: str, *,
+                  val_size: int = VAL_SIZE, val_seed: int = 0) -> Path:  # fmt: skip
+    """Write ``splits`` (``{"train", "test"}`` as loaded) as a prepared directory with a
+    validation split carved from the training images (PAPER D4 steers by validation error;
+    the test set must steer nothing)."""
+    from alexnet.data import store
+
+    carved, note = carve_validation(splits, val_size, val_seed)
+    meta = {"source": source, "validation": note, "test_split": "test"}
+    store.prepare_arrays(out, carved, classes, classes, dataset=dataset, extra_meta=meta)
+    counts = ", ".join(f"{k} {len(v[1])}" for k, v in carved.items())
+    print(f"{out}: {dataset} prepared ({counts}; val: {val_size} training images held out, "
+          f"stratified, seed {val_seed}; test: the official test set)")  # fmt: skip
+    return out

@@ -151,6 +151,19 @@ def write_meta(root: Path, meta: dict) -> None:
     atomic_write_json(root / "meta.json", {"format": FORMAT, "version": VERSION, **meta})
 
 
+def report_split(meta: dict) -> tuple[str, str]:
+    """The split results are reported on, and what it is. A dataset prepared with its official
+    test set as a split of its own (Fashion-MNIST, CIFAR-10) reports on ``test``; where the
+    validation split is all there is (ImageNet: ILSVRC-2012 val, as the paper reports its
+    Table 2, PAPER E2), on ``val``."""
+    if meta.get("test_split"):
+        return meta["test_split"], "the official test set"
+    if meta.get("val_is_official_test_set"):
+        return "val", ("the official test set, which this older preparation also used for "
+                       "validation: choices were made on it; prepare the data again")  # fmt: skip
+    return "val", "the validation set"
+
+
 def read_meta(root: str | Path) -> dict:
     root = Path(root)
     path = root / "meta.json"

@@ -10,6 +10,7 @@ no ``if distributed`` branches. The device-level settings every process makes th
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 import signal
@@ -52,31 +53,19 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(requested: str, env: DistEnv) -> torch.device:
-    """``auto``: CUDA if present, else CPU. Under torchrun each process takes GPU LOCAL_RANK."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"run.device={requested}: CUDA is not available on this machine")
-        index = int(requested.split(":")[1]) if ":" in requested else env.local_rank
-        if index >= torch.cuda.device_count():
-            raise UserError(
-                f"run.device={requested}: only {torch.cuda.device_count()} CUDA devices here"
-            )
-        return torch.device("cuda", index)
-    return torch.device(requested)
-
-
-def setup(env: DistEnv, device: torch.device) -> None:
+def setup(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
     """Open the process group (once); NCCL for CUDA, gloo for CPU. Rendezvous comes from
-    MASTER_ADDR / MASTER_PORT, as torchrun sets them."""
+    MASTER_ADDR / MASTER_PORT, as torchrun sets them. A collective that waits longer than
+    ``timeout_s`` for a frozen rank fails (torch's default would wait 30 minutes)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, **kwargs)
+        dist.init_process_group(
+            backend, rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+        )  # fmt: skip
 
 
 def teardown() -> None:
@@ -130,55 +119,6 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier() -> None:
-    if _active():
-        dist.barrier()
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: without them oneDNN emulates bf16 and it is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto`` is bf16 on CUDA devices that support
-    it and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs: on this
-    project's AVX-512 Xeon without them, bf16 autocast made a training step about 2x slower
-    than fp32 (docs/TRAINING.md). ``bf16`` autocasts on any CPU and on bf16-capable GPUs."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if precision == "bf16":
-            raise UserError(f"run.precision=bf16: {torch.cuda.get_device_name(device)} lacks bf16")
-        return None
-    if device.type == "cpu":
-        return torch.bfloat16 if precision == "bf16" or cpu_has_native_bf16() else None
-    if precision == "bf16":
-        raise UserError(f"run.precision=bf16: not supported on {device}")
-    return None
-
-
-def set_determinism(deterministic: bool, device: torch.device) -> bool:
-    """Deterministic kernels (bitwise-repeatable runs and resumes) or, on CUDA, cuDNN's
-    autotuner. Returns the previous setting so a caller can restore it."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    if deterministic:
-        if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-    return previous
 
 
 class StopRequest:

@@ -37,17 +37,23 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``atomic_open`` (and ``link_or_copy``) leave behind when
+    a process is killed mid-write: hidden ``.<name>.*.tmp`` files, each up to the size of the
+    file it was to replace. Call it where a run or a preparation starts again. Returns them."""
+    found = sorted(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
+    for tmp in found:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return found
+
+
 @functools.cache
 def _umask() -> int:
     """The process umask, read once (reading it means setting it for an instant)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

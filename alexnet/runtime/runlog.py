@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,17 +27,24 @@ from typing import Any
 import torch
 
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
+from alexnet.runtime.fileio import atomic_write_json, atomic_write_text, remove_stale_temps
 
 
 def new_run_dir(out_dir: str | Path, name: str, preset: str) -> Path:
     """``out_dir/name``, or ``out_dir/<preset>-<date>-<time>`` (suffixed if taken). A named
-    directory that already holds checkpoints is an error: resume it or choose another name."""
+    directory that already holds a checkpoint is an error: resume it or choose another name.
+    One that holds none (its run was killed or diverged before the first save) is started
+    afresh: there is nothing to resume, and what it logged belongs to no checkpoint."""
     out = Path(out_dir)
     if name:
         path = out / name
-        if (path / "checkpoints").exists():
+        if (path / "checkpoints" / "last.pt").exists():
             raise UserError(f"{path}: a run is already there; resume it with --resume {path}")
+        if path.exists():
+            print(f"train: {path} holds no checkpoint (its run stopped before the first save): "
+                  "starting it afresh", flush=True)  # fmt: skip
+            shutil.rmtree(path / "tb", ignore_errors=True)
+            (path / "metrics.jsonl").unlink(missing_ok=True)
         return path
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path, k = out / f"{preset}-{stamp}", 1
@@ -120,6 +128,8 @@ class RunLog:
         if not enabled:
             return
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for folder in (self.path, self.path / "checkpoints"):  # left by a kill mid-save
+            remove_stale_temps(folder)
         if resume_epoch is not None and self.metrics_path.exists():
             old = [json.loads(s) for s in self.metrics_path.read_text().splitlines() if s]
             self.records = [r for r in old if r["epoch"] <= resume_epoch]
@@ -141,12 +151,14 @@ class RunLog:
             atomic_write_json(self.path / "env.json", env)
 
     def open_tensorboard(self, step: int) -> None:
-        """Event files under tb/; on resume, events after ``step`` are dropped (purge_step)."""
+        """Event files under tb/; on resume, events logged after the checkpoint's ``step``
+        are dropped (purge_step drops steps >= its value: the checkpoint's own step was logged
+        before it was saved, so it stays)."""
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(self.path / "tb"), purge_step=step or None)
+        self._tb = SummaryWriter(str(self.path / "tb"), purge_step=step + 1 if step else None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._tb is not None:

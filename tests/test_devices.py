@@ -1,0 +1,129 @@
+"""The CUDA path's device logic, checked on a CPU-only build with fake tensors.
+
+Under ``FakeTensorMode`` a tensor made with ``device="cuda"`` is a fake cuda:0 tensor that
+carries shapes and devices but no data, and an op that mixes it with a CPU tensor raises
+``FakeTensorDeviceMismatchError``, as CUDA itself would. The session is built by the real
+``build`` on fake cuda:0, then the bookkeeping around a training step, the validation
+counting, the test views, the all-reduce payloads and the restore of a checkpoint run on it.
+What fake tensors cannot reach (a CUDA generator needs the CUDA library; a conv backward)
+is listed in docs/PERFORMANCE.md, "CUDA lines no CPU test reaches".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import (
+    FakeTensorDeviceMismatchError,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
+from trainkit import tiny_config, tiny_data
+
+from alexnet import checkpoint as ckpt_io
+from alexnet import model as M
+from alexnet import session as S
+from alexnet import train as T
+from alexnet.evaluate import Counts
+from alexnet.runtime import devices
+from alexnet.runtime.distributed import DistEnv
+
+CUDA = torch.device("cuda", 0)
+
+
+def test_fake_tensors_catch_the_mismatch_we_guard_against():
+    """The premise: adding a (fake) CUDA tensor into a CPU accumulator raises."""
+    with FakeTensorMode():
+        step_loss = torch.randn((), device=CUDA)
+        with pytest.raises(FakeTensorDeviceMismatchError):
+            torch.zeros(4, dtype=torch.float64)[:1].add_(step_loss)
+
+
+@pytest.fixture
+def fake_cuda_session(tmp_path: Path, monkeypatch):
+    """``build`` on fake cuda:0. Two things are made real on the CPU instead: the
+    augmentation's generator (a CUDA generator needs the CUDA library), after checking that
+    the build asked for one on the session's device; and the network's initial weights
+    (fake mode cannot move parameters it made itself), which ``build`` then places."""
+    asked = []
+
+    def generator(device, seed):
+        asked.append(torch.device(device))
+        return torch.Generator().manual_seed(seed)
+
+    def real_weights(*args, **kwargs):
+        with unset_fake_temporarily():
+            return alexnet_model(*args, **kwargs)
+
+    alexnet_model = M.AlexNet
+    monkeypatch.setattr(devices, "generator", generator)
+    monkeypatch.setattr(M, "AlexNet", real_weights)
+    data = tiny_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        s = S.build(cfg, DistEnv(), CUDA)
+    assert asked == [CUDA]
+    return s, mode
+
+
+def test_build_puts_every_tensor_of_the_session_on_its_device(fake_cuda_session):
+    s, _ = fake_cuda_session
+    assert {p.device for p in s.model.parameters()} == {CUDA}
+    assert s.epoch_sums.device == CUDA  # was created on the CPU: the first step crashed
+
+
+def test_training_step_bookkeeping_stays_on_the_device(fake_cuda_session):
+    s, mode = fake_cuda_session
+    with mode:
+        first_bad = torch.full((), T.NO_BAD_STEP, dtype=torch.int64, device=CUDA)
+        loss, wrong = torch.randn((), device=CUDA), torch.randint(0, 16, (), device=CUDA)
+        first_bad = T.account(s, loss, wrong, 16, first_bad)
+        assert first_bad.device == CUDA and s.epoch_sums.device == CUDA
+        payload = s.epoch_sums.clone()  # what epoch_metrics all-reduces
+        assert payload.device == CUDA
+
+
+def test_evaluation_counts_on_the_device():
+    """The per-class tallies of validation and ``alexnet evaluate`` (top-1, top-5) on a
+    non-CPU device (meta: fake CUDA tensors cannot be indexed without the CUDA library)."""
+    meta = torch.device("meta")
+    counts = Counts.zeros(4, meta)
+    counts.add(torch.empty(5, 4, device=meta), torch.empty(5, dtype=torch.int64, device=meta))
+    assert {t.device for t in counts.tensors()} == {meta}
+    with pytest.raises(RuntimeError, match="device"):  # labels left on the CPU
+        counts.add(torch.empty(5, 4, device=meta), torch.zeros(5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_augmentation_follows_its_images_off_the_cpu(fake_cuda_session, train):
+    """Crops, flips, colour noise (PAPER B3, B4), mean subtraction (B2) and the ten views
+    (B5) on a device other than the CPU. Fake tensors cannot run the index math (views of
+    fake CUDA tensors need the CUDA library), so the meta device stands in: like CUDA it
+    takes the batched gather path, and a buffer left on the CPU raises."""
+    s, _ = fake_cuda_session
+    aug = s.aug_train if train else s.aug_val
+    meta = torch.device("meta")
+    images = torch.empty(5, 3, 16, 16, dtype=torch.uint8, device=meta)
+    out = aug(images, torch.Generator().manual_seed(0)) if train else aug.views(images, 10)
+    assert out.device == meta and out.shape == (5 if train else 50, 3, 16, 16)
+    with pytest.raises(RuntimeError, match="device"):  # what a CPU leftover would do
+        torch.zeros(3) + torch.zeros(3, device=meta)
+
+
+def test_restored_state_lands_on_the_device(fake_cuda_session, tmp_path, monkeypatch):
+    """A checkpoint (saved on a CPU) restored into a CUDA session: the epoch sums go where
+    the session runs, the random states and the loader position are restored. (torch's own
+    ``load_state_dict`` copies weights into the parameters where they live; fake tensors
+    cannot copy host data, so it is left out here.)"""
+    s, mode = fake_cuda_session
+    monkeypatch.setattr(s.model, "load_state_dict", lambda state: None)
+    ranks = [{"rng": ckpt_io.rng_state(s.generator), "epoch_sums": [1.0, 2.0, 3.0, 4.0]}]
+    ck = s.state_dict(ranks)  # epoch sums: loss, wrong, images, seconds
+    ck["model"] = {k: torch.zeros(v.shape) for k, v in ck["model"].items()}  # as saved: CPU
+    with mode:
+        s.load_state_dict(ck, tmp_path / "last.pt")
+        assert s.epoch_sums.device == CUDA and s.epoch_seconds == 4.0
+    assert s.batch_in_epoch == ck["sampler"]["start_batch"] and s.step == ck["step"]
