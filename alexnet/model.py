@@ -293,6 +293,16 @@ class AlexNet(nn.Module):
             renamed[f"{TORCHVISION_KEYS[module]}.{param}"] = value
         self.load_state_dict(renamed)
 
+    @classmethod
+    def from_pretrained(cls, name: str, *, map_location="cpu", progress: bool = True) -> AlexNet:
+        """Published weights by name (``"IMAGENET1K_V1"``: torchvision's, the owt layout;
+        ``"bvlc_alexnet"``: Caffe's, the paper's layout; docs/EVALUATION.md), downloaded once,
+        verified, converted once and cached. In eval mode, with ``.transforms`` (RGB tensors
+        in, this weight set's own inputs out) and ``.meta`` (class ids and names, source)."""
+        from alexnet.interop.weights import load_pretrained
+
+        return load_pretrained(name, map_location=map_location, progress=progress)
+
 
 def build_model(arch: str = "paper", num_classes: int = 1000, **options) -> AlexNet:
     """``AlexNet(num_classes, arch=arch, **options)``; ``build_model(**model.config)`` rebuilds."""
