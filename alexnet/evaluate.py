@@ -2,6 +2,7 @@
 
     alexnet evaluate --checkpoint runs/x/checkpoints/best.pt --data data/imagenet --views 10
     alexnet evaluate --checkpoint a.pt --checkpoint b.pt --data DIR --views 10 --json
+    alexnet evaluate --weights bvlc_alexnet --data data/imagenet --views 1
     torchrun --nproc-per-node 8 -m alexnet evaluate --checkpoint a.pt --data DIR --views 10
 
 ``--views 1`` scores the centre crop; ``--views 10`` averages the softmax over the four
@@ -184,9 +185,12 @@ def add_views_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, action="append", required=True,
+    from alexnet.interop.weights import add_weights_argument
+
+    parser.add_argument("--checkpoint", type=Path, action="append",
                         help="a checkpoint, run directory or .safetensors; repeat for an "
                              "ensemble (softmax averaged, PAPER F4)")  # fmt: skip
+    add_weights_argument(parser, repeat=True)
     parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     parser.add_argument("--split", default="val")
     add_views_argument(parser)
@@ -203,10 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alexnet.data import PreparedDataset
+    from alexnet.interop.weights import resolve
     from alexnet.runtime import distributed as D
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    args.checkpoint = resolve(args.checkpoint, args.weights)  # named weights: cached files
     env = D.DistEnv.from_environ()
     device = D.pick_device(args.device, env)
     D.setup(env, device)
