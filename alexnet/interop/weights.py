@@ -27,7 +27,7 @@ import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 
 import torch
@@ -118,18 +118,22 @@ def _alive(pid: int) -> bool:
 
 
 def check(d: Download, path: Path, label: str) -> None:
-    """Size and published checksums of ``path``; else the SHA-256 pinned on first download."""
+    """Size and published checksums of ``path``; else the SHA-256 pinned on first download.
+    Every mismatch is named, in one line: a wrong size alone could be a cut download, a wrong
+    hash alone a damaged byte."""
+    problems = []
     size = path.stat().st_size
     if d.size is not None and size != d.size:
-        raise UserError(f"{label}: {size} bytes, expected {d.size} (cut short or another file)")
+        problems.append(f"{size} bytes, expected {d.size}")
     for algorithm, want in (("sha256", d.sha256), ("sha1", d.sha1)):
         if want and (got := digest(path, algorithm)) != want.lower():
-            raise UserError(f"{label}: {algorithm.upper()} {got}, expected {want}")
+            problems.append(f"{algorithm.upper()} {got}, expected {want}")
     pin = path.with_name(path.name + ".sha256")
     if not (d.sha256 or d.sha1) and pin.is_file():
-        want = pin.read_text().strip()
-        if (got := digest(path)) != want:
-            raise UserError(f"{label}: SHA-256 {got}, expected {want} (pinned at first download)")
+        if (got := digest(path)) != (want := pin.read_text().strip()):
+            problems.append(f"SHA-256 {got}, expected {want} (pinned at first download)")
+    if problems:
+        raise UserError(f"{label}: {'; '.join(problems)}")
 
 
 def fetch(d: Download, directory: Path, *, validate: Callable[[Path, str], None] | None = None,
@@ -151,6 +155,8 @@ def fetch(d: Download, directory: Path, *, validate: Callable[[Path, str], None]
             torch.hub.download_url_to_file(url, str(tmp), progress=progress)
         except (URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
+            if isinstance(e, HTTPError):
+                reason = f"HTTP {e.code} {e.reason}"
             raise UserError(
                 f"cannot download {url} ({reason}); without a network, fetch that file "
                 f"another way and put it at {path}"
