@@ -263,6 +263,8 @@ def test_converted_file_damaged_in_the_cache_is_rebuilt(server, registered, tmp_
     server.shutdown()  # the download is cached: the rebuild needs no network
     server.server_close()
     assert weights.checkpoint_path("test-owt", progress=False).read_bytes() == good
+    path.with_suffix(".json").write_text('{"sources": ')  # a record cut short
+    assert weights.checkpoint_path("test-owt", progress=False).read_bytes() == good
 
 
 # ------------------------------------------------------------------------------ Caffe

@@ -250,7 +250,10 @@ def checkpoint_path(name: str, *, progress: bool = True) -> Path:
     record = out.with_suffix(".json")
     with _locked(home() / f".{entry.name}.lock"):
         if out.is_file() and record.is_file():
-            meta = json.loads(record.read_text())
+            try:
+                meta = json.loads(record.read_text())
+            except ValueError:  # a damaged record: convert again
+                meta = {}
             if meta.get("sources") == _sources(entry) and meta.get("sha256") == digest(out):
                 return out
         ckpt = _convert(entry, home() / "downloads", progress)
