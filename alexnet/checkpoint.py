@@ -167,6 +167,20 @@ def load_model(
     return model.to(map_location).eval(), ckpt
 
 
+def view_augment(ckpt: dict):
+    """The checkpoint's test-time views: centre (or ten) crops minus its mean image, times its
+    scale, exactly as its training validated (``augment`` and ``data_stats``, B2, B5)."""
+    from alexnet.data import DeviceAugment
+
+    aug = ckpt.get("augment") or {}
+    stats = ckpt.get("data_stats")
+    if not stats or "mean" not in stats:
+        raise UserError("checkpoint has no data_stats mean image: cannot preprocess inputs")
+    stats = {k: torch.as_tensor(v) for k, v in stats.items()}
+    crop = int(aug.get("crop_size") or stats["mean"].shape[-1])
+    return DeviceAugment(stats, crop, train=False, scale=float(aug.get("scale", 1.0)))
+
+
 STATS_PREFIX = "__data_stats__."
 
 

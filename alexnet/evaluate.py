@@ -2,6 +2,7 @@
 
     alexnet evaluate --checkpoint runs/x/checkpoints/best.pt --data data/imagenet --views 10
     alexnet evaluate --checkpoint a.pt --checkpoint b.pt --data DIR --views 10 --json
+    alexnet evaluate --weights bvlc_alexnet --data data/imagenet --views 1
     torchrun --nproc-per-node 8 -m alexnet evaluate --checkpoint a.pt --data DIR --views 10
 
 ``--views 1`` scores the centre crop; ``--views 10`` averages the softmax over the four
@@ -28,20 +29,6 @@ from alexnet.runtime.args import natural_int, positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 from alexnet.runtime.progress import Progress
-
-
-def view_augment(ckpt: dict):
-    """The checkpoint's test-time views: centre (or ten) crops minus its mean image, times its
-    scale, exactly as its training validated (``augment`` and ``data_stats``, B2, B5)."""
-    from alexnet.data import DeviceAugment
-
-    aug = ckpt.get("augment") or {}
-    stats = ckpt.get("data_stats")
-    if not stats or "mean" not in stats:
-        raise UserError("checkpoint has no data_stats mean image: cannot preprocess inputs")
-    stats = {k: torch.as_tensor(v) for k, v in stats.items()}
-    crop = int(aug.get("crop_size") or stats["mean"].shape[-1])
-    return DeviceAugment(stats, crop, train=False, scale=float(aug.get("scale", 1.0)))
 
 
 def view_probs(model, aug, images: torch.Tensor, views: int, max_batch: int | None = None):
@@ -82,7 +69,7 @@ class Counts:
 
 def load_ensemble(paths: list[Path], device: torch.device):
     """Models, their checkpoints and test augmentations; all must predict the same classes."""
-    from alexnet.checkpoint import load_model
+    from alexnet.checkpoint import load_model, view_augment
 
     models, ckpts, augs = [], [], []
     for path in paths:
@@ -189,9 +176,12 @@ def add_views_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, action="append", required=True,
+    from alexnet.interop.weights import add_weights_argument
+
+    parser.add_argument("--checkpoint", type=Path, action="append",
                         help="a checkpoint, run directory or .safetensors; repeat for an "
                              "ensemble (softmax averaged, PAPER F4)")  # fmt: skip
+    add_weights_argument(parser, repeat=True)
     parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     parser.add_argument(
         "--split",
@@ -213,8 +203,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from alexnet.data import PreparedDataset
     from alexnet.data.store import read_meta, report_split
+    from alexnet.interop.weights import resolve
     from alexnet.runtime import distributed as D
 
+    args.checkpoint = resolve(args.checkpoint, args.weights)  # named weights: cached files
     env = D.DistEnv.from_environ()
     device = devices.pick_device(args.device, env.local_rank)
     D.setup(env, device)

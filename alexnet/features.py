@@ -1,6 +1,7 @@
 """``alexnet features``: fc7 (or any layer) vectors, nearest neighbours, short binary codes.
 
     alexnet features extract --checkpoint C --data DIR --split train --out train_fc7.npy
+    alexnet features extract --weights bvlc_alexnet --data DIR --split train --out train_fc7.npy
     alexnet features knn --index train_fc7.npy --query val_fc7.npy -k 6 --out nn.npz
     alexnet features codes --index train_fc7.npy --query val_fc7.npy --bits 64 128 256
 
@@ -260,7 +261,11 @@ def code_table(index, query, bits_list, methods, k: int, rerank: int, seed: int 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = sub.add_parser("extract", help="a layer's activations for a prepared split -> .npy")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    from alexnet.interop.weights import add_weights_argument
+
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path)
+    add_weights_argument(source)
     p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     p.add_argument("--split", default="train")
     p.add_argument("--layer", default="fc7", help="conv1..conv5, pool5, fc6, fc7 (F3), fc8")
@@ -304,15 +309,17 @@ def _load(path: Path) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> int:
     if args.what == "extract":
-        from alexnet.checkpoint import load_model
+        from alexnet.checkpoint import load_model, view_augment
         from alexnet.data import PreparedDataset
-        from alexnet.evaluate import check_data, view_augment
+        from alexnet.evaluate import check_data
+        from alexnet.interop.weights import resolve
 
-        model, ckpt = load_model(args.checkpoint, map_location=pick_device(args.device))
+        (path,) = resolve(args.checkpoint and [args.checkpoint], args.weights)
+        model, ckpt = load_model(path, map_location=pick_device(args.device))
         ds = PreparedDataset(args.data, args.split)
-        check_data(ds, ckpt, model, args.checkpoint)
-        source = {"checkpoint": str(args.checkpoint), "data": str(args.data),
-                  "split": args.split}  # fmt: skip
+        check_data(ds, ckpt, model, path)
+        source = {"checkpoint": str(path), "data": str(args.data), "split": args.split,
+                  **({"weights": args.weights} if args.weights else {})}  # fmt: skip
         feats = extract(model, view_augment(ckpt), ds, args.layer, args.out,
                         batch_size=args.batch_size, views=args.views, dtype=args.dtype,
                         source=source)  # fmt: skip

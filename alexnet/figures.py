@@ -276,9 +276,9 @@ def _features(model, aug, ds, indices, layer: str, views: int, batch: int = 64) 
 
 
 def _loaded(args):
-    from alexnet.checkpoint import load_model
+    from alexnet.checkpoint import load_model, view_augment
     from alexnet.data import PreparedDataset
-    from alexnet.evaluate import check_data, view_augment
+    from alexnet.evaluate import check_data
 
     model, ckpt = load_model(args.checkpoint, map_location="cpu")
     ds = PreparedDataset(args.data, args.split)

@@ -1,6 +1,7 @@
 """``alexnet predict IMAGE... --checkpoint C``: the five most probable classes of image files.
 
     alexnet predict cat.jpg dog.png scan.tif --checkpoint runs/x [--views 10] [--json]
+    alexnet predict cat.jpg --weights IMAGENET1K_V1      # published weights, by name
 
 Each file is read with PIL (JPEG, PNG, TIFF, WebP, BMP, GIF...; any size; greyscale, CMYK,
 palette and alpha images become RGB, or greyscale for one-channel models) and prepared as the
@@ -94,8 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from alexnet.evaluate import add_views_argument
 
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
-    parser.add_argument("--checkpoint", type=Path, required=True,
+    from alexnet.interop.weights import add_weights_argument
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path,
                         help="a checkpoint, run directory or .safetensors")  # fmt: skip
+    add_weights_argument(source)
     add_views_argument(parser)
     parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -104,10 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alexnet.checkpoint import load_model
-    from alexnet.evaluate import view_augment
+    from alexnet.checkpoint import load_model, view_augment
+    from alexnet.interop.weights import resolve
 
-    model, ckpt = load_model(args.checkpoint, map_location=pick_device(args.device))
+    (path,) = resolve(args.checkpoint and [args.checkpoint], args.weights)
+    model, ckpt = load_model(path, map_location=pick_device(args.device))
     aug = view_augment(ckpt)
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at
     images, good, bad = read_images(args.images, size, model.conv1.in_channels)

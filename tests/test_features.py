@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.checkpoint import load_model
+from alexnet.checkpoint import load_model, view_augment
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.evaluate import view_augment
 from alexnet.features import (
     BinaryCoder,
     code_table,

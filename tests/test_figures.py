@@ -10,10 +10,9 @@ import torch
 from PIL import Image
 
 from alexnet import figures
-from alexnet.checkpoint import load_model
+from alexnet.checkpoint import load_model, view_augment
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.evaluate import view_augment
 
 
 def _png(path, min_size=(200, 100)) -> np.ndarray:

@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.checkpoint import load_model
+from alexnet.checkpoint import load_model, view_augment
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.evaluate import view_augment
 from alexnet.predict import load_image
 
 BIAS = [0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0]

@@ -266,7 +266,13 @@ def import_torchvision(path: Path, synsets: Path | None = None) -> dict:
         raise UserError(f"{path}: not a torch state dict ({e})") from e
     if not isinstance(sd, dict) or "classifier.6.weight" not in sd:
         raise UserError(f"{path}: no 'classifier.6.weight': not a torchvision alexnet state dict")
-    model = AlexNet(sd["classifier.6.weight"].shape[0], arch="owt", init="none")
+    try:  # the owt layout at the file's widths (torchvision's own: 64-192-384-256-256, 4096)
+        widths = tuple(sd[f"features.{i}.weight"].shape[0] for i in (0, 3, 6, 8, 10))
+        fc_width = sd["classifier.4.weight"].shape[0]
+    except (KeyError, AttributeError) as e:
+        raise UserError(f"{path}: not a torchvision alexnet state dict (no {e})") from None
+    model = AlexNet(sd["classifier.6.weight"].shape[0], arch="owt", widths=widths,
+                    fc_width=fc_width, init="none")  # fmt: skip
     try:
         model.load_torchvision_state_dict(sd)
     except (KeyError, RuntimeError) as e:

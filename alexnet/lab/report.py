@@ -26,8 +26,8 @@ def _fc7(model, aug, ds, indices, batch: int = 250):
 def neighbours(model, ckpt: dict, data: Path, out: Path, seed: int, queries: int = 6) -> None:
     """Six test images and their six nearest training images in fc7 space (PAPER F3)."""
     from alexnet import figures
+    from alexnet.checkpoint import view_augment
     from alexnet.data import PreparedDataset
-    from alexnet.evaluate import view_augment
     from alexnet.features import knn
     from alexnet.lab.experiment import subset_indices
 
