@@ -312,8 +312,65 @@ def _result(s: Session, status: str) -> dict[str, Any]:
     }
 
 
-def add_arguments(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
-    C.add_arguments(parser)
+# Command-line flags for the most used settings: (flag, key, type, help).
+FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--data", "data.root", str, "prepared dataset directory (from `alexnet prepare`)"),
+    ("--epochs", "schedule.epochs", int, "most epochs to train (paper: 90)"),
+    ("--batch-size", "optim.batch_size", int, "global batch over all processes (paper: 128)"),
+    ("--lr", "optim.lr", float, "initial learning rate (paper: 0.01)"),
+    ("--schedule", "schedule.kind", str, "plateau (paper) | steps (authors' log) | constant"),
+    ("--patience", "schedule.patience", int, "epochs without improvement before a rate cut"),
+    ("--workers", "data.num_workers", int, "data loader processes per rank"),
+    ("--device", "run.device", str, "auto | cpu | cuda | cuda:N"),
+    ("--precision", "run.precision", str, "auto (bf16 where native, else fp32) | bf16 | fp32"),
+    (
+        "--towers",
+        "run.tower_devices",
+        str,
+        "two devices for the two-GPU layout, e.g. cuda:0,cuda:1",
+    ),
+    ("--seed", "run.seed", int, "random seed"),
+    ("--name", "run.name", str, "run directory name (default: <preset>-<date>-<time>)"),
+    ("--out", "run.out_dir", str, "parent directory of run directories (default: runs)"),
+    ("--max-steps", "run.max_steps", int, "stop with a checkpoint after this many steps"),
+    ("--save-every", "run.save_every_steps", int, "also checkpoint every N steps"),
+)
+
+
+def add_arguments(parser: Any) -> None:  # an argparse.ArgumentParser
+    """The ``alexnet train`` flags; everything else is reachable with ``--set KEY=VALUE``."""
+    parser.add_argument("--preset", choices=list(C.PRESETS), help="starting point (default: paper)")
+    parser.add_argument("--config", metavar="FILE", help="a JSON config (e.g. a run's config.json)")
+    for flag, key, tp, help_text in FLAGS:
+        parser.add_argument(flag, dest=key.replace(".", "__"), type=tp, metavar=tp.__name__.upper(),
+                            help=f"{help_text} [{key}]")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic algorithms (bitwise resume on CPU)")  # fmt: skip
+    parser.add_argument("--no-channels-last", action="store_true", help="NCHW activations")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting, e.g. --set optim.bias_lr_mult=2")  # fmt: skip
+    parser.add_argument("--resume", metavar="PATH", help="continue a run (directory or .pt)")
+    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+
+
+def from_args(args: Any, base: C.TrainConfig | None = None) -> C.TrainConfig:
+    """Preset (or ``--config`` file, or ``base``), then explicit flags, then ``--set``."""
+    if args.config:
+        cfg = C.load_file(args.config)
+    elif base is not None and not args.preset:
+        cfg = base
+    else:
+        cfg = C.preset(args.preset or "paper")
+    flags = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in FLAGS}
+    C.apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, source="flag")
+    if args.compile:
+        cfg.run.compile = True
+    if args.deterministic:
+        cfg.run.deterministic = True
+    if args.no_channels_last:
+        cfg.run.channels_last = False
+    return C.apply_overrides(cfg, args.overrides)
 
 
 def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
@@ -322,7 +379,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
     base = None
     if args.resume and not (args.preset or args.config):
         base = C.from_dict(ckpt_io.load_checkpoint(args.resume)["config"])
-    cfg = C.from_args(args, base)
+    cfg = from_args(args, base)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0

@@ -176,6 +176,32 @@ def test_dropout_on_fc6_fc7_outputs_only():
     torch.testing.assert_close(m(x), m(x))  # deterministic at test time
 
 
+def test_dropout_at_test_time_is_the_network_without_dropout():
+    """PAPER C1: at test time every neuron is used, its output scaled so that it equals the
+    training-time expectation (inverted dropout scales at training instead). So the eval-mode
+    network equals the same weights with no dropout at all, and the training-time mean of
+    fc7 over many masks approaches the eval-mode fc7."""
+    torch.manual_seed(0)
+    m = AlexNet(arch="small", num_classes=10, init="kaiming").double()
+    plain = AlexNet(arch="small", num_classes=10, dropout=0.0, init="none").double()
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(m.eval()(x), plain.eval()(x), rtol=0, atol=0)
+    # Training mode: fc7's input is fc6's output under the model's own dropout. Over 2,000
+    # masks (20 passes of 100 copies of each image) its mean approaches the eval-mode input.
+    seen = {}
+    m.fc7.register_forward_hook(lambda mod, inp, out: seen.__setitem__("fc7_in", inp[0]))
+    m, x = m.float(), x.float()
+    with torch.no_grad():
+        m.eval()(x)
+        exact, total = seen["fc7_in"], 0
+        for _ in range(20):
+            m.train()(x.repeat(100, 1, 1, 1))
+            total = total + seen["fc7_in"].view(100, *exact.shape).sum(0)
+    mean = total / 2000
+    torch.testing.assert_close(mean, exact, rtol=0.15, atol=0.05 * float(exact.abs().max()))
+
+
 def test_two_towers_equal_grouped_model():
     torch.manual_seed(0)
     grouped = AlexNet(arch="small", num_classes=10, dropout=0.0).double()

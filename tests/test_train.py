@@ -15,6 +15,7 @@ import torch
 from trainkit import tiny_config, tiny_data
 
 from alexnet import config as C
+from alexnet import train as T
 from alexnet.checkpoint import load_checkpoint, load_model
 from alexnet.runtime.errors import UserError
 from alexnet.train import TrainingDiverged, train
@@ -147,12 +148,12 @@ def test_cli_flags_and_overrides():
     import argparse
 
     parser = argparse.ArgumentParser()
-    C.add_arguments(parser)
+    T.add_arguments(parser)
     args = parser.parse_args(
         ["--preset", "paper-steps", "--lr", "0.02", "--epochs", "5", "--set", "bias_lr_mult=2",
          "--set", "optim.bias_decay=false", "--compile", "--no-channels-last"]
     )  # fmt: skip
-    cfg = C.from_args(args)
+    cfg = T.from_args(args)
     assert cfg.preset == "paper-steps" and cfg.schedule.kind == "steps"
     assert cfg.optim.lr == 0.02 and cfg.schedule.epochs == 5
     assert cfg.optim.bias_lr_mult == 2.0 and cfg.optim.bias_decay is False
