@@ -55,7 +55,7 @@ def load_rgb(data: bytes, settings: Settings) -> tuple[np.ndarray, str]:
             # antialiased resize below still sees enough pixels (PIL picks a 1/2..1/8 scale).
             img.draft("RGB", (2 * size, 2 * size))
         img.load()
-        rgb = img.convert("RGB") if img.mode != "RGB" else img
+        rgb = to_rgb8(img)
         w, h = rgb.size
         if size:
             s = min(w, h)
@@ -64,6 +64,36 @@ def load_rgb(data: bytes, settings: Settings) -> tuple[np.ndarray, str]:
         elif settings.native is not None and (w, h) != tuple(settings.native):
             raise ValueError(f"{w}x{h}, but --size 0 needs every image at {settings.native}")
         return np.asarray(rgb), kind
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode (G2), scaling deep samples instead of clipping them.
+
+    PIL's ``convert("RGB")`` clips 16-bit and float pixels to 0..255, which turns most of
+    such an image white. Here: 16-bit samples (modes ``I;16``, ``I;16B``, ...; ``I`` when its
+    values fit 16 bits) are divided by 257, mapping 0..65535 onto 0..255 with both ends
+    exact; ``I`` beyond 16 bits is read as 32-bit (divided by (2**32 - 1) / 255). Float
+    (``F``): a maximum <= 1 is read as the range [0, 1] (times 255), anything else as 0..255
+    already; then clipped, NaN as 0. Transparent images (``LA``, ``RGBA``, ``PA``, ``P``/``L``/
+    ``RGB`` with a transparent colour) are composited over white, as a page shows them,
+    instead of keeping whatever colour the transparent pixels happen to hold. The rest (``1``,
+    ``L``, ``P``, ``CMYK``, ``YCbCr``) is PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I"):
+        a = np.asarray(img).astype(np.float64)
+        scale = 257.0 if mode != "I" or a.max(initial=0) <= 65535 else (2**32 - 1) / 255
+        img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8))
+    elif mode == "F":
+        a = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0)
+        a = a * 255 if a.max(initial=0) <= 1 else a
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    elif "A" in mode or "a" in mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
 
 
 def _reason(e: Exception, item: Item) -> str:
