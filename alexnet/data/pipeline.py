@@ -107,7 +107,7 @@ def _reason(e: Exception, item: Item) -> str:
 def _process_chunk(task) -> tuple[int, int, int]:
     parts, chunk_id, items, settings, want_stats = task
     records, lengths, labels, names, bad, kinds = [], [], [], [], [], Counter()
-    acc = None
+    acc, crcs = None, []
     for item in items:
         try:
             image, kind = load_rgb(item.read(), settings)
@@ -125,6 +125,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
             acc.add_batch(image[None])
         records.append(rec)
         lengths.append(len(rec))
+        crcs.append(store.record_crc(rec))
         labels.append(item.label)
         names.append(item.name)
         if kind != "JPEG/RGB":
@@ -135,6 +136,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
             f.write(rec)
     arrays = {
         "lengths": np.array(lengths, np.int64),
+        "crc32": np.array(crcs, np.uint32),
         "labels": np.array(labels, np.int64),
         "names": np.array(names, dtype=str),
         "bad": np.array(bad, dtype=str),
@@ -163,9 +165,18 @@ def _plan(parts: Path, items: list[Item], settings: Settings, chunk: int) -> Non
     if path.is_file():
         old = json.loads(path.read_text())
         if old != plan:
+            was = old.get("settings", {})
+            changed = [
+                f"{k} {was.get(k)} -> {v}" for k, v in plan["settings"].items() if was.get(k) != v
+            ]
+            if old.get("chunk") != chunk:
+                changed.append(f"chunk {old.get('chunk')} -> {chunk}")
+            if not changed:
+                changed = [f"the images differ ({old.get('items')} then, {len(items)} now)"]
             raise UserError(
-                f"{path}: an unfinished prepare with other inputs or settings is here; use the "
-                f"same ones to resume, or delete {parts.parent} to start again"
+                f"{path}: an unfinished prepare with other inputs or settings is here "
+                f"({'; '.join(changed)}); use the same ones to resume, or delete "
+                f"{parts.parent} to start again"
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
@@ -230,38 +241,54 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
 
 
+def _read_chunk(npz: Path) -> tuple[dict, bytes]:
+    """A finished chunk's arrays and record bytes, checked against each other."""
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    data = npz.with_suffix(".bin").read_bytes()
+    lengths = arrays["lengths"]
+    damaged = len(data) != int(lengths.sum())
+    starts, view = np.cumsum(lengths) - lengths, memoryview(data)
+    crc = [store.record_crc(view[a : a + n]) for a, n in zip(starts, lengths, strict=True)]
+    if "crc32" in arrays and not damaged:  # chunks of an older version have none
+        damaged = not np.array_equal(arrays["crc32"], np.array(crc, np.uint32))
+    if damaged:
+        raise UserError(
+            f"{npz.with_suffix('.bin')}: does not match its index {npz.name} (damaged on "
+            "disk?); delete both and rerun"
+        )
+    arrays["crc32"] = np.array(crc, np.uint32)
+    return arrays, data
+
+
 def finish_split(out: Path, split: str, parts: Path, want_stats: bool) -> dict:
     """Concatenate the chunks into ``<split>.bin`` + index + files list; returns split meta."""
-    offsets, lengths, labels, names, bad, kinds = [], [], [], [], [], Counter()
+    offsets, lengths, crcs, labels, names, bad, kinds = [], [], [], [], [], [], Counter()
     acc = None
     pos = 0
     with atomic_open(out / f"{split}.bin", "wb") as f:
         for npz in sorted(parts.glob("chunk_*.npz")):
-            with np.load(npz) as z:
-                n = z["lengths"]
-                data = npz.with_suffix(".bin").read_bytes()
-                if len(data) != int(n.sum()):
-                    raise UserError(
-                        f"{npz.with_suffix('.bin')}: {len(data)} bytes, its index "
-                        f"says {int(n.sum())}; delete it and {npz.name} and rerun"
-                    )
-                f.write(data)
-                offsets.append(pos + np.cumsum(n) - n)
-                pos += len(data)
-                lengths.append(n)
-                labels.append(z["labels"])
-                names.extend(str(s) for s in z["names"])
-                bad.extend(str(s) for s in z["bad"])
-                kinds.update(json.loads(str(z["kinds"])))
-                if want_stats and "stats_images" in z.files:
-                    part = store.StatsAccumulator.from_dict(
-                        {k[len("stats_") :]: z[k] for k in z.files if k.startswith("stats_")}
-                    )
-                    if acc is None:
-                        acc = part
-                    else:
-                        acc.merge(part)
-    store.write_index(out / f"{split}.index.npy", _cat(offsets), _cat(lengths), _cat(labels))
+            z, data = _read_chunk(npz)
+            f.write(data)
+            n = z["lengths"]
+            offsets.append(pos + np.cumsum(n) - n)
+            pos += len(data)
+            lengths.append(n)
+            crcs.append(z["crc32"])
+            labels.append(z["labels"])
+            names.extend(str(s) for s in z["names"])
+            bad.extend(str(s) for s in z["bad"])
+            kinds.update(json.loads(str(z["kinds"])))
+            if want_stats and "stats_images" in z:
+                part = store.StatsAccumulator.from_dict(
+                    {k[len("stats_") :]: v for k, v in z.items() if k.startswith("stats_")}
+                )
+                if acc is None:
+                    acc = part
+                else:
+                    acc.merge(part)
+    index = [_cat(offsets), _cat(lengths), _cat(labels), _cat(crcs)]
+    store.write_index(out / f"{split}.index.npy", *index)
     with atomic_open(out / f"{split}.files.txt", "w") as f:
         f.write("".join(n + "\n" for n in names))
     if want_stats:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -21,7 +22,7 @@ from PIL import Image
 from alexnet.data import pipeline, small, sources, store
 from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_write_text
+from alexnet.runtime.fileio import atomic_write_text, remove_stale_temps
 
 
 def _image_options(p: argparse.ArgumentParser) -> None:
@@ -105,7 +106,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="decode a sample, not every record")
 
 
+def _clean_leftovers(out: Path) -> None:
+    """Remove what a killed run left: temp files of an unfinished write (as large as a record
+    file), and ``.parts`` once ``meta.json`` exists (a second copy of every record)."""
+    stale = remove_stale_temps(out)
+    if stale:
+        print(f"{out}: removed {len(stale)} temp file(s) of an interrupted run", flush=True)
+    if (out / "meta.json").is_file() and (out / ".parts").exists():
+        shutil.rmtree(out / ".parts")
+        print(f"{out}: removed the finished chunks an interrupted run left in .parts", flush=True)
+
+
 def _already_done(out: Path) -> bool:
+    _clean_leftovers(out)
     if (out / "meta.json").is_file():
         meta = store.read_meta(out)
         counts = ", ".join(f"{k} {v['count']}" for k, v in meta["splits"].items())
@@ -192,8 +205,20 @@ def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     notes = {}
     if ignored:
         atomic_write_text(out / "ignored_files.txt", "".join(n + "\n" for n in ignored))
-        print(f"ignored {len(ignored)} non-image file(s), listed in {out / 'ignored_files.txt'}")
-        notes["ignored_non_images"] = len(ignored)
+        reasons = Counter(line.split("\t")[-1] for line in ignored)
+        counts = {
+            "ignored_non_images": reasons[sources.NOT_IMAGE],
+            "ignored_hidden": reasons[sources.HIDDEN],
+            "ignored_outside_class_folders": reasons[sources.OUTSIDE],
+        }
+        notes.update({k: v for k, v in counts.items() if v})
+        told = {
+            "ignored_non_images": "non-image file(s)",
+            "ignored_hidden": "hidden file(s) or folder(s) (names starting with '.')",
+            "ignored_outside_class_folders": "file(s) outside the class folders",
+        }
+        what = ", ".join(f"{v} {told[k]}" for k, v in counts.items() if v)
+        print(f"ignored {what}, listed in {out / 'ignored_files.txt'}")
     if excluded:
         atomic_write_text(out / "excluded_val.txt", "".join(n + "\n" for n in excluded))
         print(
