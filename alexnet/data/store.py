@@ -291,12 +291,10 @@ def prepare_arrays(
         images = np.ascontiguousarray(images)
         with atomic_open(root / f"{name}.bin", "wb") as f:
             f.write(memoryview(images.reshape(-1)))
-        record = int(np.prod(shape))
-        n = images.shape[0]
-        flat = images.reshape(n, record)
-        crc = [record_crc(flat[k]) for k in range(n)]
-        offsets = np.arange(n) * record
-        write_index(root / f"{name}.index.npy", offsets, np.full(n, record), labels, crc)
+        n, record = images.shape[0], int(np.prod(shape))
+        crc = [record_crc(im) for im in images.reshape(n, record)]
+        rows = (np.arange(n) * record, np.full(n, record), labels, crc)
+        write_index(root / f"{name}.index.npy", *rows)
         split_meta[name] = {"count": n, "skipped": 0, "skipped_files": []}
         if name == "train":
             write_stats(root, stats_from_images(images))

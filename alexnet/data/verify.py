@@ -10,6 +10,7 @@ prepared before has none, and verify says so), and decodes every JPEG record (``
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,21 +42,25 @@ def _check_layout(root: Path, split: str, meta: dict, index, data) -> list[str]:
     return problems
 
 
-def _check_records(split: str, meta: dict, index, data, decode: np.ndarray) -> list[tuple]:
+def _check_records(split: str, meta: dict, index, data, decode: np.ndarray):
     """(record, finding) for every record whose checksum is wrong or (if in ``decode``) that
-    does not decode to the stored shape."""
+    does not decode to the stored shape; and the seconds spent on checksums and decoding
+    (summed over threads: what the load-time check costs against decoding)."""
     h, w = meta["image_size"]
     shape = (h, w, meta["channels"])
     crcs = np.asarray(index["crc32"]) if store.has_checksums(index) else None
-    jpeg = meta["storage"] == "jpeg"
     todo = np.arange(len(index)) if crcs is not None else decode
     wanted = np.zeros(len(index), bool)
-    wanted[decode] = jpeg  # raw records: the layout checks cover their shape
+    wanted[decode] = meta["storage"] == "jpeg"  # raw records: the layout checks cover them
+    spent = []
 
     def check(i: int) -> tuple | None:
         off, n = int(index["offset"][i]), int(index["length"][i])
         record = data[off : off + n]
+        t0 = time.perf_counter()
         got = store.record_crc(record) if crcs is not None else None
+        t1 = time.perf_counter()
+        spent.append((t1 - t0, 0.0))
         if got is not None and got != int(crcs[i]):
             return i, f"checksum mismatch (CRC-32 {got:08x}, the index says {int(crcs[i]):08x})"
         if wanted[i]:
@@ -63,6 +68,7 @@ def _check_records(split: str, meta: dict, index, data, decode: np.ndarray) -> l
                 store.decode_jpeg_into(record, np.empty(shape, np.uint8))
             except Exception as e:  # any failure to decode is a finding, not a crash
                 return i, f"does not decode ({type(e).__name__}: {e})"
+            spent.append((0.0, time.perf_counter() - t1))
         return None
 
     found = []
@@ -71,7 +77,7 @@ def _check_records(split: str, meta: dict, index, data, decode: np.ndarray) -> l
             block = todo[start : start + 512]
             found += [p for p in pool.map(check, block) if p]
             progress.update(len(block))
-    return found
+    return found, np.sum(spent, axis=0) if spent else np.zeros(2)
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -114,14 +120,14 @@ def verify(root: str | Path, *, quick: bool = False, seed: int = 0) -> int:
         chosen = np.arange(len(index))
         if quick and len(index) > 500:
             chosen = np.sort(rng.choice(len(index), 500, replace=False))
-        bad = _check_records(split, meta, index, data, chosen)
+        bad, (t_crc, t_decode) = _check_records(split, meta, index, data, chosen)
         problems += [f"{store.record_label(root, split, i)}: {why}" for i, why in bad[:5]]
         problems += [f"{split}.bin: record {i}: {why}" for i, why in bad[5:]]  # counted
         if store.has_checksums(index):
-            sums = f"all {len(index)} checksums checked"
+            sums = f"all {len(index)} checksums checked ({t_crc:.2f} s)"
         else:
             sums = "no checksums (prepared before format version 2: prepare again to store them)"
-        decoded = f"{len(chosen)} decoded, " if meta["storage"] == "jpeg" else ""
+        decoded = f"{len(chosen)} decoded ({t_decode:.2f} s), " if meta["storage"] == "jpeg" else ""
         print(f"{root}: {split}: {len(index)} records, {decoded}{sums}", flush=True)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
