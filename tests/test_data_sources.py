@@ -146,3 +146,17 @@ def test_resume_accepts_the_same_inputs_typed_another_way(tmp_path, monkeypatch)
         prepare.run_folder(_parse("folder", "--train", "data/train", "out", *opts), stop)
     with pytest.raises(prepare.UserError, match="size 16 -> 24"):
         prepare.run_folder(_parse("folder", "--train", "data/train", "out", *opts, "--size", "24"))
+
+
+def test_bad_options_and_outputs_are_one_error(tmp_path, capsys):
+    make_folder_tree(tmp_path / "src", 2, per_class=1)
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--chunk", "0"], "out", "--chunk 0: must be at least 1"),
+        (["--size", "-5"], "out", "--size -5: must be at least 0"),
+        (["--workers", "0"], "out", "--workers 0: must be at least 1"),
+        ([], "afile", "afile: exists and is not a folder"),
+    ]
+    for extra, out, message in cases:
+        rc, _, err = _cli(capsys, "folder", "--train", tmp_path / "src", tmp_path / out, *extra)
+        assert rc == 2 and message in _one_error(err)

@@ -132,6 +132,7 @@ def test_a_dataset_prepared_without_checksums_loads_and_verify_says_so(jpeg_dir,
             old[f] = index[f]
         np.save(out / f"{split}.index.npy", old)
     meta = json.loads((out / "meta.json").read_text())
+    del meta["file_crc32"]  # version 1 kept no checksums of its files either
     (out / "meta.json").write_text(json.dumps({**meta, "version": 1}))
     a, b = PreparedDataset(out, "val"), PreparedDataset(jpeg_dir, "val")
     assert torch.equal(a.get_batch(np.arange(len(a))), b.get_batch(np.arange(len(b))))
@@ -188,3 +189,15 @@ def test_a_damaged_devkit_is_one_clear_error(tmp_path, capsys):
         rc = main(["prepare", *map(str, [*argv, tmp_path / "out", "--size", "16"])])
         line = _one_error(capsys.readouterr().err, "prepare")
         assert rc == 2 and message in line and devkit.name in line, line
+
+
+def test_verify_catches_a_changed_label_or_offset_in_the_index(jpeg_dir, tmp_path, capsys):
+    for field, k in (("label", 4), ("offset", 7)):
+        out = _copy(jpeg_dir, tmp_path / f"copy_{field}")
+        index = np.load(out / "val.index.npy")
+        labels = index["label"]
+        index[field][k] = (labels[k] + 1) % 3 if field == "label" else index["offset"][k] + 1
+        np.save(out / "val.index.npy", index)
+        assert main(["prepare", "verify", str(out)]) == 2
+        line = _one_error(capsys.readouterr().err, "prepare")
+        assert "val.index.npy: checksum mismatch" in line, line

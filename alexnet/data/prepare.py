@@ -118,6 +118,8 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _already_done(out: Path) -> bool:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (the prepared dataset's folder)")
     _clean_leftovers(out)
     if (out / "meta.json").is_file():
         meta = store.read_meta(out)
@@ -146,8 +148,6 @@ def _prepare_items(
 ) -> int:
     """Shared by imagenet and folder: chunks, bad-file report, finish, meta."""
     out: Path = args.out
-    if args.storage == "jpeg" and not 1 <= args.quality <= 100:
-        raise UserError(f"--quality {args.quality}: must be 1..100")
     native = _native_size(splits["train"][0]) if args.size == 0 else None
     settings = pipeline.Settings(args.size, args.storage, args.quality, native)
     parts = {}
@@ -229,7 +229,17 @@ def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     return notes
 
 
+def _check_options(args) -> None:
+    """Before the sources are scanned (minutes for ImageNet), not after."""
+    if args.storage == "jpeg" and not 1 <= args.quality <= 100:
+        raise UserError(f"--quality {args.quality}: must be 1..100")
+    for name, low in (("size", 0), ("chunk", 1), ("workers", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least {low}")
+
+
 def run_imagenet(args, after_chunk=None) -> int:
+    _check_options(args)
     if _already_done(args.out):
         return 0
     devkit = sources.read_devkit(args.devkit) if args.devkit else None
@@ -250,6 +260,7 @@ def run_imagenet(args, after_chunk=None) -> int:
 
 
 def run_folder(args, after_chunk=None) -> int:
+    _check_options(args)
     if _already_done(args.out):
         return 0
     classes, train, ignored = sources.folder_tree(args.train)

@@ -163,9 +163,27 @@ def write_stats(root: Path, stats: dict[str, np.ndarray]) -> None:
         np.savez(f, **stats)
 
 
+def file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def small_files(root: Path, splits) -> list[str]:
+    """The files besides the records that a dataset is read through: each split's index and
+    source list, and the statistics. Their CRC-32 is kept in meta.json (a flipped label or
+    offset is no record's damage)."""
+    names = [f"{s}.{kind}" for s in splits for kind in ("index.npy", "files.txt")]
+    return [n for n in [*names, "stats.npz"] if (root / n).is_file()]
+
+
 def write_meta(root: Path, meta: dict) -> None:
     """Written last: a directory with ``meta.json`` is a complete prepared dataset."""
-    atomic_write_json(root / "meta.json", {"format": FORMAT, "version": VERSION, **meta})
+    crcs = {n: f"{file_crc(root / n):08x}" for n in small_files(root, meta["splits"])}
+    meta = {"format": FORMAT, "version": VERSION, **meta, "file_crc32": crcs}
+    atomic_write_json(root / "meta.json", meta)
 
 
 def read_meta(root: str | Path) -> dict:

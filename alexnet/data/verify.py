@@ -100,6 +100,12 @@ def verify(root: str | Path, *, quick: bool = False, seed: int = 0) -> int:
     c = meta["channels"]
     h, w = meta["image_size"]
     problems = _leftovers(root)
+    for name, want in meta.get("file_crc32", {}).items():  # absent before format version 2
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif f"{store.file_crc(path):08x}" != want:
+            problems.append(f"{path}: checksum mismatch (damaged or changed since prepare)")
     expect = {"mean": (c, h, w), "eigvals": (c,), "eigvecs": (c, c)}
     for key, shape in expect.items():
         if key not in stats or stats[key].shape != shape:
