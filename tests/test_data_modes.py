@@ -67,6 +67,12 @@ def _cases():
     want = palette[idx].astype(float)
     want[idx == 2] = 255.0
     yield "PNG P+transparency", _saved(p, "PNG"), want
+    key = tuple(int(v) for v in rgb[0, 0])
+    keyed = Image.fromarray(rgb)
+    keyed.info["transparency"] = key  # PNG tRNS: this one colour is transparent
+    want = rgb.astype(float)
+    want[(rgb == key).all(-1)] = 255.0
+    yield "PNG RGB+transparency", _saved(keyed, "PNG"), want
     cmyk = rng.integers(0, 256, (H, W, 4)).astype(np.uint8)
     c = cmyk.astype(float)
     want = (255 - c[..., :3]) * (255 - c[..., 3:]) / 255  # the usual CMYK -> RGB

@@ -149,7 +149,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 def check_records_default(storage: str) -> bool:
     """Whether records are checked as they are read, unless the caller says: the environment
     variable ALEXNET_CHECK_RECORDS (1 or 0) decides; otherwise JPEG records are checked (the
-    CRC costs ~1% of decoding one, docs/DATA.md) and raw ones are not (there it would cost
+    CRC costs ~0.3% of decoding one, docs/DATA.md) and raw ones are not (there it would cost
     more than the copy that reads them; ``alexnet prepare verify`` checks them all)."""
     env = os.environ.get("ALEXNET_CHECK_RECORDS", "").strip()
     if env in ("0", "1"):

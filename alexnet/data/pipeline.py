@@ -80,7 +80,7 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     ``L``, ``P``, ``CMYK``, ``YCbCr``) is PIL's conversion.
     """
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I"):
         a = np.asarray(img).astype(np.float64)

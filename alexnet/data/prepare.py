@@ -201,23 +201,21 @@ def _prepare_items(
     return 0
 
 
+# Why a file was not taken -> (its count's key in meta.json, how the report line says it).
+_IGNORED = {
+    sources.NOT_IMAGE: ("ignored_non_images", "non-image file(s)"),
+    sources.HIDDEN: ("ignored_hidden", "hidden file(s) or folder(s) (names starting with '.')"),
+    sources.OUTSIDE: ("ignored_outside_class_folders", "file(s) outside the class folders"),
+}
+
+
 def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     notes = {}
     if ignored:
         atomic_write_text(out / "ignored_files.txt", "".join(n + "\n" for n in ignored))
         reasons = Counter(line.split("\t")[-1] for line in ignored)
-        counts = {
-            "ignored_non_images": reasons[sources.NOT_IMAGE],
-            "ignored_hidden": reasons[sources.HIDDEN],
-            "ignored_outside_class_folders": reasons[sources.OUTSIDE],
-        }
-        notes.update({k: v for k, v in counts.items() if v})
-        told = {
-            "ignored_non_images": "non-image file(s)",
-            "ignored_hidden": "hidden file(s) or folder(s) (names starting with '.')",
-            "ignored_outside_class_folders": "file(s) outside the class folders",
-        }
-        what = ", ".join(f"{v} {told[k]}" for k, v in counts.items() if v)
+        notes.update({_IGNORED[why][0]: n for why, n in reasons.items()})
+        what = ", ".join(f"{n} {_IGNORED[why][1]}" for why, n in reasons.items())
         print(f"ignored {what}, listed in {out / 'ignored_files.txt'}")
     if excluded:
         atomic_write_text(out / "excluded_val.txt", "".join(n + "\n" for n in excluded))
