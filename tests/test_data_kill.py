@@ -105,6 +105,7 @@ def test_killed_between_meta_and_removing_the_chunks(tree, tmp_path):
     _same(out, unbroken)
 
 
+@pytest.mark.slow  # four subprocesses at least: ~30 s on a busy 2-core CPU
 def test_killed_at_random_moments_always_resumes(tree, tmp_path):
     args, opts, unbroken, took = tree
     out = tmp_path / "out"
@@ -122,4 +123,19 @@ def test_killed_at_random_moments_always_resumes(tree, tmp_path):
     assert run.returncode == 0, run.stderr
     assert _temp_files(out) == [] and not (out / ".parts").exists()
     assert _prepare("verify", out).returncode == 0
+    _same(out, unbroken)
+
+
+def test_a_killed_worker_is_one_error_not_a_hang_and_the_rerun_resumes(tree, tmp_path):
+    args, opts, unbroken, _ = tree
+    out = tmp_path / "out"
+    # Each forked worker kills itself on its second chunk, as the OOM killer would.
+    argv = [sys.executable, "-c", KILL_AT, "pipeline", "_process_chunk", "2", *map(str, args)]
+    run = subprocess.run([*argv, str(out), *opts], capture_output=True, text=True, timeout=120,
+                         env=_env())  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "a worker process died" in run.stderr.splitlines()[-1]
+    run = _prepare(*args, out, *opts)
+    assert run.returncode == 0 and "resuming" in run.stdout, run.stderr
+    assert _temp_files(out) == [] and not (out / ".parts").exists()
     _same(out, unbroken)

@@ -17,6 +17,8 @@ import json
 import multiprocessing
 import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from alexnet.data import store
 from alexnet.data.sources import Item
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.fileio import atomic_open, atomic_write_json, remove_stale_temps
 from alexnet.runtime.progress import Progress
 
 
@@ -197,12 +199,11 @@ def run_chunks(
     """Process every unfinished chunk of ``split``; returns the chunk folder."""
     parts = out / ".parts" / split
     _plan(parts, items, settings, chunk)
-    for stale in parts.glob(".*.tmp"):  # temp files of a killed run
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(parts)  # a killed run's unfinished chunk files
     n_chunks = (len(items) + chunk - 1) // chunk
     todo = [c for c in range(n_chunks) if not (parts / f"chunk_{c:06d}.npz").is_file()]
     done_items = len(items) - sum(len(items[c * chunk : (c + 1) * chunk]) for c in todo)
-    tasks = ((parts, c, items[c * chunk : (c + 1) * chunk], settings, want_stats) for c in todo)
+    tasks = [(parts, c, items[c * chunk : (c + 1) * chunk], settings, want_stats) for c in todo]
     bad = 0
     with Progress(len(items), f"prepare {split}", initial=done_items) as progress:
         if done_items:
@@ -210,23 +211,43 @@ def run_chunks(
                 f"prepare {split}: resuming, {done_items} of {len(items)} images already done",
                 flush=True,
             )
-        if workers <= 1 or len(todo) <= 1:
-            results = map(_process_chunk, tasks)
-            pool = None
-        else:
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap_unordered(_process_chunk, tasks)
+        results = _results(tasks, workers, split)
         try:
-            for _, n, n_bad in results:
+            for n, n_bad in results:
                 bad += n_bad
                 progress.update(n, unreadable=bad)
                 if after_chunk is not None:
                     after_chunk()
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            results.close()  # stops the workers now, also when after_chunk raises
     return parts
+
+
+def _results(tasks: list, workers: int, split: str):
+    """(images, unreadable) of each chunk as it finishes, in worker processes.
+
+    A pool of processes from concurrent.futures rather than multiprocessing.Pool: when a worker
+    dies (the kernel's OOM killer, a crash in a decoder) multiprocessing.Pool waits forever for
+    its chunk, while this pool says it is broken, which becomes one error line here.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        yield from (r[1:] for r in map(_process_chunk, tasks))
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        for future in as_completed([pool.submit(_process_chunk, t) for t in tasks]):
+            yield future.result()[1:]
+    except BrokenProcessPool:
+        raise UserError(
+            f"prepare {split}: a worker process died (killed, or out of memory?); the finished "
+            "chunks are kept: run the same command again to resume (fewer --workers need "
+            "less memory)"
+        ) from None
+    finally:
+        # Stop at once on an error or ^C, as Pool.terminate did: a chunk takes minutes.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def collect_bad(parts: Path) -> list[str]:
