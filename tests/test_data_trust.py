@@ -201,3 +201,24 @@ def test_verify_catches_a_changed_label_or_offset_in_the_index(jpeg_dir, tmp_pat
         assert main(["prepare", "verify", str(out)]) == 2
         line = _one_error(capsys.readouterr().err, "prepare")
         assert "val.index.npy: checksum mismatch" in line, line
+
+
+def test_a_damaged_chunk_is_redone_by_the_rerun(tmp_path, capsys, monkeypatch):
+    from alexnet.data import pipeline
+
+    make_folder_tree(tmp_path / "src", 2, per_class=4)
+    argv = ["folder", "--train", tmp_path / "src", tmp_path / "out", "--size", "16",
+            "--chunk", "2", "--workers", "1"]  # fmt: skip
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # after the chunks, before the concatenation
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "finish_split", stop)
+        assert main(["prepare", *map(str, argv)]) == 130
+    _flip_bit(tmp_path / "out" / ".parts" / "train" / "chunk_000001.bin", 10, 2)
+    assert main(["prepare", *map(str, argv)]) == 2
+    line = _one_error(capsys.readouterr().err, "prepare")
+    assert "chunk_000001.bin: did not match its index" in line
+    assert main(["prepare", *map(str, argv)]) == 0
+    assert main(["prepare", "verify", str(tmp_path / "out")]) == 0

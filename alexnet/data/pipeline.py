@@ -273,10 +273,12 @@ def _read_chunk(npz: Path) -> tuple[dict, bytes]:
     crc = [store.record_crc(view[a : a + n]) for a, n in zip(starts, lengths, strict=True)]
     if "crc32" in arrays and not damaged:  # chunks of an older version have none
         damaged = not np.array_equal(arrays["crc32"], np.array(crc, np.uint32))
-    if damaged:
+    if damaged:  # removed, so that the rerun does this chunk again
+        npz.unlink()
+        npz.with_suffix(".bin").unlink()
         raise UserError(
-            f"{npz.with_suffix('.bin')}: does not match its index {npz.name} (damaged on "
-            "disk?); delete both and rerun"
+            f"{npz.with_suffix('.bin')}: did not match its index {npz.name} (damaged on "
+            "disk?); both removed: run the same command again to redo that chunk"
         )
     arrays["crc32"] = np.array(crc, np.uint32)
     return arrays, data

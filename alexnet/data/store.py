@@ -42,7 +42,7 @@ INDEX_DTYPE = np.dtype([*INDEX_V1_DTYPE.descr, ("crc32", "<u4")])
 
 
 def record_crc(data) -> int:
-    """CRC-32 (zlib) of one record's bytes: ~1 GB/s, a few % of decoding a JPEG record."""
+    """CRC-32 (zlib) of one record's bytes: ~3 GB/s, ~0.3% of decoding a JPEG record."""
     return zlib.crc32(data)
 
 
