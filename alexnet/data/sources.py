@@ -138,9 +138,10 @@ def _refuse_non_classes(root: Path, found: list[str], wnid: bool) -> None:
         return
     hint = next((f for f in odd if "train" in f.lower()), None)
     hint = f" (--train {root / hint})" if hint else ""
+    other = "; `alexnet prepare folder` takes classes of any name" if wnid else ""
     raise UserError(
         f"{root}: {', '.join(odd[:5])} are {rule}; pass the training set itself{hint}, "
-        "whose entries are the classes"
+        f"whose entries are the classes{other}"
     )
 
 
