@@ -406,7 +406,7 @@ def test_verify_finds_damage(imagenet, tmp_path, capsys):
     data[off : off + 40] = bytes(40)  # wipe the JPEG header of record 3
     (out / "val.bin").write_bytes(bytes(data))
     rc, _, err = _cli(capsys, "verify", out)
-    assert rc == 2 and "val: record 3" in err
+    assert rc == 2 and "val.bin: record 3 (source " in err and "_val_00000004.JPEG)" in err
     (out / "val.bin").write_bytes(bytes(data[:-10]))
     rc, _, err = _cli(capsys, "verify", out)
-    assert rc == 2 and "the index ends at" in err
+    assert rc == 2 and "its index ends at byte" in err and "truncated" in err

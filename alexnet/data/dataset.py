@@ -13,6 +13,7 @@ for convolutions on GPUs and on CPUs with oneDNN.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +31,9 @@ class PreparedDataset(torch.utils.data.Dataset):
     or spawns), so the dataset pickles as a path and workers share the page cache.
     """
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
+    def __init__(
+        self, root: str | Path, split: str = "train", *, check: bool | None = None
+    ) -> None:
         self.root, self.split = Path(root), split
         self.meta = store.read_meta(self.root)
         if split not in self.meta["splits"]:
@@ -49,6 +52,11 @@ class PreparedDataset(torch.utils.data.Dataset):
                 f"{self.meta['splits'][split]['count']}"
             )
         self.labels = torch.from_numpy(np.array(index["label"], dtype=np.int64))
+        # The CRC-32 of each record as it is read (see check_records_default); a dataset
+        # prepared before checksums were stored (format version 1) has none to check.
+        self.check = store.has_checksums(index) and (
+            check_records_default(self.storage) if check is None else bool(check)
+        )
         self._index = self._data = None
         self._stats: dict[str, torch.Tensor] | None = None
 
@@ -99,14 +107,26 @@ class PreparedDataset(torch.utils.data.Dataset):
                 # Fixed-size records: one fancy-indexed memmap read, no per-image Python.
                 out[...] = self._data.reshape(-1, h, w, c)[starts]
             else:
-                for k, (off, n, _) in enumerate(rows):
+                for k, row in enumerate(rows):
+                    off, n = int(row["offset"]), int(row["length"])
                     out[k] = self._data[off : off + n].reshape(h, w, c)
+            for k in range(len(indices)) if self.check else ():
+                self._check_crc(out[k], rows[k], indices[k])
         else:
             data = self._data
 
             def decode(k: int) -> None:
                 off, n = int(rows["offset"][k]), int(rows["length"][k])
-                store.decode_jpeg_into(data[off : off + n], out[k])
+                if self.check:
+                    self._check_crc(data[off : off + n], rows[k], indices[k])
+                try:
+                    store.decode_jpeg_into(data[off : off + n], out[k])
+                except Exception as e:  # PIL raises many types for damaged bytes
+                    where = store.record_label(self.root, self.split, int(indices[k]))
+                    raise UserError(
+                        f"{where}: does not decode ({type(e).__name__}: {e}); "
+                        f"run alexnet prepare verify {self.root}"
+                    ) from None
 
             if threads is None or len(indices) < 2:
                 for k in range(len(indices)):
@@ -114,6 +134,37 @@ class PreparedDataset(torch.utils.data.Dataset):
             else:
                 list(threads.map(decode, range(len(indices))))
         return buf.permute(0, 3, 1, 2)
+
+    def _check_crc(self, record, row, i) -> None:
+        got = store.record_crc(record)
+        if got != int(row["crc32"]):
+            where = store.record_label(self.root, self.split, int(i))
+            raise UserError(
+                f"{where}: checksum mismatch (CRC-32 {got:08x}, the index says "
+                f"{int(row['crc32']):08x}): the record is damaged; run alexnet prepare "
+                f"verify {self.root}"
+            )
+
+
+def check_records_default(storage: str) -> bool:
+    """Whether records are checked as they are read, unless the caller says: the environment
+    variable ALEXNET_CHECK_RECORDS (1 or 0) decides; otherwise JPEG records are checked (the
+    CRC costs ~0.3% of decoding one, docs/DATA.md) and raw ones are not (there it would cost
+    more than the copy that reads them; ``alexnet prepare verify`` checks them all)."""
+    env = os.environ.get("ALEXNET_CHECK_RECORDS", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise UserError(f"ALEXNET_CHECK_RECORDS={env!r}: must be 0 or 1")
+    return storage == "jpeg"
+
+
+class _Failed:
+    """A worker's UserError, carried to the main process as data: raised there as one line
+    (a re-raised worker exception would carry the worker's traceback in its message)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
@@ -125,8 +176,11 @@ class _BatchFetcher(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ds.get_batch(indices), self.ds.labels[torch.from_numpy(indices)]
+    def __getitem__(self, indices: np.ndarray):
+        try:
+            return self.ds.get_batch(indices), self.ds.labels[torch.from_numpy(indices)]
+        except UserError as e:
+            return _Failed(str(e))
 
 
 def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
@@ -270,6 +324,8 @@ class Loader:
                 persistent_workers=True,
             )
         for batch in self._workers:
+            if isinstance(batch, _Failed):
+                raise UserError(batch.message)
             self.batches_done += 1
             yield batch
 

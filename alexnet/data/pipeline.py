@@ -17,6 +17,8 @@ import json
 import multiprocessing
 import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from alexnet.data import store
 from alexnet.data.sources import Item
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.fileio import atomic_open, atomic_write_json, remove_stale_temps
 from alexnet.runtime.progress import Progress
 
 
@@ -55,7 +57,7 @@ def load_rgb(data: bytes, settings: Settings) -> tuple[np.ndarray, str]:
             # antialiased resize below still sees enough pixels (PIL picks a 1/2..1/8 scale).
             img.draft("RGB", (2 * size, 2 * size))
         img.load()
-        rgb = img.convert("RGB") if img.mode != "RGB" else img
+        rgb = to_rgb8(img)
         w, h = rgb.size
         if size:
             s = min(w, h)
@@ -64,6 +66,36 @@ def load_rgb(data: bytes, settings: Settings) -> tuple[np.ndarray, str]:
         elif settings.native is not None and (w, h) != tuple(settings.native):
             raise ValueError(f"{w}x{h}, but --size 0 needs every image at {settings.native}")
         return np.asarray(rgb), kind
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode (G2), scaling deep samples instead of clipping them.
+
+    PIL's ``convert("RGB")`` clips 16-bit and float pixels to 0..255, which turns most of
+    such an image white. Here: 16-bit samples (modes ``I;16``, ``I;16B``, ...; ``I`` when its
+    values fit 16 bits) are divided by 257, mapping 0..65535 onto 0..255 with both ends
+    exact; ``I`` beyond 16 bits is read as 32-bit (divided by (2**32 - 1) / 255). Float
+    (``F``): a maximum <= 1 is read as the range [0, 1] (times 255), anything else as 0..255
+    already; then clipped, NaN as 0. Transparent images (``LA``, ``RGBA``, ``PA``, ``P``/``L``/
+    ``RGB`` with a transparent colour) are composited over white, as a page shows them,
+    instead of keeping whatever colour the transparent pixels happen to hold. The rest (``1``,
+    ``L``, ``P``, ``CMYK``, ``YCbCr``) is PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I"):
+        a = np.asarray(img).astype(np.float64)
+        scale = 257.0 if mode != "I" or a.max(initial=0) <= 65535 else (2**32 - 1) / 255
+        img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8))
+    elif mode == "F":
+        a = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0)
+        a = a * 255 if a.max(initial=0) <= 1 else a
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    elif "A" in mode or "a" in mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
 
 
 def _reason(e: Exception, item: Item) -> str:
@@ -77,7 +109,7 @@ def _reason(e: Exception, item: Item) -> str:
 def _process_chunk(task) -> tuple[int, int, int]:
     parts, chunk_id, items, settings, want_stats = task
     records, lengths, labels, names, bad, kinds = [], [], [], [], [], Counter()
-    acc = None
+    acc, crcs = None, []
     for item in items:
         try:
             image, kind = load_rgb(item.read(), settings)
@@ -95,6 +127,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
             acc.add_batch(image[None])
         records.append(rec)
         lengths.append(len(rec))
+        crcs.append(store.record_crc(rec))
         labels.append(item.label)
         names.append(item.name)
         if kind != "JPEG/RGB":
@@ -105,6 +138,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
             f.write(rec)
     arrays = {
         "lengths": np.array(lengths, np.int64),
+        "crc32": np.array(crcs, np.uint32),
         "labels": np.array(labels, np.int64),
         "names": np.array(names, dtype=str),
         "bad": np.array(bad, dtype=str),
@@ -133,9 +167,18 @@ def _plan(parts: Path, items: list[Item], settings: Settings, chunk: int) -> Non
     if path.is_file():
         old = json.loads(path.read_text())
         if old != plan:
+            was = old.get("settings", {})
+            changed = [
+                f"{k} {was.get(k)} -> {v}" for k, v in plan["settings"].items() if was.get(k) != v
+            ]
+            if old.get("chunk") != chunk:
+                changed.append(f"chunk {old.get('chunk')} -> {chunk}")
+            if not changed:
+                changed = [f"the images differ ({old.get('items')} then, {len(items)} now)"]
             raise UserError(
-                f"{path}: an unfinished prepare with other inputs or settings is here; use the "
-                f"same ones to resume, or delete {parts.parent} to start again"
+                f"{path}: an unfinished prepare with other inputs or settings is here "
+                f"({'; '.join(changed)}); use the same ones to resume, or delete "
+                f"{parts.parent} to start again"
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
@@ -156,12 +199,11 @@ def run_chunks(
     """Process every unfinished chunk of ``split``; returns the chunk folder."""
     parts = out / ".parts" / split
     _plan(parts, items, settings, chunk)
-    for stale in parts.glob(".*.tmp"):  # temp files of a killed run
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(parts)  # a killed run's unfinished chunk files
     n_chunks = (len(items) + chunk - 1) // chunk
     todo = [c for c in range(n_chunks) if not (parts / f"chunk_{c:06d}.npz").is_file()]
     done_items = len(items) - sum(len(items[c * chunk : (c + 1) * chunk]) for c in todo)
-    tasks = ((parts, c, items[c * chunk : (c + 1) * chunk], settings, want_stats) for c in todo)
+    tasks = [(parts, c, items[c * chunk : (c + 1) * chunk], settings, want_stats) for c in todo]
     bad = 0
     with Progress(len(items), f"prepare {split}", initial=done_items) as progress:
         if done_items:
@@ -169,23 +211,43 @@ def run_chunks(
                 f"prepare {split}: resuming, {done_items} of {len(items)} images already done",
                 flush=True,
             )
-        if workers <= 1 or len(todo) <= 1:
-            results = map(_process_chunk, tasks)
-            pool = None
-        else:
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap_unordered(_process_chunk, tasks)
+        results = _results(tasks, workers, split)
         try:
-            for _, n, n_bad in results:
+            for n, n_bad in results:
                 bad += n_bad
                 progress.update(n, unreadable=bad)
                 if after_chunk is not None:
                     after_chunk()
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            results.close()  # stops the workers now, also when after_chunk raises
     return parts
+
+
+def _results(tasks: list, workers: int, split: str):
+    """(images, unreadable) of each chunk as it finishes, in worker processes.
+
+    A pool of processes from concurrent.futures rather than multiprocessing.Pool: when a worker
+    dies (the kernel's OOM killer, a crash in a decoder) multiprocessing.Pool waits forever for
+    its chunk, while this pool says it is broken, which becomes one error line here.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        yield from (r[1:] for r in map(_process_chunk, tasks))
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        for future in as_completed([pool.submit(_process_chunk, t) for t in tasks]):
+            yield future.result()[1:]
+    except BrokenProcessPool:
+        raise UserError(
+            f"prepare {split}: a worker process died (killed, or out of memory?); the finished "
+            "chunks are kept: run the same command again to resume (fewer --workers need "
+            "less memory)"
+        ) from None
+    finally:
+        # Stop at once on an error or ^C, as Pool.terminate did: a chunk takes minutes.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def collect_bad(parts: Path) -> list[str]:
@@ -200,38 +262,56 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
 
 
+def _read_chunk(npz: Path) -> tuple[dict, bytes]:
+    """A finished chunk's arrays and record bytes, checked against each other."""
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    data = npz.with_suffix(".bin").read_bytes()
+    lengths = arrays["lengths"]
+    damaged = len(data) != int(lengths.sum())
+    starts, view = np.cumsum(lengths) - lengths, memoryview(data)
+    crc = [store.record_crc(view[a : a + n]) for a, n in zip(starts, lengths, strict=True)]
+    if "crc32" in arrays and not damaged:  # chunks of an older version have none
+        damaged = not np.array_equal(arrays["crc32"], np.array(crc, np.uint32))
+    if damaged:  # removed, so that the rerun does this chunk again
+        npz.unlink()
+        npz.with_suffix(".bin").unlink()
+        raise UserError(
+            f"{npz.with_suffix('.bin')}: did not match its index {npz.name} (damaged on "
+            "disk?); both removed: run the same command again to redo that chunk"
+        )
+    arrays["crc32"] = np.array(crc, np.uint32)
+    return arrays, data
+
+
 def finish_split(out: Path, split: str, parts: Path, want_stats: bool) -> dict:
     """Concatenate the chunks into ``<split>.bin`` + index + files list; returns split meta."""
-    offsets, lengths, labels, names, bad, kinds = [], [], [], [], [], Counter()
+    offsets, lengths, crcs, labels, names, bad, kinds = [], [], [], [], [], [], Counter()
     acc = None
     pos = 0
     with atomic_open(out / f"{split}.bin", "wb") as f:
         for npz in sorted(parts.glob("chunk_*.npz")):
-            with np.load(npz) as z:
-                n = z["lengths"]
-                data = npz.with_suffix(".bin").read_bytes()
-                if len(data) != int(n.sum()):
-                    raise UserError(
-                        f"{npz.with_suffix('.bin')}: {len(data)} bytes, its index "
-                        f"says {int(n.sum())}; delete it and {npz.name} and rerun"
-                    )
-                f.write(data)
-                offsets.append(pos + np.cumsum(n) - n)
-                pos += len(data)
-                lengths.append(n)
-                labels.append(z["labels"])
-                names.extend(str(s) for s in z["names"])
-                bad.extend(str(s) for s in z["bad"])
-                kinds.update(json.loads(str(z["kinds"])))
-                if want_stats and "stats_images" in z.files:
-                    part = store.StatsAccumulator.from_dict(
-                        {k[len("stats_") :]: z[k] for k in z.files if k.startswith("stats_")}
-                    )
-                    if acc is None:
-                        acc = part
-                    else:
-                        acc.merge(part)
-    store.write_index(out / f"{split}.index.npy", _cat(offsets), _cat(lengths), _cat(labels))
+            z, data = _read_chunk(npz)
+            f.write(data)
+            n = z["lengths"]
+            offsets.append(pos + np.cumsum(n) - n)
+            pos += len(data)
+            lengths.append(n)
+            crcs.append(z["crc32"])
+            labels.append(z["labels"])
+            names.extend(str(s) for s in z["names"])
+            bad.extend(str(s) for s in z["bad"])
+            kinds.update(json.loads(str(z["kinds"])))
+            if want_stats and "stats_images" in z:
+                part = store.StatsAccumulator.from_dict(
+                    {k[len("stats_") :]: v for k, v in z.items() if k.startswith("stats_")}
+                )
+                if acc is None:
+                    acc = part
+                else:
+                    acc.merge(part)
+    index = [_cat(offsets), _cat(lengths), _cat(labels), _cat(crcs)]
+    store.write_index(out / f"{split}.index.npy", *index)
     with atomic_open(out / f"{split}.files.txt", "w") as f:
         f.write("".join(n + "\n" for n in names))
     if want_stats:

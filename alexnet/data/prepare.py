@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -21,7 +22,7 @@ from PIL import Image
 from alexnet.data import pipeline, small, sources, store
 from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_write_text
+from alexnet.runtime.fileio import atomic_write_text, remove_stale_temps
 
 
 def _image_options(p: argparse.ArgumentParser) -> None:
@@ -107,7 +108,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="decode a sample, not every record")
 
 
+def _clean_leftovers(out: Path) -> None:
+    """Remove what a killed run left: temp files of an unfinished write (as large as a record
+    file), and ``.parts`` once ``meta.json`` exists (a second copy of every record)."""
+    stale = remove_stale_temps(out)
+    if stale:
+        print(f"{out}: removed {len(stale)} temp file(s) of an interrupted run", flush=True)
+    if (out / "meta.json").is_file() and (out / ".parts").exists():
+        shutil.rmtree(out / ".parts")
+        print(f"{out}: removed the finished chunks an interrupted run left in .parts", flush=True)
+
+
 def _already_done(out: Path) -> bool:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (the prepared dataset's folder)")
+    _clean_leftovers(out)
     if (out / "meta.json").is_file():
         meta = store.read_meta(out)
         counts = ", ".join(f"{k} {v['count']}" for k, v in meta["splits"].items())
@@ -135,8 +150,6 @@ def _prepare_items(
 ) -> int:
     """Shared by imagenet and folder: chunks, bad-file report, finish, meta."""
     out: Path = args.out
-    if args.storage == "jpeg" and not 1 <= args.quality <= 100:
-        raise UserError(f"--quality {args.quality}: must be 1..100")
     native = _native_size(splits["train"][0]) if args.size == 0 else None
     settings = pipeline.Settings(args.size, args.storage, args.quality, native)
     parts = {}
@@ -190,12 +203,22 @@ def _prepare_items(
     return 0
 
 
+# Why a file was not taken -> (its count's key in meta.json, how the report line says it).
+_IGNORED = {
+    sources.NOT_IMAGE: ("ignored_non_images", "non-image file(s)"),
+    sources.HIDDEN: ("ignored_hidden", "hidden file(s) or folder(s) (names starting with '.')"),
+    sources.OUTSIDE: ("ignored_outside_class_folders", "file(s) outside the class folders"),
+}
+
+
 def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     notes = {}
     if ignored:
         atomic_write_text(out / "ignored_files.txt", "".join(n + "\n" for n in ignored))
-        print(f"ignored {len(ignored)} non-image file(s), listed in {out / 'ignored_files.txt'}")
-        notes["ignored_non_images"] = len(ignored)
+        reasons = Counter(line.split("\t")[-1] for line in ignored)
+        notes.update({_IGNORED[why][0]: n for why, n in reasons.items()})
+        what = ", ".join(f"{n} {_IGNORED[why][1]}" for why, n in reasons.items())
+        print(f"ignored {what}, listed in {out / 'ignored_files.txt'}")
     if excluded:
         atomic_write_text(out / "excluded_val.txt", "".join(n + "\n" for n in excluded))
         print(
@@ -206,7 +229,17 @@ def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     return notes
 
 
+def _check_options(args) -> None:
+    """Before the sources are scanned (minutes for ImageNet), not after."""
+    if args.storage == "jpeg" and not 1 <= args.quality <= 100:
+        raise UserError(f"--quality {args.quality}: must be 1..100")
+    for name, low in (("size", 0), ("chunk", 1), ("workers", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least {low}")
+
+
 def run_imagenet(args, after_chunk=None) -> int:
+    _check_options(args)
     if _already_done(args.out):
         return 0
     devkit = sources.read_devkit(args.devkit) if args.devkit else None
@@ -227,6 +260,7 @@ def run_imagenet(args, after_chunk=None) -> int:
 
 
 def run_folder(args, after_chunk=None) -> int:
+    _check_options(args)
     if _already_done(args.out):
         return 0
     classes, train, ignored = sources.folder_tree(args.train)

@@ -85,41 +85,99 @@ def tar_members(path: str | Path, start: int = 0, size: int | None = None):
         raise UserError(f"{where}: not a readable uncompressed tar ({e})") from None
 
 
+# What is skipped is returned as "name\treason" lines, so the report can say why.
+NOT_IMAGE = "not an image file (by its extension)"
+HIDDEN = "hidden (name starts with '.')"
+OUTSIDE = "not inside a class folder"
+# Folder names that are the splits of a dataset, not classes (the parent passed as --train).
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "devkit"}
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _files_under(folder: Path) -> list[Path]:
+def _is_hidden(name: str) -> bool:
+    """Any component starting with '.' (``.ipynb_checkpoints/``, macOS ``._x.jpg``, ``.git``)."""
+    return any(part.startswith(".") for part in Path(name).parts if part not in (".", ".."))
+
+
+def _skip(name: str) -> str | None:
+    """Why a file is not taken as an image, or None if it is one."""
+    if _is_hidden(name):
+        return HIDDEN
+    return None if _is_image(name) else NOT_IMAGE
+
+
+def _files_under(folder: Path, skipped: list[str]) -> list[Path]:
+    """The files below ``folder``, sorted; hidden folders are not entered but noted."""
     out = []
-    for dirpath, _, files in os.walk(folder, followlinks=True):
+    for dirpath, dirs, files in os.walk(folder, followlinks=True):
+        for d in [d for d in dirs if d.startswith(".")]:
+            dirs.remove(d)
+            skipped.append(f"{Path(dirpath) / d}/\t{HIDDEN}")
         out.extend(Path(dirpath) / f for f in files)
     return sorted(out)
 
 
-def folder_tree(root: str | Path, classes: list[str] | None = None):
+def _subfolders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _refuse_non_classes(root: Path, found: list[str], wnid: bool) -> None:
+    """A --train folder whose entries are not classes. The rule: for ImageNet every class
+    folder (or per-class tar) must be named by a WNID (n and 8 digits); for any folder tree,
+    no sub-folder may be a split name (train/, val/, test/, devkit/, ...) holding folders."""
+    if wnid:
+        odd = [f for f in found if not WNID.match(f.removesuffix(".tar"))]
+        rule = "not ImageNet classes (a WNID: n and 8 digits)"
+    else:
+        odd = [f for f in found if f.lower() in SPLIT_NAMES and _subfolders(root / f)]
+        rule = "the splits of a dataset, not class folders"
+    if not odd:
+        return
+    hint = next((f for f in odd if "train" in f.lower()), None)
+    hint = f" (--train {root / hint})" if hint else ""
+    other = "; `alexnet prepare folder` takes classes of any name" if wnid else ""
+    raise UserError(
+        f"{root}: {', '.join(odd[:5])} are {rule}; pass the training set itself{hint}, "
+        f"whose entries are the classes{other}"
+    )
+
+
+def folder_tree(root: str | Path, classes: list[str] | None = None, *, wnid: bool = False):
     """A folder-per-class tree: ``(classes, items, ignored)``. Classes are the sorted
-    sub-folder names (as ImageFolder) unless given; non-image files are returned in
-    ``ignored`` so the caller can report them."""
-    root = Path(root)
+    sub-folder names (as ImageFolder) unless given; ``wnid``: they must be ImageNet WNIDs.
+    Non-image files, hidden files and folders and files outside the class folders are
+    returned in ``ignored`` (lines "name<TAB>reason") so the caller can report them."""
+    root = Path(root).resolve()  # one spelling of the inputs, however they were typed
     if not root.is_dir():
         raise UserError(f"{root}: not a folder")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = [p.name for p in _subfolders(root)]
     if not found:
         raise UserError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
     if classes is None:
+        _refuse_non_classes(root, found, wnid)
         classes = found
     else:
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise UserError(f"{root}: class folders not in the training set: {unknown[:5]}")
     label_of = {c: i for i, c in enumerate(classes)}
-    items, ignored = [], []
+    ignored = []
+    for p in sorted(root.iterdir()):
+        if p.name not in label_of:
+            ignored.append(
+                f"{p}{'/' if p.is_dir() else ''}\t{HIDDEN if _is_hidden(p.name) else OUTSIDE}"
+            )
+    items = []
     for name in found:
-        for p in _files_under(root / name):
-            if _is_image(p.name):
+        for p in _files_under(root / name, ignored):
+            why = _skip(p.name)
+            if why is None:
                 items.append(Item(str(p), -1, p.stat().st_size, str(p), label_of[name]))
             else:
-                ignored.append(str(p))
+                ignored.append(f"{p}\t{why}")
     if not items:
         raise UserError(
             f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders"
@@ -130,30 +188,35 @@ def folder_tree(root: str | Path, classes: list[str] | None = None):
 def imagenet_train(src: str | Path):
     """ILSVRC-2012 train: the official tar of per-WNID tars, a folder of those tars, or a
     folder of ``<wnid>/`` folders. Returns ``(wnids, items, ignored)``."""
-    src = Path(src)
+    src = Path(src).resolve()
     if not src.exists():
         raise UserError(f"{src}: not found (expected ILSVRC2012_img_train.tar or its folder)")
-    if src.is_dir() and any(p.is_dir() for p in src.iterdir()):
-        return folder_tree(src)
+    if src.is_dir() and _subfolders(src):
+        return folder_tree(src, wnid=True)
+    ignored = []
     if src.is_dir():
         tars = sorted(p for p in src.iterdir() if p.name.endswith(".tar"))
         inner = [(p.name, str(p), 0, p.stat().st_size) for p in tars]
     else:
         members = tar_members(src)
         inner = [(n, str(src), off, sz) for n, off, sz in members if n.endswith(".tar")]
+    ignored += [f"{path}:{n}\t{HIDDEN}" for n, path, *_ in inner if _is_hidden(n)]
+    inner = [t for t in inner if not _is_hidden(t[0])]
     if not inner:
         raise UserError(f"{src}: no per-class tars (<wnid>.tar) or <wnid>/ folders inside")
     wnids = sorted(Path(n).name[: -len(".tar")] for n, *_ in inner)
+    _refuse_non_classes(src, [w + ".tar" for w in wnids], wnid=True)
     label_of = {w: i for i, w in enumerate(wnids)}
-    items, ignored = [], []
+    items = []
     for name, path, off, size in sorted(inner, key=lambda t: Path(t[0]).name):
         wnid = Path(name).name[: -len(".tar")]
         for member, m_off, m_size in sorted(tar_members(path, off, size)):
             label = f"{path}:{name}:{member}" if off else f"{path}:{member}"
-            if _is_image(member):
+            why = _skip(member)
+            if why is None:
                 items.append(Item(path, m_off, m_size, label, label_of[wnid]))
             else:
-                ignored.append(label)
+                ignored.append(f"{label}\t{why}")
     return wnids, items, ignored
 
 
@@ -171,6 +234,9 @@ def _parse_meta(data: bytes, where: str) -> tuple[dict[int, str], dict[str, str]
 
     try:
         mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)
+    except Exception as e:  # scipy raises many types (OSError, MatReadError...) for bad bytes
+        raise UserError(f"{where}: unreadable .mat file, truncated or damaged? ({e})") from None
+    try:
         synsets = np.atleast_1d(mat["synsets"])
         ids = [int(x) for x in synsets["ILSVRC2012_ID"]]
         wnids = [str(x) for x in synsets["WNID"]]
@@ -193,7 +259,7 @@ def _parse_ground_truth(text: str, where: str) -> list[int]:
 
 def read_devkit(path: str | Path) -> Devkit:
     """``ILSVRC2012_devkit_t12.tar.gz`` or its extracted folder."""
-    path = Path(path)
+    path = Path(path).resolve()
     meta_name, gt_name = "data/meta.mat", "data/ILSVRC2012_validation_ground_truth.txt"
     files: dict[str, bytes] = {}
     if path.is_file():
@@ -216,7 +282,8 @@ def read_devkit(path: str | Path) -> Devkit:
         if want not in files:
             raise UserError(f"{path}: devkit has no {want}")
     leaves, words = _parse_meta(files[meta_name], f"{path}:{meta_name}")
-    val_ids = _parse_ground_truth(files[gt_name].decode(), f"{path}:{gt_name}")
+    text = files[gt_name].decode("ascii", errors="replace")  # digits only; others are errors
+    val_ids = _parse_ground_truth(text, f"{path}:{gt_name}")
     return Devkit(leaves, words, val_ids)
 
 
@@ -227,18 +294,18 @@ def imagenet_val(src: str | Path, wnids: list[str], devkit: Devkit | None):
     """ILSVRC-2012 val: the flat tar or folder labelled through the devkit, or a folder
     already split into ``<wnid>/``. Returns ``(items, ignored, excluded)``: ``excluded`` are
     the images of classes outside ``wnids`` (a subset of ImageNet)."""
-    src = Path(src)
+    src = Path(src).resolve()
     if not src.exists():
         raise UserError(f"{src}: not found (expected ILSVRC2012_img_val.tar or its folder)")
-    if src.is_dir() and any(p.is_dir() for p in src.iterdir()):
-        _, items, ignored = folder_tree(src, wnids)
+    if src.is_dir() and _subfolders(src):
+        _, items, ignored = folder_tree(src, wnids, wnid=True)
         return items, ignored, []
     if src.is_file():
-        flat = [(f"{src}:{n}", str(src), off, sz) for n, off, sz in tar_members(src)]
+        flat = [(f"{src}:{n}", str(src), off, sz, n) for n, off, sz in tar_members(src)]
     else:
-        flat = [(str(p), str(p), -1, p.stat().st_size) for p in sorted(src.iterdir())]
-    images = sorted(t for t in flat if _is_image(t[0]))
-    ignored = [t[0] for t in flat if not _is_image(t[0])]
+        flat = [(str(p), str(p), -1, p.stat().st_size, p.name) for p in sorted(src.iterdir())]
+    images = sorted(t[:4] for t in flat if _skip(t[4]) is None)
+    ignored = [f"{t[0]}\t{_skip(t[4])}" for t in flat if _skip(t[4]) is not None]
     if devkit is None:
         raise UserError(f"{src}: a flat validation set needs --devkit for its labels")
     if len(images) != len(devkit.val_ids):

@@ -56,6 +56,17 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files ``atomic_open`` left in ``folder`` when a process was killed
+    mid-write (a write in progress is never finished by anyone else); returns them."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
