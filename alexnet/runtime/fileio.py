@@ -41,7 +41,8 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that ``atomic_open`` (and ``link_or_copy``) leave behind when
     a process is killed mid-write: hidden ``.<name>.*.tmp`` files, each up to the size of the
     file it was to replace. Call it where a run or a preparation starts again. Returns them."""
-    found = sorted(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
+    folder = Path(directory)
+    found = sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
     for tmp in found:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -54,17 +55,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files ``atomic_open`` left in ``folder`` when a process was killed
-    mid-write (a write in progress is never finished by anyone else); returns them."""
-    folder = Path(folder)
-    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
-    for p in stale:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
