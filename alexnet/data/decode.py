@@ -1,0 +1,171 @@
+"""Decoding the stored JPEG records: the fastest installed CPU decoder, PIL as the fallback,
+and nvJPEG on a CUDA device where torchvision with CUDA is installed.
+
+CPU decoders, tried in ``ORDER`` (fastest first, measured with ``alexnet bench-loader
+--decoders``; figures in docs/DATA.md):
+
+- ``turbojpeg``: PyTurboJPEG, ctypes over the system's libturbojpeg (Debian
+  ``libturbojpeg0``); decodes straight into the batch buffer.
+- ``simplejpeg``: a wheel with libjpeg-turbo built in; also decodes into the buffer.
+- ``pil``: Pillow (its wheels use libjpeg-turbo too; pillow-simd is the same module), always
+  there: the fallback.
+
+All three run libjpeg-turbo's accurate integer IDCT, so they give the same pixels
+(``tests/test_decode.py`` checks against PIL). ``ALEXNET_JPEG_DECODER=pil`` (or
+``turbojpeg``, ``simplejpeg``) forces one; it is read at each call, so it reaches DataLoader
+workers whether they fork or spawn. Forcing one that is not installed is an error, never a
+silent fallback.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from functools import cache
+
+import numpy as np
+import torch
+
+from alexnet.runtime.errors import UserError
+
+ORDER = ("turbojpeg", "simplejpeg", "pil")
+ENV = "ALEXNET_JPEG_DECODER"
+Decoder = Callable[[bytes | memoryview | np.ndarray, np.ndarray], None]
+
+
+def _check(arr: np.ndarray, out: np.ndarray) -> None:
+    if arr.shape != out.shape:
+        raise ValueError(f"stored record is {arr.shape}, expected {out.shape}")
+
+
+def _pil_into(data, out: np.ndarray) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # PIL releases the GIL while decoding
+        arr = np.asarray(img)
+    _check(arr[:, :, None] if arr.ndim == 2 else arr, out)
+    out[...] = arr.reshape(out.shape)
+
+
+def _simplejpeg() -> Decoder:
+    import simplejpeg
+
+    def into(data, out: np.ndarray) -> None:
+        space = "GRAY" if out.shape[2] == 1 else "RGB"
+        # A larger image raises (buffer too small); a smaller one fills a prefix: checked.
+        _check(simplejpeg.decode_jpeg(data, colorspace=space, buffer=out), out)
+
+    return into
+
+
+def _turbojpeg() -> Decoder:
+    import turbojpeg
+
+    tj = turbojpeg.TurboJPEG()  # RuntimeError without libturbojpeg
+
+    def into(data, out: np.ndarray) -> None:
+        # libjpeg only warns about a truncated file (and fills the rest with grey); PIL and
+        # simplejpeg raise, and so does this. PyTurboJPEG 1.x turns even STOPONWARNING into
+        # a warning, so check for the end-of-image marker that every record ends with.
+        if bytes(data[-2:]) != b"\xff\xd9":
+            raise ValueError("JPEG record is truncated (no end-of-image marker)")
+        fmt = turbojpeg.TJPF_GRAY if out.shape[2] == 1 else turbojpeg.TJPF_RGB
+        try:
+            res = tj.decode(data, pixel_format=fmt, dst=out)
+        except ValueError:  # 2.x checks the shape of ``dst`` before writing
+            res = None
+        if res is not out:  # 1.x decodes a record of another size into a new array
+            h, w, _, _ = tj.decode_header(data)
+            raise ValueError(f"stored record is {(h, w, out.shape[2])}, expected {out.shape}")
+
+    return into
+
+
+_MAKERS: dict[str, Callable[[], Decoder]] = {
+    "turbojpeg": _turbojpeg,
+    "simplejpeg": _simplejpeg,
+    "pil": lambda: _pil_into,
+}
+
+
+@cache
+def _load(name: str) -> Decoder | None:
+    """The decoder, or None where its package (or library) is missing. Once per process."""
+    try:
+        return _MAKERS[name]()
+    except (ImportError, OSError, RuntimeError):
+        return None
+
+
+def available() -> list[str]:
+    """The installed CPU decoders, fastest first."""
+    return [n for n in ORDER if _load(n) is not None]
+
+
+def choose(name: str | None = None) -> str:
+    """``name``, else ``$ALEXNET_JPEG_DECODER``, else the first installed of ``ORDER``."""
+    forced = name or os.environ.get(ENV) or None
+    if forced is None:
+        return next(n for n in ORDER if _load(n) is not None)  # "pil" always loads
+    if forced not in _MAKERS:
+        raise UserError(f"JPEG decoder {forced!r}: unknown; choose from {', '.join(ORDER)}")
+    if _load(forced) is None:
+        raise UserError(
+            f"JPEG decoder {forced!r} is not installed (installed: {', '.join(available())})"
+        )
+    return forced
+
+
+def decode_into(data, out: np.ndarray, name: str | None = None) -> None:
+    """Decode one JPEG record into ``out`` (H, W, C) uint8, C-contiguous; ValueError if the
+    record's size differs from ``out``'s."""
+    _load(choose(name))(data, out)
+
+
+def nvjpeg_unavailable(device: torch.device | str) -> str | None:
+    """Why nvJPEG cannot decode on ``device`` (None: it can)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception as e:  # a torchvision built for another torch fails in many ways
+        return f"torchvision is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+class DeviceDecoder:
+    """``dec(records) -> uint8 (B, C, H, W)`` on ``device``, from a list of JPEG records.
+
+    With nvJPEG (``backend == "nvjpeg"``) the bytes go to the GPU and are decoded there as one
+    batch (``torchvision.io.decode_jpeg(..., device="cuda")``). Otherwise (``reason`` says
+    why) the records are decoded on the CPU by ``choose(cpu)`` and the batch is copied over.
+    """
+
+    def __init__(self, device, shape: tuple[int, int, int], *, cpu: str | None = None) -> None:
+        self.device, self.shape = torch.device(device), tuple(shape)
+        self.reason = nvjpeg_unavailable(self.device)
+        self.backend = "nvjpeg" if self.reason is None else choose(cpu)
+
+    def __call__(self, records: Sequence) -> torch.Tensor:
+        h, w, c = self.shape
+        if self.backend == "nvjpeg":
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            mode = ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB
+            data = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in records]
+            images = decode_jpeg(data, mode=mode, device=self.device)
+            for img in images:
+                if tuple(img.shape) != (c, h, w):
+                    raise ValueError(f"stored record is {tuple(img.shape)}, expected {(c, h, w)}")
+            return torch.stack(images)
+        buf = torch.empty((len(records), h, w, c), dtype=torch.uint8)
+        out = buf.numpy()
+        for k, r in enumerate(records):
+            decode_into(r, out[k], self.backend)
+        pin = self.device.type == "cuda"
+        return (buf.pin_memory() if pin else buf).permute(0, 3, 1, 2).to(self.device)
