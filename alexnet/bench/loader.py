@@ -10,7 +10,8 @@ batch of each repeat, which pays for worker start-up, is not counted).
 
 ``--decoders pil simplejpeg turbojpeg nvjpeg`` instead compares the JPEG decoders of
 ``alexnet.data.decode`` on the same records: per decoder, decoding batches in one thread of
-this process ("loop": decode and assemble the uint8 batch, one core) and through
+this process ("loop": decode and assemble the uint8 batch, one core; "loop cpu": the same
+per second of that thread's CPU time) and through
 ``make_loader`` with ``--workers`` (default 1: one worker is one core), with the largest
 difference from PIL's pixels; nvJPEG decodes whole batches on ``--device``.
 """
@@ -205,8 +206,10 @@ def _batch_indices(ds: PreparedDataset, args) -> list[np.ndarray]:
     return [order[k % len(order)] for k in range(args.batches + 1)]
 
 
-def _measure_loop(ds: PreparedDataset, batches, name: str) -> float:
-    """One thread of this process decodes and assembles the uint8 batches."""
+def _measure_loop(ds: PreparedDataset, batches, name: str) -> tuple[float, float]:
+    """One thread of this process decodes and assembles the uint8 batches: images per
+    second of wall time, and per second of this thread's CPU time (the per-core rate, which
+    other processes on a busy machine do not dilute)."""
     shape = ds.record_shape
 
     def one(idx):
@@ -215,7 +218,10 @@ def _measure_loop(ds: PreparedDataset, batches, name: str) -> float:
             decode.decode_into(rec, buf[k], name)
         return buf
 
-    return _rate(batches, len(batches) - 1, one)
+    one(batches[0])
+    t0, c0 = time.perf_counter(), time.thread_time()
+    n = sum(one(idx).shape[0] for idx in batches[1:])
+    return n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
 
 
 def _measure_nvjpeg(ds: PreparedDataset, batches, dec: decode.DeviceDecoder) -> float:
@@ -241,7 +247,9 @@ def _decoder_round(ds: PreparedDataset, args, name: str, batches, runs: dict) ->
         runs.setdefault("batch", []).append(_measure_nvjpeg(ds, batches, runs["decoder"]))
         return
     with _forced(name):
-        runs.setdefault("loop", []).append(_measure_loop(ds, batches, name))
+        wall, cpu = _measure_loop(ds, batches, name)
+        runs.setdefault("loop", []).append(wall)
+        runs.setdefault("loop_cpu", []).append(cpu)
         for w in args.workers:
             r = _measure_prepared(ds, args, w, augment=False)
             runs.setdefault(f"workers_{w}", []).append(r)

@@ -34,9 +34,10 @@ ENV = "ALEXNET_JPEG_DECODER"
 Decoder = Callable[[bytes | memoryview | np.ndarray, np.ndarray], None]
 
 
-def _check(arr: np.ndarray, out: np.ndarray) -> None:
-    if arr.shape != out.shape:
-        raise ValueError(f"stored record is {arr.shape}, expected {out.shape}")
+def _check(shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """Records are (H, W, C); a record of another size or colour space is an error."""
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"stored record is {tuple(shape)}, expected {tuple(expected)}")
 
 
 def _pil_into(data, out: np.ndarray) -> None:
@@ -45,17 +46,24 @@ def _pil_into(data, out: np.ndarray) -> None:
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # PIL releases the GIL while decoding
         arr = np.asarray(img)
-    _check(arr[:, :, None] if arr.ndim == 2 else arr, out)
+    _check(arr.shape if arr.ndim == 3 else (*arr.shape, 1), out.shape)
     out[...] = arr.reshape(out.shape)
+
+
+# Channels of a JPEG's colour space; PIL decodes Gray as 1, CMYK and YCCK as 4 channels.
+_CHANNELS = {"Gray": 1, "CMYK": 4, "YCCK": 4}
 
 
 def _simplejpeg() -> Decoder:
     import simplejpeg
 
     def into(data, out: np.ndarray) -> None:
+        # The header first (4 us): simplejpeg would turn a grey record into RGB, or write a
+        # smaller image into the start of ``out``, where PIL's shape differs.
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+        _check((h, w, _CHANNELS.get(space, 3)), out.shape)
         space = "GRAY" if out.shape[2] == 1 else "RGB"
-        # A larger image raises (buffer too small); a smaller one fills a prefix: checked.
-        _check(simplejpeg.decode_jpeg(data, colorspace=space, buffer=out), out)
+        simplejpeg.decode_jpeg(data, colorspace=space, buffer=out)
 
     return into
 
@@ -64,6 +72,7 @@ def _turbojpeg() -> Decoder:
     import turbojpeg
 
     tj = turbojpeg.TurboJPEG()  # RuntimeError without libturbojpeg
+    spaces = {turbojpeg.TJCS_GRAY: "Gray", turbojpeg.TJCS_CMYK: "CMYK", turbojpeg.TJCS_YCCK: "YCCK"}
 
     def into(data, out: np.ndarray) -> None:
         # libjpeg only warns about a truncated file (and fills the rest with grey); PIL and
@@ -71,14 +80,10 @@ def _turbojpeg() -> Decoder:
         # a warning, so check for the end-of-image marker that every record ends with.
         if bytes(data[-2:]) != b"\xff\xd9":
             raise ValueError("JPEG record is truncated (no end-of-image marker)")
+        w, h, _, space = tj.decode_header(data)
+        _check((h, w, _CHANNELS.get(spaces.get(space, ""), 3)), out.shape)
         fmt = turbojpeg.TJPF_GRAY if out.shape[2] == 1 else turbojpeg.TJPF_RGB
-        try:
-            res = tj.decode(data, pixel_format=fmt, dst=out)
-        except ValueError:  # 2.x checks the shape of ``dst`` before writing
-            res = None
-        if res is not out:  # 1.x decodes a record of another size into a new array
-            h, w, _, _ = tj.decode_header(data)
-            raise ValueError(f"stored record is {(h, w, out.shape[2])}, expected {out.shape}")
+        tj.decode(data, pixel_format=fmt, dst=out)
 
     return into
 
@@ -161,7 +166,7 @@ class DeviceDecoder:
             images = decode_jpeg(data, mode=mode, device=self.device)
             for img in images:
                 if tuple(img.shape) != (c, h, w):
-                    raise ValueError(f"stored record is {tuple(img.shape)}, expected {(c, h, w)}")
+                    _check((*img.shape[1:], img.shape[0]), self.shape)
             return torch.stack(images)
         buf = torch.empty((len(records), h, w, c), dtype=torch.uint8)
         out = buf.numpy()
