@@ -63,9 +63,10 @@ def test_the_first_installed_decoder_in_the_measured_order_is_chosen(monkeypatch
     installed = decode.available()
     assert installed[-1] == "pil" and installed == [n for n in decode.ORDER if n in installed]
     assert decode.choose() == installed[0]
-    _hide(monkeypatch, "turbojpeg")
-    decode._load.cache_clear()
-    assert decode.choose() == ("simplejpeg" if "simplejpeg" in installed else "pil")
+    if len(installed) > 1:  # the fastest one missing: the next one
+        _hide(monkeypatch, installed[0])
+        decode._load.cache_clear()
+        assert decode.choose() == installed[1]
 
 
 def test_without_the_fast_packages_pil_decodes(monkeypatch, records):
@@ -85,7 +86,7 @@ def test_forcing_a_decoder_and_forcing_one_that_is_missing(monkeypatch):
     monkeypatch.setenv(decode.ENV, "simplejpeg")
     with pytest.raises(UserError, match="'simplejpeg' is not installed"):
         decode.choose()
-    with pytest.raises(UserError, match="unknown; choose from turbojpeg, simplejpeg, pil"):
+    with pytest.raises(UserError, match="unknown; choose from simplejpeg, turbojpeg, pil"):
         decode.choose("libjpeg")
 
 

@@ -4,11 +4,13 @@ and nvJPEG on a CUDA device where torchvision with CUDA is installed.
 CPU decoders, tried in ``ORDER`` (fastest first, measured with ``alexnet bench-loader
 --decoders``; figures in docs/DATA.md):
 
+- ``simplejpeg``: a wheel with libjpeg-turbo built in; decodes straight into the batch
+  buffer.
 - ``turbojpeg``: PyTurboJPEG, ctypes over the system's libturbojpeg (Debian
-  ``libturbojpeg0``); decodes straight into the batch buffer.
-- ``simplejpeg``: a wheel with libjpeg-turbo built in; also decodes into the buffer.
-- ``pil``: Pillow (its wheels use libjpeg-turbo too; pillow-simd is the same module), always
-  there: the fallback.
+  ``libturbojpeg0``); as fast within the noise, but it needs the system library and its
+  1.x releases only warn about a truncated file (checked here instead).
+- ``pil``: Pillow (its wheels use libjpeg-turbo too; pillow-simd, measured, decodes no
+  faster), always there: the fallback.
 
 All three run libjpeg-turbo's accurate integer IDCT, so they give the same pixels
 (``tests/test_decode.py`` checks against PIL). ``ALEXNET_JPEG_DECODER=pil`` (or
@@ -29,7 +31,7 @@ import torch
 
 from alexnet.runtime.errors import UserError
 
-ORDER = ("turbojpeg", "simplejpeg", "pil")
+ORDER = ("simplejpeg", "turbojpeg", "pil")
 ENV = "ALEXNET_JPEG_DECODER"
 Decoder = Callable[[bytes | memoryview | np.ndarray, np.ndarray], None]
 
@@ -89,8 +91,8 @@ def _turbojpeg() -> Decoder:
 
 
 _MAKERS: dict[str, Callable[[], Decoder]] = {
-    "turbojpeg": _turbojpeg,
     "simplejpeg": _simplejpeg,
+    "turbojpeg": _turbojpeg,
     "pil": lambda: _pil_into,
 }
 
