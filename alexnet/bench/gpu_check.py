@@ -136,8 +136,13 @@ def run_bench_loader(data: Path, workers: int, timeout: float) -> dict:
     return r
 
 
-def end_to_end(data: Path, batch: int, workers: int, steps: int, nvjpeg: bool) -> dict:
-    """Images/s of the paper model's bf16 training step fed from the prepared JPEGs."""
+def end_to_end(
+    data: Path, batch: int, workers: int, steps: int, nvjpeg: bool, device: str = "cuda",
+    arch: str = "paper", crop: int = 224,
+) -> dict:  # fmt: skip
+    """Images/s of the paper model's bf16 training step fed from the prepared JPEGs, and of
+    the same step alone on a batch already on the device (interleaved, medians of 3).
+    ``arch`` and ``crop`` other than the paper's are for testing this on a CPU."""
     import torch
 
     from alexnet.bench.speed import Settings, make_steps
@@ -145,19 +150,22 @@ def end_to_end(data: Path, batch: int, workers: int, steps: int, nvjpeg: bool) -
     from alexnet.data.decode import DeviceDecoder
     from alexnet.model import AlexNet
 
-    device = torch.device("cuda")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
     torch.backends.cudnn.benchmark = True
     ds = PreparedDataset(data, "train")
-    model = AlexNet(len(ds.classes), arch="paper")
-    settings = Settings("bf16", channels_last=True, compile=False)
-    train_model, _, train_batch, _ = make_steps(model, settings, device, batch, 224, 10)
-    aug = DeviceAugment(ds.stats, 224, train=True, channels_last=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-    loader = make_loader(ds, batch, shuffle=True, drop_last=True, pin_memory=True,
-                         num_workers=0 if nvjpeg else workers)  # fmt: skip
     dec = DeviceDecoder(device, ds.record_shape) if nvjpeg else None
-    if nvjpeg and dec.backend != "nvjpeg":
+    if dec is not None and dec.backend != "nvjpeg":
         return {"unavailable": dec.reason}
+    model = AlexNet(len(ds.classes), arch=arch, image_size=crop)
+    settings = Settings("bf16", channels_last=True, compile=False)
+    steps_of = make_steps(model, settings, device, batch, crop, len(ds.classes))
+    train_model, _, train_batch, _ = steps_of
+    aug = DeviceAugment(ds.stats, crop, train=True, channels_last=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    loader = make_loader(ds, batch, shuffle=True, drop_last=True, pin_memory=cuda,
+                         num_workers=0 if nvjpeg else workers)  # fmt: skip
 
     def batches():
         for epoch in range(10**6):
@@ -180,11 +188,11 @@ def end_to_end(data: Path, batch: int, workers: int, steps: int, nvjpeg: bool) -
     rates = {"e2e": [], "model": []}
     for _ in range(3):
         for name, fn in (("e2e", step), ("model", train_model)):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
-            torch.cuda.synchronize()
+            sync()
             rates[name].append(batch * steps / (time.perf_counter() - t0))
     loader.close()
     e2e, alone = statistics.median(rates["e2e"]), statistics.median(rates["model"])
