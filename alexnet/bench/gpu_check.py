@@ -34,6 +34,7 @@ import numpy as np
 
 from alexnet.runtime.fileio import atomic_write_json
 
+ROOT = Path(__file__).resolve().parents[2]  # the clone: tests/ lives here
 TARGETS = {"model_only_train_ips": 40_000, "end_to_end_ips": 20_000}
 BATCHES = (128, 256, 512)
 
@@ -104,7 +105,7 @@ def run_pytest(data: Path, work: Path, timeout: float) -> dict:
     xml = work / "pytest-gpu.xml"
     env = {**os.environ, "ALEXNET_GPU_DATA": str(data)}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "-n", "0", f"--junitxml={xml}", "tests"]  # fmt: skip
+           "-n", "0", f"--junitxml={xml}", str(ROOT / "tests")]  # fmt: skip
     r = _run(cmd, timeout, env)
     r["stdout"] = r["stdout"][-3000:]
     return {**r, **_junit(xml)}
