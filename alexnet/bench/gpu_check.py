@@ -137,6 +137,19 @@ def run_bench_loader(data: Path, workers: int, timeout: float) -> dict:
     return r
 
 
+def _batches(ds, loader, dec):
+    """Endless uint8 batches: the loader's (CPU decoding in its workers), or nvJPEG's."""
+    import torch
+
+    for epoch in range(10**6):
+        loader.set_epoch(epoch)
+        if dec is None:
+            yield from loader
+        else:
+            for idx in loader.batches():
+                yield dec(ds.records(idx)), ds.labels[torch.from_numpy(idx)]
+
+
 def end_to_end(
     data: Path, batch: int, workers: int, steps: int, nvjpeg: bool, device: str = "cuda",
     arch: str = "paper", crop: int = 224,
@@ -168,16 +181,7 @@ def end_to_end(
     loader = make_loader(ds, batch, shuffle=True, drop_last=True, pin_memory=cuda,
                          num_workers=0 if nvjpeg else workers)  # fmt: skip
 
-    def batches():
-        for epoch in range(10**6):
-            loader.set_epoch(epoch)
-            if dec is None:
-                yield from loader
-            else:
-                for idx in loader.batches():
-                    yield dec(ds.records(idx)), ds.labels[torch.from_numpy(idx)]
-
-    it = batches()
+    it = _batches(ds, loader, dec)
 
     def step():
         images, labels = next(it)
@@ -222,6 +226,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=4096, help="synthetic training JPEGs")
     p.add_argument("--workdir", type=Path, help="keep the dataset here (default: a temp dir)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pytest", "bench", "e2e", "loader"])
+    p.add_argument(
+        "--budget", type=float, default=420, help="seconds for all steps after the dataset"
+    )
 
 
 def _targets(summary: dict) -> dict:
@@ -235,6 +242,13 @@ def _targets(summary: dict) -> dict:
             for k, t in TARGETS.items()}  # fmt: skip
 
 
+def _decode_per_core(loader: dict) -> dict:
+    """Each CPU decoder's images per core-second (one thread, CPU time) and 16 times that."""
+    found = ((loader or {}).get("result") or {}).get("decoders", {})
+    return {name: {"per_core": r["loop_cpu_median"], "16_cores": 16 * r["loop_cpu_median"]}
+            for name, r in found.items() if "loop_cpu_median" in r}  # fmt: skip
+
+
 def check(args: argparse.Namespace, work: Path) -> dict:
     s = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_environment()}
     save = lambda: atomic_write_json(args.out, s)  # noqa: E731
@@ -243,19 +257,22 @@ def check(args: argparse.Namespace, work: Path) -> dict:
         s["ok"], s["error"] = False, "no CUDA device: the GPU check needs one"
         return s
     t0 = time.monotonic()
+    left = lambda limit: max(1.0, min(limit, t0 + args.budget - time.monotonic()))  # noqa: E731
     data = work / "prepared"
     if not (data / "meta.json").is_file():
         data = synthetic_jpegs(work, args.images, max(args.images // 10, 256))
     s["dataset"] = {"path": str(data), "train": args.images, "seconds": time.monotonic() - t0}
     save()
+    workers = max(1, (os.cpu_count() or 2) - 1)  # one core left for the training process
     if "pytest" not in args.skip:
-        s["pytest"] = run_pytest(data, work, timeout=240)
+        s["pytest"] = run_pytest(data, work, timeout=left(240))
         save()
     if "bench" not in args.skip:
-        s["bench"] = {str(b): run_bench(b, timeout=75) for b in BATCHES}
-        save()
+        s["bench"] = {}
+        for b in BATCHES:
+            s["bench"][str(b)] = run_bench(b, timeout=left(75))
+            save()
     if "e2e" not in args.skip:
-        workers = max(1, (os.cpu_count() or 2) - 1)
         s["end_to_end"] = {}
         for name, nv in (("cpu_workers", False), ("nvjpeg", True)):
             try:
@@ -264,10 +281,14 @@ def check(args: argparse.Namespace, work: Path) -> dict:
                 s["end_to_end"][name] = {"error": f"{type(e).__name__}: {e}"}
             save()
     if "loader" not in args.skip:
-        s["loader"] = run_bench_loader(data, max(1, (os.cpu_count() or 2) - 1), timeout=120)
+        s["loader"] = run_bench_loader(data, workers, timeout=left(120))
+        s["decode_per_core"] = _decode_per_core(s["loader"])
     s["targets"] = _targets(s)
     p = s.get("pytest", {})
     s["ok"] = p.get("rc", 0) == 0 and not p.get("failed") and not p.get("error")
+    runs = [("pytest", p), *((f"bench {k}", v) for k, v in s.get("bench", {}).items()),
+            ("bench-loader", s.get("loader", {}))]  # fmt: skip
+    s["steps_failed"] = [name for name, r in runs if r and r.get("rc", 0) != 0]
     s["seconds"] = round(time.monotonic() - t0, 1)
     return s
 
@@ -281,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         summary = check(args, work)
     atomic_write_json(args.out, summary)
-    print(json.dumps({k: summary.get(k) for k in ("ok", "error", "targets", "seconds")}, indent=2))
+    keys = ("ok", "error", "steps_failed", "targets", "decode_per_core", "seconds")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     return 0 if summary.get("ok") else 1
 
 
