@@ -7,12 +7,21 @@ per image what torchvision's ImageNet recipe does with PIL: open, convert to RGB
 shorter side to 256, random 224 crop, flip, to a float tensor, normalise. Both with 0, 1 and 2
 worker processes; the figure is the median over repeats of steady-state images/s (the first
 batch of each repeat, which pays for worker start-up, is not counted).
+
+``--decoders pil simplejpeg turbojpeg nvjpeg`` instead compares the JPEG decoders of
+``alexnet.data.decode`` on the same records: per decoder, decoding batches in one thread of
+this process ("loop": decode and assemble the uint8 batch, one core; "loop cpu": the same
+per second of that thread's CPU time) and through
+``make_loader`` with ``--workers`` (default 1: one worker is one core), with the largest
+difference from PIL's pixels; nvJPEG decodes whole batches on ``--device``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -22,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alexnet.data import decode
 from alexnet.data.augment import DeviceAugment
 from alexnet.data.dataset import PreparedDataset, make_loader
 from alexnet.runtime.errors import UserError
@@ -45,7 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=8, help="batches per measurement (default 8)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, nargs="+", help="default 0 1 2 (with --decoders: 1)")
+    p.add_argument(
+        "--decoders",
+        nargs="+",
+        choices=[*decode.ORDER, "nvjpeg"],
+        help="compare these JPEG decoders on the records instead (see above)",
+    )
+    p.add_argument("--device", default="cuda", help="for nvjpeg (default cuda)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--threads",
@@ -169,6 +186,139 @@ def _synthetic(n: int, tmp: Path) -> Path:
     return tmp / "prepared"
 
 
+@contextlib.contextmanager
+def _forced(name: str):
+    """``ALEXNET_JPEG_DECODER=name`` for this process and the loader workers it starts."""
+    before = os.environ.get(decode.ENV)
+    os.environ[decode.ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(decode.ENV, None)
+        else:
+            os.environ[decode.ENV] = before
+
+
+def _batch_indices(ds: PreparedDataset, args) -> list[np.ndarray]:
+    """``--batches`` + 1 batches of a shuffled epoch, repeated if the split is short."""
+    order = make_loader(ds, args.batch_size, shuffle=True, seed=0, drop_last=True).batches()
+    return [order[k % len(order)] for k in range(args.batches + 1)]
+
+
+def _measure_loop(ds: PreparedDataset, batches, name: str) -> tuple[float, float]:
+    """One thread of this process decodes and assembles the uint8 batches: images per
+    second of wall time, and per second of this thread's CPU time (the per-core rate, which
+    other processes on a busy machine do not dilute)."""
+    shape = ds.record_shape
+
+    def one(idx):
+        buf = np.empty((len(idx), *shape), np.uint8)
+        for k, rec in enumerate(ds.records(idx)):
+            decode.decode_into(rec, buf[k], name)
+        return buf
+
+    one(batches[0])
+    t0, c0 = time.perf_counter(), time.thread_time()
+    n = sum(one(idx).shape[0] for idx in batches[1:])
+    return n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
+
+
+def _measure_nvjpeg(ds: PreparedDataset, batches, dec: decode.DeviceDecoder) -> float:
+    def one(idx):
+        x = dec(ds.records(idx))
+        torch.cuda.synchronize(dec.device)
+        return x
+
+    return _rate(batches, len(batches) - 1, one)
+
+
+def _max_diff_from_pil(ds: PreparedDataset, idx: np.ndarray, dec) -> int:
+    """Largest |pixel - PIL's pixel| over the records ``idx``; ``dec`` maps records to
+    uint8 (B, C, H, W)."""
+    recs = ds.records(idx)
+    pil = decode.DeviceDecoder("cpu", ds.record_shape, cpu="pil")(recs).int()
+    return int((dec(recs).cpu().int() - pil).abs().max())
+
+
+def _decoder_round(ds: PreparedDataset, args, name: str, batches, runs: dict) -> None:
+    """One timing of each measure of decoder ``name``, appended to ``runs``."""
+    if name == "nvjpeg":
+        runs.setdefault("batch", []).append(_measure_nvjpeg(ds, batches, runs["decoder"]))
+        return
+    with _forced(name):
+        wall, cpu = _measure_loop(ds, batches, name)
+        runs.setdefault("loop", []).append(wall)
+        runs.setdefault("loop_cpu", []).append(cpu)
+        for w in args.workers:
+            r = _measure_prepared(ds, args, w, augment=False)
+            runs.setdefault(f"workers_{w}", []).append(r)
+
+
+def _unavailable(ds: PreparedDataset, args, name: str) -> str | None:
+    if name == "nvjpeg":
+        return decode.nvjpeg_unavailable(args.device)
+    if name not in decode.available():
+        return f"not installed (installed: {', '.join(decode.available())})"
+    return None
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _compare_decoders(ds: PreparedDataset, args) -> dict:
+    """Per decoder: the runs, their medians and the largest difference from PIL."""
+    if ds.storage != "jpeg":
+        raise UserError(f"{ds.root}: records are stored {ds.storage!r}, not JPEG")
+    batches = _batch_indices(ds, args)
+    runs = {}
+    for name in args.decoders:
+        why = _unavailable(ds, args, name)
+        if why:
+            runs[name] = {"unavailable": why}
+        elif name == "nvjpeg":
+            runs[name] = {"decoder": decode.DeviceDecoder(args.device, ds.record_shape)}
+        else:
+            runs[name] = {"decoder": decode.DeviceDecoder("cpu", ds.record_shape, cpu=name)}
+    for _ in range(args.repeats):  # interleaved, so load changes hit all alike
+        for name, r in runs.items():
+            if "unavailable" not in r:
+                _decoder_round(ds, args, name, batches, r)
+    results = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "load_average_before": os.getloadavg()[0],
+        "record_bytes_mean": float(np.mean([len(r) for i in batches for r in ds.records(i)])),
+        "decoders": {},
+    }
+    for name, r in runs.items():
+        dec = r.pop("decoder", None)
+        for key in [k for k, v in r.items() if isinstance(v, list)]:
+            r[f"{key}_median"] = statistics.median(r[key])
+        if dec is not None:
+            r["max_abs_diff_vs_pil"] = _max_diff_from_pil(ds, batches[0], dec)
+        results["decoders"][name] = r
+        if not args.json:
+            print(f"{name:10s} " + _decoder_line(r), flush=True)
+    return results
+
+
+def _decoder_line(r: dict) -> str:
+    if "unavailable" in r:
+        return f"unavailable: {r['unavailable']}"
+    rates = " | ".join(
+        f"{k.removesuffix('_median').replace('_', ' ')} {v:7.1f} img/s"
+        for k, v in r.items()
+        if k.endswith("_median")
+    )
+    return f"{rates} | max |diff| from PIL {r['max_abs_diff_vs_pil']}"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +328,15 @@ def run(args: argparse.Namespace) -> int:
         if args.data is None:
             raise UserError("give --data PREPARED (and --source TREE) or --synthetic N")
         ds = PreparedDataset(args.data, "train")
+        if len(ds) < args.batch_size:
+            raise UserError(f"{args.data}: fewer than --batch-size {args.batch_size} images")
+        if args.decoders:
+            args.workers = args.workers or [1]
+            results = _compare_decoders(ds, args)
+            if args.json:
+                print(json.dumps(results, indent=2))
+            return 0
+        args.workers = args.workers or [0, 1, 2]
         files = _baseline_files(args, ds)
         need = (args.batches + 1) * args.batch_size
         if len(ds) < args.batch_size or len(files) < args.batch_size:

@@ -88,6 +88,13 @@ class PreparedDataset(torch.utils.data.Dataset):
         images = self.get_batch(np.array([i]))
         return images[0], int(self.labels[i])
 
+    def records(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The stored bytes of records ``indices`` (views of the memory map), to decode
+        elsewhere, e.g. on the GPU (``alexnet.data.decode.DeviceDecoder``)."""
+        self._open()
+        rows = self._index[np.asarray(indices, dtype=np.int64)]
+        return [self._data[o : o + n] for o, n in zip(rows["offset"], rows["length"])]
+
     def get_batch(
         self, indices: np.ndarray, threads: ThreadPoolExecutor | None = None
     ) -> torch.Tensor:
