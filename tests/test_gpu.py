@@ -211,7 +211,7 @@ def test_two_towers_on_one_device_compute_the_grouped_model():
 
 
 def test_two_towers_on_one_device_train(gpu_data, tmp_path):
-    towers = {"run.towers": ",".join(_two(DEVICE)), "run.max_steps": 3,
+    towers = {"run.tower_devices": ",".join(_two(DEVICE)), "run.max_steps": 3,
               "run.deterministic": False, "data.num_workers": 2}  # fmt: skip
     result = train(_paper_config(gpu_data, tmp_path, 8, **towers))
     assert result["status"] == "stopped" and result["step"] == 3
