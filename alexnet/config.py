@@ -1,6 +1,7 @@
-"""The training configuration: typed dataclasses, the presets, and ``--set key=value`` overrides.
+"""The training configuration: typed dataclasses, ``--set key=value`` overrides, validation.
 
-Defaults are the paper's (section 5, PAPER D1-D5) and carry their units. A config is
+Defaults are the paper's (section 5, PAPER D1-D5) and carry their units; the named presets
+are in ``alexnet.recipes``. A config is
 validated as a whole before any work starts; every problem is reported at once, as a
 ``UserError`` naming the setting. The resolved config is written into the run directory
 (``config.json``) and into every checkpoint, and ``from_dict`` reads it back.
