@@ -13,9 +13,10 @@ import torch
 
 from alexnet.cli import main
 from alexnet.data import PreparedDataset, prepare_arrays
+from alexnet.data.subset import subset_indices
 from alexnet.lab import ablations as A
 from alexnet.lab import fig1 as F1
-from alexnet.lab.experiment import mean_std, subset_indices
+from alexnet.lab.tables import mean_std
 from alexnet.runtime.errors import UserError
 
 

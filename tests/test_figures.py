@@ -54,7 +54,7 @@ def test_prediction_bars_show_the_top5_and_mark_the_true_class(tmp_path, monkeyp
     labels = PreparedDataset(data, "val").labels.numpy()
     chosen = [int(np.flatnonzero(labels == c)[0]) for c in (1, 3, 6)]  # top-1, absent, third
     saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out: saved.setdefault("fig", fig))
+    monkeypatch.setattr(figures, "save_png", lambda fig, out: saved.setdefault("fig", fig))
     args = ["--indices", *map(str, chosen), "--out", str(tmp_path / "p.png")]
     assert (
         main(["figures", "predictions", "--checkpoint", str(ckpt), "--data", str(data), *args]) == 0
