@@ -111,8 +111,8 @@ def demo_config(data: Path, out: Path, *, epochs: int, seed: int, name: str = "t
 # ----------------------------------------------------------------------------- 3. train
 def default_jobs(models: int) -> int:
     """How many models train at once: on a CPU, one per core (up to ``models``), since a
-    small net uses several cores in one process poorly (docs/RESULTS.md: two one-thread runs
-    at once train about 1.4 times the images/s of one two-thread run); on a GPU, one."""
+    small net uses several cores in one process poorly (docs/RESULTS.md, the demo's
+    ensemble); on a GPU, one."""
     if torch.cuda.is_available():
         return 1
     return max(1, min(models, torch.get_num_threads()))

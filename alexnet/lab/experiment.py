@@ -3,7 +3,7 @@ that writes a table (Markdown and JSON) and a figure, with mean and standard dev
 seeds.
 
     alexnet experiment fig1 [--data DIR] [--seeds 3] [--threshold T]    # PAPER E4, Figure 1
-    alexnet experiment ablations [--data DIR] [--seeds 2] [--epochs N]  # E3, B4, B5, C1, A12
+    alexnet experiment ablations [--data DIR] [--seeds 3] [--epochs N]  # E3, B4, B5, C1, A12
 
 ``--data`` is a prepared dataset (default: Fashion-MNIST in data/fashion-mnist, fetched and
 prepared as ``alexnet demo`` does); a prepared CIFAR-10 (``alexnet prepare cifar10``) works
