@@ -127,3 +127,12 @@ def test_filter_grid_one_channel_and_ungrouped(towers):
     w = torch.randn(48, 1, 3, 3)
     grid = figures.filter_grid(w, towers=towers)
     assert grid.shape[2] == 3 and np.nanmax(grid) == pytest.approx(1.0)
+
+
+def test_no_images_asked_for_is_a_clear_error(tmp_path, capsys):
+    data, run = evalkit.tiny_run()
+    out = tmp_path / "p.png"
+    assert main(["figures", "predictions", "--checkpoint", str(run), "--data", str(data),
+                 "--n", "0", "--out", str(out)]) == 2  # fmt: skip
+    assert "must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
