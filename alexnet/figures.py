@@ -207,41 +207,7 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
     save_png(fig, out)
 
 
-# ------------------------------------------------------------------------------ command
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    p = sub.add_parser("filters", help="conv1's kernels, each tower in its own rows (PAPER F1)")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    for name, help_text in (
-        ("predictions", "images with their top-5 bars (PAPER F2)"),
-        ("neighbours", "queries and their nearest images in fc7 (F3)"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", type=Path, required=True)
-        p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
-        p.add_argument("--split", default="val", help="where the shown / query images come from")
-        p.add_argument("--n", type=int, default=8 if name == "predictions" else 5)
-        p.add_argument("--indices", type=int, nargs="+", help="these images of --split "
-                       "(default: --n drawn at random with --seed)")  # fmt: skip
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--views", type=int, choices=(1, 10), default=10 if name == "predictions"
-                       else 1, help="test views (PAPER B5)")  # fmt: skip
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
-    p.add_argument(
-        "--index-features",
-        type=Path,
-        help="the index split's features from `alexnet features extract`",
-    )
-    p.add_argument("--layer", default="fc7")
-    p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
-    p = sub.add_parser("curves", help="loss, error and learning rate from metrics.jsonl")
-    p.add_argument("--run", type=Path, required=True, help="a run directory or metrics.jsonl")
-    p.add_argument("--out", type=Path, required=True)
-
-
+# ----------------------------------------------------------- from a checkpoint, by name
 def load_for_figures(checkpoint: Path, data: Path, split: str):
     """The model (on the CPU), its checkpoint, its test views and the split, checked to match."""
     model, ckpt = load_model(checkpoint, map_location="cpu")
@@ -312,6 +278,41 @@ def neighbours_figure(checkpoint: Path, data: Path, out: Path, *, split: str = "
     else:
         index = features_of(model, aug, index_ds, np.arange(len(index_ds)), layer, views=views)
     nearest_figure(ds, idx, query, index_ds, index, out, k=k)
+
+
+# ------------------------------------------------------------------------------ command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = sub.add_parser("filters", help="conv1's kernels, each tower in its own rows (PAPER F1)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    for name, help_text in (
+        ("predictions", "images with their top-5 bars (PAPER F2)"),
+        ("neighbours", "queries and their nearest images in fc7 (F3)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", type=Path, required=True)
+        p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+        p.add_argument("--split", default="val", help="where the shown / query images come from")
+        p.add_argument("--n", type=int, default=8 if name == "predictions" else 5)
+        p.add_argument("--indices", type=int, nargs="+", help="these images of --split "
+                       "(default: --n drawn at random with --seed)")  # fmt: skip
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--views", type=int, choices=(1, 10), default=10 if name == "predictions"
+                       else 1, help="test views (PAPER B5)")  # fmt: skip
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
+    p.add_argument(
+        "--index-features",
+        type=Path,
+        help="the index split's features from `alexnet features extract`",
+    )
+    p.add_argument("--layer", default="fc7")
+    p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
+    p = sub.add_parser("curves", help="loss, error and learning rate from metrics.jsonl")
+    p.add_argument("--run", type=Path, required=True, help="a run directory or metrics.jsonl")
+    p.add_argument("--out", type=Path, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
