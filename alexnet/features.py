@@ -36,6 +36,23 @@ from alexnet.runtime.progress import Progress
 
 
 @torch.no_grad()
+def batch_features(model, aug, images: torch.Tensor, layer: str, views: int) -> torch.Tensor:
+    """``layer``'s activations of a uint8 batch, flattened, averaged over the test views."""
+    f = model.forward_features(aug.views(images, views), layer).flatten(1).float()
+    return f.view(images.shape[0], views, f.shape[1]).mean(1)
+
+
+def features_of(model, aug, ds, indices, layer: str = "fc7", *, views: int = 1,
+                batch: int = 64) -> np.ndarray:  # fmt: skip
+    """``batch_features`` of the records ``indices`` of ``ds``, in memory: (len(indices), D)."""
+    return np.concatenate([
+        batch_features(model, aug, ds.get_batch(indices[s : s + batch]).contiguous(), layer,
+                       views).numpy()
+        for s in range(0, len(indices), batch)
+    ])  # fmt: skip
+
+
+@torch.no_grad()
 def extract(model, aug, ds, layer: str, out: Path, *, batch_size: int = 64, views: int = 1,
             dtype: str = "float32", source: dict | None = None) -> np.ndarray:  # fmt: skip
     """Write ``layer``'s activations for every record of ``ds`` to ``out`` (.npy, (N, D)),
@@ -60,9 +77,7 @@ def extract(model, aug, ds, layer: str, out: Path, *, batch_size: int = 64, view
     row = loader.start_batch * batch_size
     with Progress(len(ds), f"features {layer}", initial=row) as progress:
         for images, _ in loader:
-            x = aug.views(images.to(device), views)
-            f = model.forward_features(x, layer).flatten(1).float()
-            f = f.view(images.shape[0], views, dim).mean(1)
+            f = batch_features(model, aug, images.to(device), layer, views)
             feats[row : row + len(f)] = f.cpu().numpy().astype(dtype)
             row += len(f)
             feats.flush()

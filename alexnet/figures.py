@@ -12,33 +12,41 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from alexnet.checkpoint import load_model, view_augment
+from alexnet.data import PreparedDataset
+from alexnet.data.subset import subset_indices
+from alexnet.evaluate import check_data
+from alexnet.features import features_of, knn
+from alexnet.predict import predict, top_k
 from alexnet.runtime.args import positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open
+from alexnet.runtime.runlog import read_metrics
 
 TRUE_COLOUR, OTHER_COLOUR = "#d62728", "#1f77b4"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing into files only (no display needed, no window opened)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display needed, no window opened
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def _save(fig, out: Path) -> None:
+def save_png(fig, out: Path, *, tight: bool = True) -> None:
+    """Write ``fig`` to ``out`` as PNG atomically (``tight``: cropped to what is drawn) and
+    close it."""
     with atomic_open(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
-    _pyplot().close(fig)
+        fig.savefig(f, format="png", dpi=fig.dpi, **({"bbox_inches": "tight"} if tight else {}))
+    pyplot().close(fig)
 
 
 def _hwc(image) -> np.ndarray:
@@ -81,7 +89,7 @@ def filter_grid(weight, towers: int = 2, cols: int = 16, gap: int = 1, tower_gap
 
 
 def plot_filters(weight, towers: int, out: Path, title: str = "") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     kh = np.asarray(weight).shape[2]
     grid = filter_grid(weight, towers, tower_gap=max(2, kh // 2 + 1))
     shown = np.where(np.isnan(grid), 1.0, grid)  # background white
@@ -92,14 +100,14 @@ def plot_filters(weight, towers: int, out: Path, title: str = "") -> None:
     o, c, k, _ = np.asarray(weight).shape
     towers_note = f"; the {o // towers} kernels of each tower in its own rows" if towers > 1 else ""
     ax.set_title(title or f"conv1: {o} kernels of {k}x{k}x{c}{towers_note}", fontsize=9)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 # ---------------------------------------------------------------------------------- F2
 def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4) -> None:
     """Each image above its five most probable classes as bars (PAPER F2); the bar of the
     true class is red, and the true class is written under the image."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(images)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -124,7 +132,7 @@ def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4)
         bars.tick_params(axis="x", labelsize=7)
         bars.spines[["top", "right"]].set_visible(False)
     fig.suptitle("five most probable classes (red: the true class)", fontsize=10, y=0.99)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 def _short(text: str, n: int) -> str:
@@ -136,7 +144,7 @@ def _short(text: str, n: int) -> str:
 def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, out: Path):
     """One row per query: the query, then its nearest training images (PAPER F3). A
     neighbour of the query's class is framed green, of another class grey."""
-    plt = _pyplot()
+    plt = pyplot()
     n, k = len(queries), neighbours.shape[1]
     fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 1), 1.65 * n), dpi=100, squeeze=False)
     for i in range(n):
@@ -153,7 +161,7 @@ def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, o
             _frame(ax, "#2ca02c" if same else "#999999", 2 if same else 1)
     fig.suptitle(f"each query and the {k} training images nearest in fc7 (Euclidean)",
                  fontsize=9)  # fmt: skip
-    _save(fig, out)
+    save_png(fig, out)
 
 
 def _frame(ax, colour: str, width: float) -> None:
@@ -164,29 +172,9 @@ def _frame(ax, colour: str, width: float) -> None:
 
 
 # ------------------------------------------------------------------------------- curves
-def read_metrics(path: Path) -> list[dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-    if not records:
-        raise UserError(f"{path}: no epochs recorded yet")
-    return records
-
-
 def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
     """Loss, error (%) and learning rate (log scale) per epoch; rate cuts dotted (D4)."""
-    plt = _pyplot()
+    plt = pyplot()
     epoch = [r["epoch"] for r in records]
 
     def series(key):
@@ -217,7 +205,80 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, out)
+    save_png(fig, out)
+
+
+# ----------------------------------------------------------- from a checkpoint, by name
+def load_for_figures(checkpoint: Path, data: Path, split: str):
+    """The model (on the CPU), its checkpoint, its test views and the split, checked to match."""
+    model, ckpt = load_model(checkpoint, map_location="cpu")
+    ds = PreparedDataset(data, split)
+    check_data(ds, ckpt, model, checkpoint)
+    return model, ckpt, view_augment(ckpt), ds
+
+
+def _chosen(ds, split: str, indices: list[int] | None, n: int, seed: int) -> np.ndarray:
+    if indices:
+        bad = [i for i in indices if not 0 <= i < len(ds)]
+        if bad:
+            raise UserError(f"--indices {bad}: {split} has {len(ds)} images")
+        return np.array(indices)
+    return subset_indices(ds.labels, n, seed)
+
+
+def filters_figure(checkpoint: Path, out: Path) -> None:
+    """PAPER F1: the checkpoint's conv1 kernels, each tower in its own rows."""
+    model, _ = load_model(checkpoint)
+    towers = 2 if model.config.get("towers") else 1
+    plot_filters(model.conv1.weight.detach(), towers, out)
+
+
+def predictions_figure(checkpoint: Path, data: Path, out: Path, *, split: str = "val",
+                       indices: list[int] | None = None, n: int = 8, seed: int = 0,
+                       views: int = 10) -> None:  # fmt: skip
+    """PAPER F2: ``indices`` (else ``n`` drawn at random with ``seed``) of ``split``, each with
+    the five most probable classes over ``views`` test views."""
+    model, ckpt, aug, ds = load_for_figures(checkpoint, data, split)
+    idx = _chosen(ds, split, indices, n, seed)
+    images = ds.get_batch(idx).contiguous()
+    top = top_k(predict(model, aug, images, views), ckpt, 5)
+    plot_predictions(images, top, ds.labels[idx].tolist(), ds.class_names, out)
+
+
+def nearest_figure(query_ds, query_idx, query, index_ds, index, out: Path, *, k: int = 6,
+                   pool: np.ndarray | None = None) -> None:  # fmt: skip
+    """PAPER F3: the records ``query_idx`` of ``query_ds`` (features ``query``) and their ``k``
+    nearest records of ``index_ds`` (features ``index``: of every record, or of the records
+    ``pool`` only)."""
+    dist, nn = knn(query, index, min(k, len(index)))
+    found = nn if pool is None else pool[nn]  # (queries, k) records of index_ds
+    shown = index_ds.get_batch(found.reshape(-1)).reshape(
+        *found.shape, *index_ds.get_batch([0]).shape[1:]
+    )
+    plot_neighbours(query_ds.get_batch(query_idx), shown, query_ds.labels[query_idx].numpy(),
+                    index_ds.labels.numpy()[found], dist, query_ds.class_names, out)  # fmt: skip
+
+
+def neighbours_figure(checkpoint: Path, data: Path, out: Path, *, split: str = "val",
+                      indices: list[int] | None = None, n: int = 5, seed: int = 0,
+                      views: int = 1, index_split: str = "train",
+                      index_features: Path | None = None, layer: str = "fc7",
+                      k: int = 6) -> None:  # fmt: skip
+    """``nearest_figure`` for queries of ``split`` among all of ``index_split`` in ``layer``,
+    whose features are read from ``index_features`` if given, else computed here."""
+    model, _, aug, ds = load_for_figures(checkpoint, data, split)
+    index_ds = PreparedDataset(data, index_split)
+    idx = _chosen(ds, split, indices, n, seed)
+    query = features_of(model, aug, ds, idx, layer, views=views)
+    if index_features:
+        index = np.load(index_features, mmap_mode="r")
+        if index.shape != (len(index_ds), query.shape[1]):
+            raise UserError(f"{index_features}: shape {index.shape}, expected "
+                            f"({len(index_ds)}, {query.shape[1]}) {layer} features of "
+                            f"{index_split}")  # fmt: skip
+    else:
+        index = features_of(model, aug, index_ds, np.arange(len(index_ds)), layer, views=views)
+    nearest_figure(ds, idx, query, index_ds, index, out, k=k)
 
 
 # ------------------------------------------------------------------------------ command
@@ -255,80 +316,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True)
 
 
-def _chosen(args, ds) -> np.ndarray:
-    if args.indices:
-        bad = [i for i in args.indices if not 0 <= i < len(ds)]
-        if bad:
-            raise UserError(f"--indices {bad}: {args.split} has {len(ds)} images")
-        return np.array(args.indices)
-    rng = np.random.default_rng(args.seed)
-    return np.sort(rng.choice(len(ds), size=min(args.n, len(ds)), replace=False))
-
-
-@torch.no_grad()
-def _features(model, aug, ds, indices, layer: str, views: int, batch: int = 64) -> np.ndarray:
-    out = []
-    for s in range(0, len(indices), batch):
-        x = aug.views(ds.get_batch(indices[s : s + batch]).contiguous(), views)
-        f = model.forward_features(x, layer).flatten(1).float()
-        out.append(f.view(-1, views, f.shape[1]).mean(1).numpy())
-    return np.concatenate(out)
-
-
-def _loaded(args):
-    from alexnet.checkpoint import load_model, view_augment
-    from alexnet.data import PreparedDataset
-    from alexnet.evaluate import check_data
-
-    model, ckpt = load_model(args.checkpoint, map_location="cpu")
-    ds = PreparedDataset(args.data, args.split)
-    check_data(ds, ckpt, model, args.checkpoint)
-    return model, ckpt, view_augment(ckpt), ds
-
-
 def run(args: argparse.Namespace) -> int:
     if args.what == "curves":
-        records = read_metrics(args.run)
-        plot_curves(records, args.out, title=str(args.run))
+        plot_curves(read_metrics(args.run), args.out, title=str(args.run))
     elif args.what == "filters":
-        from alexnet.checkpoint import load_model
-
-        model, _ = load_model(args.checkpoint)
-        towers = 2 if model.config.get("towers") else 1
-        plot_filters(model.conv1.weight.detach(), towers, args.out)
+        filters_figure(args.checkpoint, args.out)
     elif args.what == "predictions":
-        from alexnet.predict import predict, top_k
-
-        model, ckpt, aug, ds = _loaded(args)
-        idx = _chosen(args, ds)
-        images = ds.get_batch(idx).contiguous()
-        top = top_k(predict(model, aug, images, args.views), ckpt, 5)
-        plot_predictions(images, top, ds.labels[idx].tolist(), ds.class_names, args.out)
+        predictions_figure(args.checkpoint, args.data, args.out, split=args.split,
+                           indices=args.indices, n=args.n, seed=args.seed,
+                           views=args.views)  # fmt: skip
     else:
-        _neighbours(args)
+        neighbours_figure(args.checkpoint, args.data, args.out, split=args.split,
+                          indices=args.indices, n=args.n, seed=args.seed, views=args.views,
+                          index_split=args.index_split, index_features=args.index_features,
+                          layer=args.layer, k=args.k)  # fmt: skip
     print(f"wrote {args.out}")
     return 0
-
-
-def _neighbours(args) -> None:
-    from alexnet.data import PreparedDataset
-    from alexnet.features import knn
-
-    model, _, aug, ds = _loaded(args)
-    index_ds = PreparedDataset(args.data, args.index_split)
-    idx = _chosen(args, ds)
-    query = _features(model, aug, ds, idx, args.layer, args.views)
-    if args.index_features:
-        index = np.load(args.index_features, mmap_mode="r")
-        if index.shape != (len(index_ds), query.shape[1]):
-            raise UserError(f"{args.index_features}: shape {index.shape}, expected "
-                            f"({len(index_ds)}, {query.shape[1]}) {args.layer} features of "
-                            f"{args.index_split}")  # fmt: skip
-    else:
-        index = _features(model, aug, index_ds, np.arange(len(index_ds)), args.layer, args.views)
-    dist, nn = knn(query, index, min(args.k, len(index_ds)))
-    shown = index_ds.get_batch(nn.reshape(-1)).reshape(
-        *nn.shape, *index_ds.get_batch([0]).shape[1:]
-    )
-    plot_neighbours(ds.get_batch(idx), shown, ds.labels[idx].numpy(),
-                    index_ds.labels.numpy()[nn], dist, ds.class_names, args.out)  # fmt: skip

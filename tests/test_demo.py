@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alexnet.cli import main
-from alexnet.lab import demo
+from alexnet.lab import demo, fashion
 from alexnet.runtime.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -168,10 +168,10 @@ def test_fetch_downloads_when_not_root(monkeypatch, tmp_path):
     from alexnet.data import small
 
     _no_debian(monkeypatch, tmp_path)
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(fashion.os, "geteuid", lambda: 1000)
     calls = []
     monkeypatch.setattr(small, "download_fashion_mnist", lambda d: calls.append(d) or d)
-    assert demo.fetch_fashion_mnist(None, tmp_path / "dl") == tmp_path / "dl"
+    assert fashion.fetch_fashion_mnist(None, tmp_path / "dl") == tmp_path / "dl"
     assert calls == [tmp_path / "dl"]
 
 
@@ -179,8 +179,8 @@ def test_fetch_installs_the_debian_package_as_root_updating_once(monkeypatch, tm
     from alexnet.data import small
 
     debian = _no_debian(monkeypatch, tmp_path)
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(demo.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(fashion.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(fashion.shutil, "which", lambda name: "/usr/bin/apt-get")
     monkeypatch.setattr(small, "download_fashion_mnist", lambda d: pytest.fail("downloaded"))
     calls = []
 
@@ -196,11 +196,11 @@ def test_fetch_installs_the_debian_package_as_root_updating_once(monkeypatch, tm
             return Done(0)
         return Done(0 if cmd[1] == "update" else 100)
 
-    monkeypatch.setattr(demo.subprocess, "run", fake_run)
-    assert demo.fetch_fashion_mnist(None, tmp_path / "dl") == debian
+    monkeypatch.setattr(fashion.subprocess, "run", fake_run)
+    assert fashion.fetch_fashion_mnist(None, tmp_path / "dl") == debian
     assert calls == ["install", "update", "install"]
 
 
 def test_source_without_idx_files_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no Fashion-MNIST IDX files"):
-        demo.fetch_fashion_mnist(tmp_path, tmp_path / "dl")
+        fashion.fetch_fashion_mnist(tmp_path, tmp_path / "dl")

@@ -13,9 +13,10 @@ import torch
 
 from alexnet.cli import main
 from alexnet.data import PreparedDataset, prepare_arrays
+from alexnet.data.subset import subset_indices
 from alexnet.lab import ablations as A
 from alexnet.lab import fig1 as F1
-from alexnet.lab.experiment import mean_std, subset_indices
+from alexnet.lab.tables import mean_std
 from alexnet.runtime.errors import UserError
 
 
@@ -174,3 +175,20 @@ def test_unknown_variant_is_a_clear_error(data, tmp_path):
     with pytest.raises(UserError, match="--only"):
         run(Namespace(which="ablations", data=data, out=tmp_path, seeds=1, epochs=1,
                       train_images=0, only=["no-such"]))  # fmt: skip
+
+
+def test_cached_computes_once_per_key_and_keeps_results_across_calls(tmp_path):
+    from alexnet.lab.runs import cached
+
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return {"value": value}
+
+    path = tmp_path / "results.json"
+    assert cached(path, "a", lambda: compute(1)) == {"value": 1}
+    assert cached(path, "a", lambda: compute(2)) == {"value": 1}  # kept: not computed again
+    assert cached(path, "b", lambda: compute(3)) == {"value": 3}
+    assert calls == [1, 3]
+    assert json.loads(path.read_text()) == {"a": {"value": 1}, "b": {"value": 3}}

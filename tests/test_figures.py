@@ -53,7 +53,7 @@ def test_prediction_bars_show_the_top5_and_mark_the_true_class(tmp_path, monkeyp
     labels = PreparedDataset(data, "val").labels.numpy()
     chosen = [int(np.flatnonzero(labels == c)[0]) for c in (1, 3, 6)]  # top-1, absent, third
     saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out: saved.setdefault("fig", fig))
+    monkeypatch.setattr(figures, "save_png", lambda fig, out: saved.setdefault("fig", fig))
     args = ["--indices", *map(str, chosen), "--out", str(tmp_path / "p.png")]
     assert (
         main(["figures", "predictions", "--checkpoint", str(ckpt), "--data", str(data), *args]) == 0
@@ -126,3 +126,12 @@ def test_filter_grid_one_channel_and_ungrouped(towers):
     w = torch.randn(48, 1, 3, 3)
     grid = figures.filter_grid(w, towers=towers)
     assert grid.shape[2] == 3 and np.nanmax(grid) == pytest.approx(1.0)
+
+
+def test_no_images_asked_for_is_a_clear_error(tmp_path, capsys):
+    data, run = evalkit.tiny_run()
+    out = tmp_path / "p.png"
+    assert main(["figures", "predictions", "--checkpoint", str(run), "--data", str(data),
+                 "--n", "0", "--out", str(out)]) == 2  # fmt: skip
+    assert "must be at least 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -14,6 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from alexnet import config as C
+from alexnet import evaluate as E
+from alexnet.data import PreparedDataset, store
+from alexnet.data.subset import subset_indices
+from alexnet.figures import pyplot, save_png
+from alexnet.lab.demo import RECIPE, schedule_for
+from alexnet.lab.fashion import resolve_data
+from alexnet.lab.runs import cached, train_one
+from alexnet.lab.tables import mean_std, write_outputs
+from alexnet.model import ARCHS
+from alexnet.runtime import distributed as D
+from alexnet.runtime.errors import UserError
+from alexnet.runtime.runlog import read_metrics
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,7 @@ def variants(widths: tuple[int, ...]) -> list[Variant]:
 def base_config(data: Path, image_size: int, pixel_std: float, epochs: int):
     """The baseline: the demo's recipe, but with the paper's crops (B3: 224 of 256, here
     0.875 of the image size, so the ten views of B5 differ) and colour noise (B4) on, and
-    FC 512 with rate 0.02: the demo's recipe when the ablations of docs/RESULTS.md ran (the
-    demo has since moved to FC 1024 and 0.04 for its longer schedule)."""
-    from alexnet import config as C
-    from alexnet.lab.demo import RECIPE, schedule_for
-
+    FC 512 with rate 0.02, the baseline the tables of docs/RESULTS.md were measured with."""
     crop = int(round(image_size * 0.875 / 2) * 2)
     cfg = C.preset("small")
     C.apply_overrides(cfg, {
@@ -79,9 +90,6 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
     training validates on after every epoch: with a small training set, validating on all
     10,000 would cost more than the training. Made once; the statistics (B2, B4) are those
     of the training subset."""
-    from alexnet.data import PreparedDataset, store
-    from alexnet.lab.experiment import subset_indices
-
     train = PreparedDataset(data, "train")
     target = out / f"data-{n or len(train)}"
     if (target / "meta.json").is_file():
@@ -105,12 +113,6 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
 
 
 def score(checkpoint: Path, data: Path, views: int) -> dict:
-    import torch
-
-    from alexnet import evaluate as E
-    from alexnet.data import PreparedDataset
-    from alexnet.runtime import distributed as D
-
     models, ckpts, augs = E.load_ensemble([checkpoint], torch.device("cpu"))
     models = [m.to(memory_format=torch.channels_last) for m in models]
     counts = E.evaluate(models, augs, PreparedDataset(data, "val"), views=views, batch_size=100,
@@ -118,25 +120,8 @@ def score(checkpoint: Path, data: Path, views: int) -> dict:
     return E.summary(counts, views, [checkpoint], "val")
 
 
-def _scored(cache: Path, key: str, fn) -> dict:
-    """``fn()`` once per key (a run's checkpoint and the views), kept in ``cache``."""
-    import json
-
-    from alexnet.runtime.fileio import atomic_write_json
-
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in done:
-        done[key] = fn()
-        atomic_write_json(cache, done)
-    return done[key]
-
-
 def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dict]:
     """Train (or reuse) the variant's runs and score their last checkpoints."""
-    from alexnet import config as C
-    from alexnet.figures import read_metrics
-    from alexnet.lab.demo import train_one
-
     rows = []
     for seed in range(seeds):
         cfg = C.from_dict(base.to_dict())
@@ -147,7 +132,7 @@ def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dic
         result = train_one(cfg, retrain=False, argv=["alexnet", "experiment", "ablations"])
         ckpt = Path(result["run_dir"]) / "checkpoints" / "last.pt"
         key = f"{run_name}@{result['step']}/views{v.views}"
-        s = _scored(out / "scores.json", key, lambda c=ckpt: score(c, data, v.views))
+        s = cached(out / "scores.json", key, lambda c=ckpt: score(c, data, v.views))
         last = read_metrics(Path(result["run_dir"]))[-1]
         rows.append({"seed": seed, "top1_error": s["top1_error"], "top5_error": s["top5_error"],
                      "train_error": last["train_error"], "train_loss": last["train_loss"],
@@ -159,8 +144,6 @@ def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dic
 
 def summarise(vs: list[Variant], rows: dict[str, list[dict]]) -> list[dict]:
     """Per variant: test error mean/std and the paired (same seed) difference to baseline."""
-    from alexnet.lab.experiment import mean_std
-
     base = {r["seed"]: r["top1_error"] for r in rows["baseline"]}
     out = []
     for v in vs:
@@ -199,13 +182,7 @@ def table(summary: list[dict], info: str) -> list[str]:
 
 def plot(summary: list[dict], out: Path, title: str) -> None:
     """Bars: our change in test error (mean, std over seeds) beside the paper's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from alexnet.runtime.fileio import atomic_open
-
+    plt = pyplot()
     rows = [s for s in summary if s["variant"] != "baseline"]
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.4), dpi=100)
@@ -224,18 +201,10 @@ def plot(summary: list[dict], out: Path, title: str) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    with atomic_open(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=fig.dpi)
-    plt.close(fig)
+    save_png(fig, out, tight=False)
 
 
 def run_ablations(args) -> int:
-    from alexnet.data import PreparedDataset
-    from alexnet.lab.demo import RECIPE
-    from alexnet.lab.experiment import resolve_data, write_outputs
-    from alexnet.model import ARCHS
-    from alexnet.runtime.errors import UserError
-
     data, meta = resolve_data(args.data)
     vs = variants(tuple(RECIPE.get("model.widths") or ARCHS["small"].widths))
     if args.only:

@@ -27,18 +27,21 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import shutil
-import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
+from alexnet import evaluate as E
+from alexnet.data import PreparedDataset
+from alexnet.lab.fashion import ensure_prepared
+from alexnet.lab.report import make_figures, pct, write_report
+from alexnet.lab.runs import train_one
+from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
+from alexnet.runtime.runlog import environment, read_metrics
 
-DEBIAN_PACKAGE = "dataset-fashion-mnist"
-IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # fmt: skip
 FMNIST_PIXEL_STD = 90.0  # std of the training pixels, 0-255 units (stats.npz: eigvals = 8104)
 
 # The paper's recipe (section 5) with what changes for 60,000 28x28 greyscale images and a
@@ -105,102 +108,11 @@ def demo_config(data: Path, out: Path, *, epochs: int, seed: int, name: str = "t
     return cfg
 
 
-# ------------------------------------------------------------------------------ 1. data
-def _has_idx(folder: Path) -> bool:
-    return all((folder / s).is_file() or (folder / f"{s}.gz").is_file() for s in IDX_STEMS)
-
-
-def _apt_get(*args: str) -> bool:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    print(f"demo: apt-get {' '.join(args)}", flush=True)
-    return subprocess.run(["apt-get", *args], env=env).returncode == 0
-
-
-def fetch_fashion_mnist(source: Path | None, download_dir: Path) -> Path:
-    """A folder with the four IDX files: ``source`` if given, else Debian's package (installed
-    when we are root and have apt-get), else the canonical download into ``download_dir``."""
-    from alexnet.data import small
-
-    if source is not None:
-        if not _has_idx(source):
-            raise UserError(f"{source}: no Fashion-MNIST IDX files ({', '.join(IDX_STEMS)})")
-        return source
-    debian = Path(small.FASHION_MNIST_DIR)
-    if _has_idx(debian):
-        print(f"demo: Fashion-MNIST from {debian} (Debian package {DEBIAN_PACKAGE})")
-        return debian
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        print(f"demo: {debian} is missing: installing the Debian package {DEBIAN_PACKAGE}")
-        ok = _apt_get("install", "-y", "--no-install-recommends", DEBIAN_PACKAGE)
-        if not ok and _apt_get("update"):
-            ok = _apt_get("install", "-y", "--no-install-recommends", DEBIAN_PACKAGE)
-        if ok and _has_idx(debian):
-            return debian
-        print(f"demo: apt-get could not provide {DEBIAN_PACKAGE}; downloading instead")
-    print(f"demo: downloading Fashion-MNIST from {small.FASHION_MNIST_URL} into {download_dir} "
-          "(MD5-checked)", flush=True)  # fmt: skip
-    return small.download_fashion_mnist(download_dir)
-
-
-# --------------------------------------------------------------------------- 2. prepare
-def ensure_prepared(data: Path, source: Path | None) -> dict:
-    """Prepare Fashion-MNIST into ``data`` unless a prepared dataset is there and verifies.
-    Returns its meta.json."""
-    from alexnet.data import small, store
-    from alexnet.data.verify import verify
-
-    if (data / "meta.json").is_file():
-        try:
-            verify(data, quick=True)
-        except UserError as e:
-            raise UserError(
-                f"{e} (delete {data} and run the demo again to prepare it anew)"
-            ) from None
-        print(f"demo: reusing the prepared dataset in {data}")
-        return store.read_meta(data)
-    folder = fetch_fashion_mnist(source, data / "source")
-    splits = small.load_fashion_mnist(folder)
-    names = small.FASHION_MNIST_CLASSES
-    store.prepare_arrays(
-        data,
-        splits,
-        names,
-        names,
-        dataset="fashion-mnist",
-        extra_meta={"source": str(folder), "val_is_official_test_set": True},
-    )
-    print(f"demo: prepared {data} (train {len(splits['train'][1])}, test {len(splits['val'][1])})")
-    return store.read_meta(data)
-
-
 # ----------------------------------------------------------------------------- 3. train
-def train_one(cfg, *, retrain: bool, argv: list[str] | None = None) -> dict:
-    """Train (or resume, or reuse a finished run); returns ``train()``'s result."""
-    from alexnet.train import train
-
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if retrain and run_dir.exists():
-        print(f"demo: --retrain: removing {run_dir}")
-        shutil.rmtree(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
-    steps_before = None
-    if last.is_file():
-        from alexnet.checkpoint import checkpoint_step
-
-        steps_before = checkpoint_step(last)
-        print(f"{run_dir} holds a run: continuing it (reused as it is if finished; "
-              "--retrain starts again)", flush=True)  # fmt: skip
-    result = train(cfg, resume=run_dir if last.is_file() else None,
-                   argv=argv or ["alexnet", "demo"])  # fmt: skip
-    if result["status"] != "finished":
-        raise UserError(f"{run_dir}: training stopped ({result['status']}); run again to resume")
-    return {**result, "reused": steps_before == result["step"]}
-
-
 def default_jobs(models: int) -> int:
     """How many models train at once: on a CPU, one per core (up to ``models``), since a
-    small net uses several cores in one process poorly (docs/RESULTS.md: two one-thread runs
-    at once train about 1.4 times the images/s of one two-thread run); on a GPU, one."""
+    small net uses several cores in one process poorly (docs/RESULTS.md, the demo's
+    ensemble); on a GPU, one."""
     if torch.cuda.is_available():
         return 1
     return max(1, min(models, torch.get_num_threads()))
@@ -226,8 +138,6 @@ def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
     interrupted ensemble continues where it stopped."""
     if jobs <= 1 or len(cfgs) == 1:
         return [train_one(c, retrain=retrain) for c in cfgs]
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     jobs = min(jobs, len(cfgs))
     threads = max(1, torch.get_num_threads() // jobs)
     logs = [None] + [Path(c.run.out_dir) / f"{c.run.name}.log" for c in cfgs[1:]]
@@ -253,10 +163,6 @@ def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
 # -------------------------------------------------------------------------- 4. evaluate
 def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     """Centre and ten-view results of the first model and, for several, of the ensemble."""
-    from alexnet import evaluate as E
-    from alexnet.data import PreparedDataset
-    from alexnet.runtime import distributed as D
-
     device = torch.device("cpu")
     models, ckpts, augs = E.load_ensemble(checkpoints, device)
     models = [m.to(memory_format=torch.channels_last) for m in models]  # faster oneDNN convs
@@ -332,11 +238,38 @@ def _stage(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def run(args: argparse.Namespace) -> int:
-    from alexnet.figures import read_metrics
-    from alexnet.lab.report import make_figures, pct, write_report
-    from alexnet.runtime.runlog import environment
+def _results(args, epochs: int, jobs: int, meta: dict, evaluation: dict, run_dir: Path,
+             written: dict, stages: dict) -> dict:  # fmt: skip
+    """results.json: the numbers, the first model's training records, the recipe, where and
+    how long (the wall time and load average are added at the end)."""
+    records = read_metrics(run_dir)
+    return {
+        "command": "alexnet demo" + (" --quick" if args.quick else "")
+        + (f" --epochs {args.epochs}" if args.epochs else "")
+        + (f" --models {args.models}" if args.models > 1 else ""),
+        "test_accuracy": 1 - evaluation["single_10view"]["top1_error"],
+        "test_accuracy_centre": 1 - evaluation["single_1view"]["top1_error"],
+        "evaluation": evaluation,
+        "train": {
+            "run_dir": str(run_dir),
+            "epochs": epochs,
+            "records": records,
+            "mean_images_per_sec": sum(r["images_per_sec"] for r in records) / len(records),
+            "train_seconds": sum(r["seconds"] for r in records),
+        },
+        "data": {"root": str(args.data), "train": meta["splits"]["train"]["count"],
+                 "test": meta["splits"]["val"]["count"], "dataset": meta.get("dataset")},
+        "recipe": {k: v for k, v in RECIPE.items() if not k.startswith("run.")}
+        | {"schedule.epochs": epochs, "schedule.milestones": list(schedule_for(epochs))},
+        "seed": args.seed,
+        "models_trained_at_once": min(jobs, args.models),
+        "figures": written,
+        "environment": environment(torch.device("cpu"), 1, None),
+        "stages": stages,
+    }  # fmt: skip
 
+
+def run(args: argparse.Namespace) -> int:
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
     jobs = default_jobs(args.models) if args.jobs is None else args.jobs
@@ -364,31 +297,7 @@ def run(args: argparse.Namespace) -> int:
     written = make_figures(run_dirs, checkpoints[0], args.data, args.out / "figures", args.seed)
     stages["figures"] = time.perf_counter() - t
     _stage(5, "report")
-    records = read_metrics(run_dirs[0])
-    results = {
-        "command": "alexnet demo" + (" --quick" if args.quick else "")
-        + (f" --epochs {args.epochs}" if args.epochs else "")
-        + (f" --models {args.models}" if args.models > 1 else ""),
-        "test_accuracy": 1 - evaluation["single_10view"]["top1_error"],
-        "test_accuracy_centre": 1 - evaluation["single_1view"]["top1_error"],
-        "evaluation": evaluation,
-        "train": {
-            "run_dir": str(run_dirs[0]),
-            "epochs": epochs,
-            "records": records,
-            "mean_images_per_sec": sum(r["images_per_sec"] for r in records) / len(records),
-            "train_seconds": sum(r["seconds"] for r in records),
-        },
-        "data": {"root": str(args.data), "train": meta["splits"]["train"]["count"],
-                 "test": meta["splits"]["val"]["count"], "dataset": meta.get("dataset")},
-        "recipe": {k: v for k, v in RECIPE.items() if not k.startswith("run.")}
-        | {"schedule.epochs": epochs, "schedule.milestones": list(schedule_for(epochs))},
-        "seed": args.seed,
-        "models_trained_at_once": min(jobs, args.models),
-        "figures": written,
-        "environment": environment(torch.device("cpu"), 1, None),
-        "stages": stages,
-    }  # fmt: skip
+    results = _results(args, epochs, jobs, meta, evaluation, run_dirs[0], written, stages)
     results["wall_seconds"] = time.perf_counter() - t_start
     results["load_average"] = [load0, os.getloadavg()[0]]
     report = write_report(args.out, results, meta["class_names"])

@@ -3,10 +3,16 @@ the trained model and ``report.md`` / ``results.json`` in the demo directory."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+
+from alexnet import figures
+from alexnet.data import PreparedDataset
+from alexnet.data.subset import subset_indices
+from alexnet.features import features_of
+from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
+from alexnet.runtime.runlog import read_metrics
 
 # --------------------------------------------------------------------------- 5. figures
 # Deviation (budget): F3 searches the whole training set; the demo searches a fixed random
@@ -14,58 +20,32 @@ import torch
 NEIGHBOUR_POOL = 10_000
 
 
-@torch.no_grad()
-def _fc7(model, aug, ds, indices, batch: int = 250):
-    out = []
-    for s in range(0, len(indices), batch):
-        x = aug.views(ds.get_batch(indices[s : s + batch]).contiguous(), 1)
-        out.append(model.forward_features(x, "fc7").float())
-    return torch.cat(out).numpy()
-
-
-def neighbours(model, ckpt: dict, data: Path, out: Path, seed: int, queries: int = 6) -> None:
+def neighbours(checkpoint: Path, data: Path, out: Path, seed: int, queries: int = 6) -> None:
     """Six test images and their six nearest training images in fc7 space (PAPER F3)."""
-    from alexnet import figures
-    from alexnet.checkpoint import view_augment
-    from alexnet.data import PreparedDataset
-    from alexnet.features import knn
-    from alexnet.lab.experiment import subset_indices
-
+    model, _, aug, test = figures.load_for_figures(checkpoint, data, "val")
     model = model.to(memory_format=torch.channels_last)
-    aug = view_augment(ckpt)
-    train, test = PreparedDataset(data, "train"), PreparedDataset(data, "val")
+    train = PreparedDataset(data, "train")
     pool = subset_indices(train.labels, NEIGHBOUR_POOL, seed)
     q = subset_indices(test.labels, queries, seed + 1)
-    dist, nn = knn(_fc7(model, aug, test, q), _fc7(model, aug, train, pool), min(6, len(pool)))
-    found = pool[nn]  # (queries, k) indices into the training split
-    shown = train.get_batch(found.reshape(-1)).reshape(
-        *found.shape, *train.get_batch([0]).shape[1:]
-    )
-    figures.plot_neighbours(test.get_batch(q), shown, test.labels[q].numpy(),
-                            train.labels.numpy()[found], dist, train.class_names, out)  # fmt: skip
+    figures.nearest_figure(test, q, features_of(model, aug, test, q, batch=250), train,
+                           features_of(model, aug, train, pool, batch=250), out, k=6,
+                           pool=pool)  # fmt: skip
 
 
 def make_figures(run_dirs: list[Path], checkpoint: Path, data: Path, out: Path, seed: int):
     """The paper's section-6.1 figures for the first model, and every run's curves."""
-    from alexnet import figures
-    from alexnet.checkpoint import load_model
-
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for i, run_dir in enumerate(run_dirs):
         name = "curves.png" if i == 0 else f"curves-{i + 1}.png"
-        figures.plot_curves(figures.read_metrics(run_dir), out / name, title=run_dir.name)
+        figures.plot_curves(read_metrics(run_dir), out / name, title=run_dir.name)
         written[name] = "loss, error and learning rate per epoch"
-    model, ckpt = load_model(checkpoint)
-    towers = 2 if model.config.get("towers") else 1
-    figures.plot_filters(model.conv1.weight.detach(), towers, out / "filters.png")
+    figures.filters_figure(checkpoint, out / "filters.png")
     written["filters.png"] = "the conv1 kernels, each tower in its own rows (PAPER F1)"
-    common = dict(checkpoint=checkpoint, data=data, split="val", indices=None, seed=seed,
-                  device="cpu")  # fmt: skip
-    figures.run(argparse.Namespace(what="predictions", n=8, views=10,
-                                   out=out / "predictions.png", **common))  # fmt: skip
+    figures.predictions_figure(checkpoint, data, out / "predictions.png", n=8, views=10,
+                               seed=seed)  # fmt: skip
     written["predictions.png"] = "test images and their five most probable classes (F2)"
-    neighbours(model, ckpt, data, out / "neighbours.png", seed)
+    neighbours(checkpoint, data, out / "neighbours.png", seed)
     written["neighbours.png"] = (
         f"test images and the six of {NEIGHBOUR_POOL:,} training images nearest in fc7 (F3)"
     )
@@ -99,8 +79,6 @@ def _epoch_table(records: list[dict]) -> list[str]:
 
 
 def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
-    from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
-
     ev, env, tr = results["evaluation"], results["environment"], results["train"]
     hw, ver = env["hardware"], env["versions"]
     n_at_once = results.get("models_trained_at_once", 1)

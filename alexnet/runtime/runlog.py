@@ -183,6 +183,27 @@ class RunLog:
             self._tb = None
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run directory's ``metrics.jsonl`` (or of that file), in order."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not records:
+        raise UserError(f"{path}: no epochs recorded yet")
+    return records
+
+
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
     """The one line printed after each epoch (rank 0)."""
     event = {"cut": " [rate cut]", "stop": " [end]"}.get(record["event"], "")
