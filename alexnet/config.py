@@ -38,6 +38,9 @@ class DataConfig:
     pca_std: float = 0.1  # std of the PCA colour-noise coefficients (PAPER B4); 0 turns it off
     pca_scale: str = "unit"  # B4's eigenvalue units: "unit" (pixels in [0,1]) | "std"
     scale: float = 1.0  # multiplies the mean-subtracted 0-255 pixel values (PAPER B2: 1.0)
+    # Deviation (an option, for the small recipes): also divide by the training pixels' std
+    # (from the dataset's stats.npz), so inputs have about unit variance whatever the data.
+    unit_variance: bool = False
     num_workers: int = 4  # loader worker processes per rank
     val_batch_size: int = 0  # images per rank per validation batch; 0 = the training batch
 

@@ -209,19 +209,22 @@ def _place(model: torch.nn.Module, cfg: C.TrainConfig, device: torch.device) -> 
     return model.to(device, memory_format=fmt)  # one conversion: no second copy of the weights
 
 
-def _augment_settings(cfg: C.TrainConfig, crop: int) -> dict[str, Any]:
+def _augment_settings(cfg: C.TrainConfig, crop: int, scale: float) -> dict[str, Any]:
     d = cfg.data
-    return {"crop_size": crop, "scale": d.scale, "pad": d.pad, "flip": d.flip,
+    return {"crop_size": crop, "scale": scale, "pad": d.pad, "flip": d.flip,
             "pca_std": d.pca_std, "pca_scale": d.pca_scale}  # fmt: skip
 
 
 def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     """Data, model, optimizer and schedule, seeded so every rank builds the same network."""
     from alexnet.data import DeviceAugment
+    from alexnet.data.store import pixel_std
     from alexnet.model import AlexNet
 
     train_ds, train_loader, val_loader = _loaders(cfg, env)
     crop = cfg.data.crop_size or train_ds.image_size[0]
+    d, o = cfg.data, cfg.optim
+    scale = d.scale / pixel_std(train_ds.stats) if d.unit_variance else d.scale
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
     try:
         model = AlexNet(len(train_ds.classes), in_channels=train_ds.channels, image_size=crop,
@@ -232,8 +235,7 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     model = _place(model, cfg, device)
     torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
     generator = devices.generator(device, cfg.run.seed * 1000 + 17 + env.rank)
-    d, o = cfg.data, cfg.optim
-    aug = dict(scale=d.scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
+    aug = dict(scale=scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
     aug_train = DeviceAugment(
         train_ds.stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug
     )
@@ -252,7 +254,7 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         "classes": train_ds.classes,
         "class_names": train_ds.class_names,
         "data_stats": {k: v.clone() for k, v in train_ds.stats.items()},
-        "augment": _augment_settings(cfg, crop),
+        "augment": _augment_settings(cfg, crop, scale),
     }
     return Session(
         cfg, env, device, devices.precision_dtype(cfg.run.precision, device), model, net, optimizer,

@@ -39,21 +39,57 @@ def learnable_idx(folder: Path, n_train: int = 256, n_test: int = 60, seed: int 
     return out
 
 
+def _small_net(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """The small arch written out from its definition with torch primitives (none of the
+    package's code): 3x3 conv1, 5x5 conv2 and 3x3 conv3-5 at stride 1, groups=2 in conv2, 4,
+    5 (PAPER A4, A6), per-tower LRN k=2 n=5 alpha=1e-4 beta=0.75 after ReLU 1 and 2 (A8),
+    max pooling 3/2 after both LRNs and conv5 (A9), ReLU everywhere but fc8 (A2)."""
+    import torch.nn.functional as F
+
+    def conv(t, name, pad, groups=1):
+        return F.relu(F.conv2d(t, sd[f"{name}.weight"], sd[f"{name}.bias"], padding=pad,
+                               groups=groups))  # fmt: skip
+
+    def lrn(t):
+        return torch.cat([F.local_response_norm(p, 5, 1e-4, 0.75, 2.0) for p in t.chunk(2, 1)], 1)
+
+    x = F.max_pool2d(lrn(conv(x, "conv1", 1)), 3, 2)
+    x = F.max_pool2d(lrn(conv(x, "conv2", 2, 2)), 3, 2)
+    x = conv(conv(conv(x, "conv3", 1), "conv4", 1, 2), "conv5", 1, 2)
+    x = F.max_pool2d(x, 3, 2).flatten(1)
+    x = F.relu(F.linear(x, sd["fc6.weight"], sd["fc6.bias"]))
+    x = F.relu(F.linear(x, sd["fc7.weight"], sd["fc7.bias"]))
+    return F.linear(x, sd["fc8.weight"], sd["fc8.bias"])
+
+
+def _views(images: np.ndarray, mean: np.ndarray, crop: int, views: int) -> list[np.ndarray]:
+    """PAPER B5 by slicing: the centre crop, and for ten also the four corners, each with its
+    reflection; the mean image (B2) is cut at the same place."""
+    h, w = images.shape[-2:]
+    places = [((h - crop) // 2, (w - crop) // 2)]
+    if views == 10:
+        places += [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop)]
+    out = []
+    for y, x in places:
+        v = images[..., y : y + crop, x : x + crop] - mean[..., y : y + crop, x : x + crop]
+        out += [v] if views == 1 else [v, v[..., ::-1]]
+    return out
+
+
 @torch.no_grad()
 def direct_accuracy(checkpoints, images: np.ndarray, labels: np.ndarray, views: int):
     """Softmax averaged over the views (and the models of an ensemble, PAPER F4), computed
-    here from the models and DeviceAugment."""
-    from alexnet.checkpoint import load_model
-    from alexnet.data import DeviceAugment
-
-    x = torch.from_numpy(images[:, None].copy())
+    from the checkpoint files alone: torch.load, the views by slicing, the network by
+    ``_small_net``."""
     probs = 0
     for checkpoint in [checkpoints] if isinstance(checkpoints, Path) else checkpoints:
-        model, ck = load_model(checkpoint)
-        stats = {k: torch.as_tensor(v) for k, v in ck["data_stats"].items()}
-        aug = DeviceAugment(stats, ck["augment"]["crop_size"], train=False,
-                            scale=ck["augment"]["scale"])  # fmt: skip
-        probs = probs + torch.softmax(model(aug.views(x, views)), 1).view(len(x), views, -1).mean(1)
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        sd = {k: v.double() for k, v in ck["model"].items()}
+        mean = ck["data_stats"]["mean"].double().numpy()
+        x = images[:, None].astype(np.float64)
+        for v in _views(x, mean, ck["augment"]["crop_size"], views):
+            t = torch.from_numpy(np.ascontiguousarray(v)) * ck["augment"]["scale"]
+            probs = probs + torch.softmax(_small_net(sd, t), 1) / views
     return float((probs.argmax(1).numpy() == labels).mean())
 
 
@@ -79,8 +115,11 @@ def test_demo_writes_report_results_and_figures(demo_run):
         assert r["images"] == 40
     assert results["test_accuracy"] == pytest.approx(1 - ev["single_10view"]["top1_error"])
     assert f"{100 * results['test_accuracy']:.2f}%" in report
-    assert results["data"] == {"root": str(data), "train": 256, "test": 40,
-                               "dataset": "fashion-mnist"}  # fmt: skip
+    held = fashion.validation_size(256)
+    assert results["data"] == {"root": str(data), "train": 256 - held, "val": held, "test": 40,
+                               "dataset": "fashion-mnist",
+                               "validation": {"size": held, "seed": 0, "stratified": True,
+                                              "from": "train"}}  # fmt: skip
     records = results["train"]["records"]
     assert [r["epoch"] for r in records] == [1]
     assert all(np.isfinite(r["train_loss"]) and r["images_per_sec"] > 0 for r in records)
@@ -136,7 +175,7 @@ def test_demo_trains_an_ensemble_two_at_once(tmp_path, capsys):
     assert "epoch 1/1" in (out / "train-2.log").read_text()
     ckpts = [out / name / "checkpoints" / "last.pt" for name in ("train", "train-2")]
     first, second = (torch.load(c, map_location="cpu", weights_only=True) for c in ckpts)
-    assert first["step"] == second["step"] == 256 // 128
+    assert first["step"] == second["step"] == (256 - fashion.validation_size(256)) // 128
     assert not torch.equal(first["model"]["conv1.weight"], second["model"]["conv1.weight"])
     x, y = arrays["t10k"]
     for views in (1, 10):
@@ -204,3 +243,26 @@ def test_fetch_installs_the_debian_package_as_root_updating_once(monkeypatch, tm
 def test_source_without_idx_files_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no Fashion-MNIST IDX files"):
         fashion.fetch_fashion_mnist(tmp_path, tmp_path / "dl")
+
+
+def test_demo_epochs_extends_a_finished_demo_and_scales_by_the_datas_own_std(demo_run, tmp_path):
+    """``--epochs N`` continues a finished demo (its rate cuts are kept) instead of being
+    refused; the inputs are divided by the prepared training pixels' own std."""
+    import shutil
+
+    _, out, data, _, argv = demo_run
+    out2, data2 = tmp_path / "out", tmp_path / "prepared"
+    shutil.copytree(out, out2)
+    shutil.copytree(data, data2)
+    argv = [*argv[:-1], "--epochs", "2"]  # drop --quick
+    argv[argv.index(str(out))], argv[argv.index(str(data))] = str(out2), str(data2)
+    assert main(argv) == 0
+    results = json.loads((out2 / "results.json").read_text())
+    assert [r["epoch"] for r in results["train"]["records"]] == [1, 2]
+    ck = torch.load(out2 / "train" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["config"]["schedule"]["milestones"] == []  # the 1-epoch run's (none)
+    from alexnet.data import PreparedDataset
+
+    train = PreparedDataset(data2, "train")
+    pixels = train.get_batch(np.arange(len(train))).double().numpy()
+    assert ck["augment"]["scale"] == pytest.approx(1 / pixels.std(), rel=1e-4)

@@ -181,6 +181,12 @@ def write_meta(root: Path, meta: dict) -> None:
     atomic_write_json(root / "meta.json", meta)
 
 
+def pixel_std(stats: dict) -> float:
+    """The training pixels' standard deviation in 0-255 units: the root of the mean of the
+    RGB covariance's eigenvalues (B4), i.e. of the channels' variances."""
+    return float(np.sqrt(np.mean(np.asarray(stats["eigvals"], dtype=np.float64))))
+
+
 def report_split(meta: dict) -> tuple[str, str]:
     """The split results are reported on, and what it is. A dataset prepared with its official
     test set as a split of its own (Fashion-MNIST, CIFAR-10) reports on ``test``; where the

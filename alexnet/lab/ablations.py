@@ -21,11 +21,11 @@ from alexnet import evaluate as E
 from alexnet.data import PreparedDataset, store
 from alexnet.data.subset import subset_indices
 from alexnet.figures import pyplot, save_png
-from alexnet.lab.demo import RECIPE, schedule_for
 from alexnet.lab.fashion import resolve_data
 from alexnet.lab.runs import cached, train_one
 from alexnet.lab.tables import mean_std, write_outputs
 from alexnet.model import ARCHS
+from alexnet.recipes import ABLATIONS, schedule_for
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.runlog import read_metrics
@@ -65,59 +65,59 @@ def variants(widths: tuple[int, ...]) -> list[Variant]:
     ]  # fmt: skip
 
 
-def base_config(data: Path, image_size: int, pixel_std: float, epochs: int):
-    """The baseline: the demo's recipe, but with the paper's crops (B3: 224 of 256, here
-    0.875 of the image size, so the ten views of B5 differ) and colour noise (B4) on, and
-    FC 512 with rate 0.02, the baseline the tables of docs/RESULTS.md were measured with."""
+def base_config(data: Path, image_size: int, epochs: int):
+    """The baseline: the ``ablations`` preset (alexnet/recipes.py), its crops at 0.875 of the
+    image size (B3: 224 of 256, so the ten views of B5 differ), for ``epochs``."""
     crop = int(round(image_size * 0.875 / 2) * 2)
-    cfg = C.preset("small")
-    C.apply_overrides(cfg, {
-        **RECIPE,
-        "data.root": str(data), "data.crop_size": crop, "data.pad": 0, "data.pca_std": 0.1,
-        "data.scale": 1.0 / pixel_std, "schedule.epochs": epochs,
-        "schedule.milestones": schedule_for(epochs), "run.export": False,
-        "data.val_split": "monitor", "model.fc_width": 512, "optim.lr": 0.02,
-    }, source="ablations")  # fmt: skip
-    return cfg
+    return C.preset("ablations", **{
+        "data.root": str(data), "data.crop_size": crop, "schedule.epochs": epochs,
+        "schedule.milestones": schedule_for(epochs),
+    })  # fmt: skip
 
 
-MONITOR_IMAGES = 1000  # test images validated after every epoch (curves only)
+MONITOR_IMAGES = 1000  # validation images scored after every epoch (curves only)
 
 
 def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
-    """A prepared copy of ``data`` with ``n`` random training images (all when None), the
-    whole test set (``val``, the score) and ``monitor``, a fixed 1,000 of the test images that
-    training validates on after every epoch: with a small training set, validating on all
-    10,000 would cost more than the training. Made once; the statistics (B2, B4) are those
-    of the training subset."""
+    """A prepared copy of ``data`` with ``n`` random training images (all when None), a
+    fixed 1,000 of its held-out validation images (``val``, scored after every epoch: with a
+    small training set, validating on all of them would cost more than the training) and
+    the whole official test set (``test``, the score). Made once; the statistics (B2, B4)
+    are those of the training subset."""
     train = PreparedDataset(data, "train")
+    if "test" not in train.meta["splits"]:
+        raise UserError(
+            f"{data}: no test split (its val split is the test set: an older preparation); "
+            "prepare it again for a held-out validation split"
+        )
     target = out / f"data-{n or len(train)}"
     if (target / "meta.json").is_file():
         return target
     idx = subset_indices(train.labels, n, seed)
-    val = PreparedDataset(data, "val")
+    val, test = PreparedDataset(data, "val"), PreparedDataset(data, "test")
 
     def arrays(ds, i):
         return ds.get_batch(i).permute(0, 2, 3, 1).numpy(), ds.labels[i].numpy()
 
     splits = {
         "train": arrays(train, idx),
-        "val": arrays(val, np.arange(len(val))),
-        "monitor": arrays(val, subset_indices(val.labels, MONITOR_IMAGES, seed)),
+        "val": arrays(val, subset_indices(val.labels, MONITOR_IMAGES, seed)),
+        "test": arrays(test, np.arange(len(test))),
     }
     meta = train.meta
     store.prepare_arrays(target, splits, meta["classes"], meta["class_names"],
                          dataset=meta.get("dataset", "arrays"),
-                         extra_meta={"subset_of": str(data), "subset_seed": seed})  # fmt: skip
+                         extra_meta={"subset_of": str(data), "subset_seed": seed,
+                                     "test_split": "test"})  # fmt: skip
     return target
 
 
 def score(checkpoint: Path, data: Path, views: int) -> dict:
     models, ckpts, augs = E.load_ensemble([checkpoint], torch.device("cpu"))
     models = [m.to(memory_format=torch.channels_last) for m in models]
-    counts = E.evaluate(models, augs, PreparedDataset(data, "val"), views=views, batch_size=100,
+    counts = E.evaluate(models, augs, PreparedDataset(data, "test"), views=views, batch_size=100,
                         device=torch.device("cpu"), env=D.DistEnv.from_environ())  # fmt: skip
-    return E.summary(counts, views, [checkpoint], "val")
+    return E.summary(counts, views, [checkpoint], "test")
 
 
 def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dict]:
@@ -206,7 +206,7 @@ def plot(summary: list[dict], out: Path, title: str) -> None:
 
 def run_ablations(args) -> int:
     data, meta = resolve_data(args.data)
-    vs = variants(tuple(RECIPE.get("model.widths") or ARCHS["small"].widths))
+    vs = variants(tuple(ABLATIONS.get("model.widths") or ARCHS["small"].widths))
     if args.only:
         unknown = set(args.only) - {v.name for v in vs}
         if unknown:
@@ -215,13 +215,12 @@ def run_ablations(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sub = subset_data(data, args.out, args.train_images or None)
     train = PreparedDataset(sub, "train")
-    std = float(train.stats["eigvals"].mean().sqrt())
-    base = base_config(sub, train.image_size[0], std, args.epochs)
+    base = base_config(sub, train.image_size[0], args.epochs)
     rows = {v.name: run_variant(v, base, args.seeds, sub, args.out) for v in vs}
     summary = summarise(vs, rows)
     info = (f"Ablations on {meta.get('dataset')}: the small net, {len(train)} training images, "
             f"{args.epochs} epochs, {args.seeds} seed(s); test top-1 error on all "
-            f"{meta['splits']['val']['count']} test images (last checkpoint); change = paired "
+            f"{meta['splits']['test']['count']} test images (last checkpoint); change = paired "
             "difference to the baseline of the same seed.")  # fmt: skip
     results = {"data": str(data), "train_data": str(sub), "dataset": meta.get("dataset"),
                "train_images": len(train), "epochs": args.epochs, "seeds": args.seeds,

@@ -8,7 +8,8 @@
    missing) or else the canonical download, MD5-checked;
 2. prepare: the prepared format of ``alexnet prepare`` (skipped when the directory is there
    and verifies);
-3. train: the ``small`` network with the paper's recipe scaled to the data (``RECIPE``);
+3. train: the ``small`` network with the paper's recipe scaled to the data (the ``demo``
+   preset of alexnet/recipes.py);
    a finished run is reused, an interrupted one resumed (``--retrain`` starts afresh);
    with ``--models K`` the K models train at the same time on a CPU, one process per core;
 4. evaluate: top-1/top-5 error on the 10,000 test images, centre view and ten views (PAPER B5),
@@ -16,9 +17,10 @@
 5. figures: conv1 kernels (F1), top-5 predictions (F2), fc7 neighbours (F3), training curves;
 6. ``report.md`` and ``results.json`` in the run directory.
 
-Fashion-MNIST has no validation split: the official test set is the ``val`` split. So that
-no choice depends on it, the schedule is a fixed one (no plateau rule) and the model reported
-is the last one, not the checkpoint with the best test error.
+Fashion-MNIST has no validation split: preparation holds 5,000 of the 60,000 training images
+out as ``val`` (stratified, seeded), which training validates on after every epoch, and keeps
+the official test set as ``test``, which only the reported numbers use. The schedule is a
+fixed one and the model reported is the last one.
 """
 
 from __future__ import annotations
@@ -33,79 +35,46 @@ from pathlib import Path
 
 import torch
 
+from alexnet import config as C
 from alexnet import evaluate as E
 from alexnet.data import PreparedDataset
 from alexnet.lab.fashion import ensure_prepared
 from alexnet.lab.report import make_figures, pct, write_report
 from alexnet.lab.runs import train_one
+from alexnet.recipes import DEMO_EPOCHS, schedule_for
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.runlog import environment, read_metrics
 
-FMNIST_PIXEL_STD = 90.0  # std of the training pixels, 0-255 units (stats.npz: eigvals = 8104)
-
-# The paper's recipe (section 5) with what changes for 60,000 28x28 greyscale images and a
-# 10-minute budget on two CPU cores. Each entry: the setting, and why it differs, if it does.
-RECIPE: dict[str, object] = {
-    "model.arch": "small",  # the paper's 5 conv + 3 FC pattern for 28-32 px (alexnet.model)
-    # Deviation: narrower convolutions than the small net's (conv1 at two thirds of 48,
-    # conv2-5 at half of 128-192-192-128; FC at its 1024), for the 10-minute budget on two CPU
-    # cores: about twice the training images/s, so twice the epochs. Measured (docs/RESULTS.md):
-    # 12 epochs of this net beat 2 epochs of the full small net, and FC 1024 with rate 0.04
-    # beat FC 512 with 0.02 (91.2% against 90.5% centre after 13 epochs).
-    "model.widths": (32, 64, 96, 96, 64),
-    "model.fc_width": 1024,
-    # Deviation: He init; with the small net's fan-ins N(0, 0.01^2) (PAPER D2) stalls at the
-    # label marginal (see AlexNet.reset_parameters).
-    "model.init": "kaiming",
-    "model.dropout": 0.5,  # PAPER C1
-    # PAPER B3 crops 224 of 256 px at random; here 26 of 28 (two-thirds of the positions of
-    # 24 of 28 for the same cost, one pixel of border lost at test): the ten views of B5 are
-    # then distinct crops, the four corners 2 px apart.
-    "data.crop_size": 26,
-    "data.pad": 0,
-    "data.flip": True,  # PAPER B3: clothes are close to left-right symmetric
-    "data.pca_std": 0.0,  # B4 is a colour noise; one grey channel has no colours to perturb
-    # Deviation: inputs divided by the pixel std (~unit variance); the paper trains on raw
-    # 0-255 values (B2), which with He init gives very large activations.
-    "data.scale": 1.0 / FMNIST_PIXEL_STD,
-    "data.num_workers": 0,  # the data is in memory-mapped raw records: workers only cost
-    "optim.batch_size": 128,  # PAPER D1
-    # Deviation: 0.04, not 0.01 (PAPER D4): He init and unit-scale inputs take a larger rate.
-    "optim.lr": 0.04,
-    "optim.warmup_epochs": 0.3,  # Deviation: a short linear warm-up, for the larger rate
-    # PAPER D4 divides the rate by 10 when validation error stops improving. Here the only
-    # held-out images are the test set, so the cuts come at fixed epochs instead (H1 did
-    # the same in the authors' log): see ``schedule_for``.
-    "schedule.kind": "steps",
-    "run.precision": "auto",
-    "run.progress_interval_s": 15.0,
-    "run.log_every": 20,
-}
-DEFAULT_EPOCHS = 12
 QUICK_EPOCHS = 1
 
 
-def schedule_for(epochs: int) -> tuple[int, ...]:
-    """Rate cuts by 10 (PAPER D4) after two thirds and after five sixths of the epochs."""
-    cuts = {max(1, round(epochs * 2 / 3)), max(1, round(epochs * 5 / 6))}
-    return tuple(sorted(c for c in cuts if c < epochs))
-
-
 def demo_config(data: Path, out: Path, *, epochs: int, seed: int, name: str = "train"):
-    from alexnet import config as C
-
-    cfg = C.preset("small")
-    C.apply_overrides(cfg, {
-        **RECIPE,
+    """The ``demo`` preset (alexnet/recipes.py) for ``epochs`` on ``data``. A run that is
+    already there keeps the rate cuts it was started with, so ``--epochs N`` extends a
+    finished demo at its last rate instead of asking for another schedule."""
+    run_dir = out / name
+    milestones = schedule_for(epochs)
+    kept = _milestones_of(run_dir)
+    if kept is not None and kept != milestones:
+        print(f"demo: {run_dir} was started with rate cuts after epochs {list(kept)}: "
+              f"keeping them for {epochs} epochs", flush=True)  # fmt: skip
+        milestones = kept
+    return C.preset("demo", **{
         "data.root": str(data),
         "schedule.epochs": epochs,
-        "schedule.milestones": schedule_for(epochs),
+        "schedule.milestones": milestones,
         "run.seed": seed,
         "run.out_dir": str(out),
         "run.name": name,
-    }, source="demo")  # fmt: skip
-    return cfg
+    })  # fmt: skip
+
+
+def _milestones_of(run_dir: Path) -> tuple[int, ...] | None:
+    path = run_dir / "config.json"
+    if not (run_dir / "checkpoints" / "last.pt").is_file() or not path.is_file():
+        return None
+    return tuple(C.load_file(path).schedule.milestones)
 
 
 # ----------------------------------------------------------------------------- 3. train
@@ -166,7 +135,7 @@ def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     device = torch.device("cpu")
     models, ckpts, augs = E.load_ensemble(checkpoints, device)
     models = [m.to(memory_format=torch.channels_last) for m in models]  # faster oneDNN convs
-    ds = PreparedDataset(data, "val")
+    ds = PreparedDataset(data, "test")
     for model, ckpt, path in zip(models, ckpts, checkpoints, strict=True):
         E.check_data(ds, ckpt, model, path)
     env = D.DistEnv.from_environ()
@@ -179,7 +148,7 @@ def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
                             env=env, sizes=[k for _, k in groups])  # fmt: skip
         seconds = round(time.perf_counter() - t0, 2)
         for (what, k), c in zip(groups, counts, strict=True):
-            res = E.summary(c, views, checkpoints[:k], "val")
+            res = E.summary(c, views, checkpoints[:k], "test")
             res["seconds"] = seconds  # the pass's, shared by the single model and the ensemble
             res["per_class_top1_accuracy"] = (c.top1 / c.images.clamp(min=1)).tolist()
             out[f"{what}_{views}view"] = res
@@ -213,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs",
         type=int,
-        help=f"training epochs (default {DEFAULT_EPOCHS}; --quick: {QUICK_EPOCHS})",
+        help=f"training epochs (default {DEMO_EPOCHS}; --quick: {QUICK_EPOCHS})",
     )
     parser.add_argument(
         "--models",
@@ -238,7 +207,7 @@ def _stage(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def _results(args, epochs: int, jobs: int, meta: dict, evaluation: dict, run_dir: Path,
+def _results(args, cfg: C.TrainConfig, jobs: int, meta: dict, evaluation: dict, run_dir: Path,
              written: dict, stages: dict) -> dict:  # fmt: skip
     """results.json: the numbers, the first model's training records, the recipe, where and
     how long (the wall time and load average are added at the end)."""
@@ -252,15 +221,16 @@ def _results(args, epochs: int, jobs: int, meta: dict, evaluation: dict, run_dir
         "evaluation": evaluation,
         "train": {
             "run_dir": str(run_dir),
-            "epochs": epochs,
+            "epochs": cfg.schedule.epochs,
             "records": records,
             "mean_images_per_sec": sum(r["images_per_sec"] for r in records) / len(records),
             "train_seconds": sum(r["seconds"] for r in records),
         },
-        "data": {"root": str(args.data), "train": meta["splits"]["train"]["count"],
-                 "test": meta["splits"]["val"]["count"], "dataset": meta.get("dataset")},
-        "recipe": {k: v for k, v in RECIPE.items() if not k.startswith("run.")}
-        | {"schedule.epochs": epochs, "schedule.milestones": list(schedule_for(epochs))},
+        "data": {"root": str(args.data), "dataset": meta.get("dataset"),
+                 **{split: meta["splits"][split]["count"] for split in ("train", "val", "test")},
+                 "validation": meta.get("validation")},
+        "recipe": {k: v for k, v in C.flatten(cfg.to_dict()).items()
+                   if k.split(".")[0] in ("data", "model", "optim", "schedule")},
         "seed": args.seed,
         "models_trained_at_once": min(jobs, args.models),
         "figures": written,
@@ -271,7 +241,7 @@ def _results(args, epochs: int, jobs: int, meta: dict, evaluation: dict, run_dir
 
 def run(args: argparse.Namespace) -> int:
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
-    epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
+    epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEMO_EPOCHS)
     jobs = default_jobs(args.models) if args.jobs is None else args.jobs
     if epochs < 1 or args.models < 1 or jobs < 1:
         raise UserError(f"--epochs {epochs}, --models {args.models} and --jobs {jobs}: "
@@ -288,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     reused = all(r.get("reused") for r in trained)
     stages["train (reused: already finished)" if reused else "train"] = time.perf_counter() - t
     run_dirs = [Path(r["run_dir"]) for r in trained]
-    # The last checkpoint, not best.pt: "best" was chosen on the test set (the val split).
+    # The last checkpoint: the schedule is fixed, so nothing picks among the epochs.
     checkpoints = [d / "checkpoints" / "last.pt" for d in run_dirs]
     t = _stage(3, "evaluate on the test set: centre crop and ten views (PAPER B5)")
     evaluation = evaluate_runs(checkpoints, args.data)
@@ -297,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     written = make_figures(run_dirs, checkpoints[0], args.data, args.out / "figures", args.seed)
     stages["figures"] = time.perf_counter() - t
     _stage(5, "report")
-    results = _results(args, epochs, jobs, meta, evaluation, run_dirs[0], written, stages)
+    results = _results(args, cfgs[0], jobs, meta, evaluation, run_dirs[0], written, stages)
     results["wall_seconds"] = time.perf_counter() - t_start
     results["load_average"] = [load0, os.getloadavg()[0]]
     report = write_report(args.out, results, meta["class_names"])

@@ -56,10 +56,20 @@ def fetch_fashion_mnist(source: Path | None, download_dir: Path) -> Path:
     return small.download_fashion_mnist(download_dir)
 
 
+def validation_size(train_images: int) -> int:
+    """Fashion-MNIST's 60,000 hold out ``small.VAL_SIZE`` (5,000, a twelfth); a smaller
+    training set a twelfth of its images."""
+    return min(small.VAL_SIZE, max(1, train_images // 12))
+
+
 def ensure_prepared(data: Path, source: Path | None) -> dict:
     """Prepare Fashion-MNIST into ``data`` unless a prepared dataset is there and verifies.
     Returns its meta.json."""
-    if (data / "meta.json").is_file():
+    if (data / "meta.json").is_file() and store.read_meta(data).get("val_is_official_test_set"):
+        # Prepared before the validation split was held out: its val split is the test set.
+        print(f"demo: {data} uses the test set as its validation split (an older preparation): "
+              "preparing it again with a held-out validation split", flush=True)  # fmt: skip
+    elif (data / "meta.json").is_file():
         try:
             verify(data, quick=True)
         except UserError as e:
@@ -70,16 +80,8 @@ def ensure_prepared(data: Path, source: Path | None) -> dict:
         return store.read_meta(data)
     folder = fetch_fashion_mnist(source, data / "source")
     splits = small.load_fashion_mnist(folder)
-    names = small.FASHION_MNIST_CLASSES
-    store.prepare_arrays(
-        data,
-        splits,
-        names,
-        names,
-        dataset="fashion-mnist",
-        extra_meta={"source": str(folder), "val_is_official_test_set": True},
-    )
-    print(f"demo: prepared {data} (train {len(splits['train'][1])}, test {len(splits['val'][1])})")
+    small.prepare_small(data, "fashion-mnist", splits, small.FASHION_MNIST_CLASSES, str(folder),
+                        val_size=validation_size(len(splits["train"][1])))  # fmt: skip
     return store.read_meta(data)
 
 
