@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    from alexnet.interop.engines import add_backend_argument
+
+    add_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,11 +111,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
+    from alexnet.interop import engines
+
     model, ckpt = load_model(args.checkpoint, map_location=args.device)
+    model = engines.for_inference(model, ckpt, args.checkpoint, args.backend,
+                                  batch_size=args.batch_size * args.views)  # fmt: skip
     aug = view_augment(ckpt)
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at
     images, good, bad = read_images(args.images, size, model.conv1.in_channels)
     results = top_k(predict(model, aug, images, args.views, args.batch_size), ckpt, args.top)
+    if engines.report(model):
+        print(f"alexnet predict: {engines.report(model)}", file=sys.stderr)
     for path, reason in bad:
         print(f"alexnet predict: error: {path}: cannot read image ({reason})", file=sys.stderr)
     if args.json:
