@@ -73,6 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument(
+        "--peers",
+        default=None,
+        help="comma list of usual, compiled (the reference with torch.compile, bf16, "
+        "channels_last), engines (each installed inference engine); '' for none; "
+        "default all (--quick: usual,engines)",
+    )
+    parser.add_argument(
+        "--allocator",
+        action="store_true",
+        help="also time glibc's default large-block behaviour against freed memory kept",
+    )
+    parser.add_argument(
         "--precision-check",
         action="store_true",
         help="train the small model on Fashion-MNIST in fp32 and bf16 instead",
@@ -309,7 +321,8 @@ def end_to_end(args, device, settings: Settings, batch: int, root: str) -> dict[
     }
 
 
-def model_only(args, device, settings: Settings, batch: int) -> dict[str, float]:
+def model_only(args, device, settings: Settings, batch: int, kept: dict | None = None) -> dict:
+    """Ours against the usual way; ``kept`` receives the networks and steps for the peers."""
     classes = 10 if args.model == "small" else 1000
     ours, ref = build_pair(args.model, classes)
     size = ours.input_size
@@ -323,6 +336,9 @@ def model_only(args, device, settings: Settings, batch: int) -> dict[str, float]
     for _ in range(args.warmup):
         ref_train(), our_train(), ref_infer(), our_infer()
     warm = time.perf_counter() - t0
+    if kept is not None:
+        kept.update(ours=ours, ref=ref, our_train=our_train, reference_train=ref_train,
+                    our_infer=our_infer)  # fmt: skip
     mem = {"reference": PeakMemory(device), "ours": PeakMemory(device)}
     tr = alternate(
         {"reference": ref_train, "ours": our_train}, args.rounds, args.steps, batch, device, mem
@@ -387,7 +403,19 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         **_environment(device),
     }
-    out.update(model_only(args, device, settings, batch))
+    kept: dict = {}
+    out.update(model_only(args, device, settings, batch, kept))
+    if args.peers is None:
+        args.peers = "usual,engines" if args.quick else "usual,compiled,engines"
+    if device.type == "cpu":
+        from alexnet.bench.peers import peer_figures
+        from alexnet.runtime.memory import tune_at_start
+
+        out["allocator_setting"] = tune_at_start()
+        out["torch_infer_ips"] = out["infer_ips"]
+        kept.update(out)
+        out.update(peer_figures(args, device, batch, kept))
+        out["infer_speedup"] = out["infer_ips"] / out["reference_infer_ips"]
     if not args.no_end_to_end:
         import tempfile
 
@@ -418,6 +446,10 @@ def _print_table(r: dict) -> None:
         f"ours {r['train_peak_mb']:.0f} MB (process RSS); saved for backward: reference "
         f"{r['reference_saved_mb']:.0f} MB, ours {r['saved_mb']:.0f} MB"
     )
+    if "peers" in r:
+        from alexnet.bench.peers import format_peers
+
+        print(format_peers(r))
     if "end_to_end_fraction" in r:
         print(
             f"end to end ({r['end_to_end_data']}): {r['end_to_end_ips']:.1f} images/s = "
