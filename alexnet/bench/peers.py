@@ -141,16 +141,6 @@ def compiled_precision(device: torch.device) -> str:
     return "fp32" if precision_dtype("auto", device) is None else "bf16"
 
 
-def train_fns(ours_train, ref_model, ours_model, device, batch: int, classes: int):
-    """The compiled reference's training step (the usual one is timed by speed.py)."""
-    from alexnet.bench.speed import Settings, make_steps
-
-    precision = compiled_precision(device)
-    compiled = Settings(precision=precision, channels_last=True, compile=True)
-    train, _, _, _ = make_steps(ref_model, compiled, device, batch, ours_model.input_size, classes)
-    return {"ours": ours_train, f"compiled_{precision}": train}
-
-
 def ratios(peers: dict, ours: dict) -> dict:
     """ours / peer for train and infer rates, peer / ours for latency (above 1: ours wins)."""
     out = {}
@@ -200,18 +190,12 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
     training steps and figures."""
     import copy
 
-    from alexnet.bench.speed import alternate
-
     names = set(args.peers.split(",")) if args.peers else set()
     ours, ref = kept["ours"], kept["ref"]
-    classes = ours.fc8.out_features
     train = {"usual": kept["reference_train_ips"], "ours": kept["train_ips"]}
     compiled_ref = None
-    if "compiled" in names:
-        fns = train_fns(kept["our_train"], copy.deepcopy(ref), ours, device, batch, classes)
-        for fn in fns.values():
-            fn()  # compiles
-        train.update(alternate(fns, args.rounds, args.steps, batch, device))
+    if "compiled" in names:  # its training was timed with ours in speed.model_only
+        train[f"compiled_{compiled_precision(device)}"] = kept["compiled_train_ips"]
         compiled_ref = torch.compile(copy.deepcopy(ref))
     copy_weights(ours, ref)
     if compiled_ref is not None:

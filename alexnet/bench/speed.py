@@ -336,13 +336,16 @@ def model_only(args, device, settings: Settings, batch: int, kept: dict | None =
     for _ in range(args.warmup):
         ref_train(), our_train(), ref_infer(), our_infer()
     warm = time.perf_counter() - t0
+    trains = {"reference": ref_train, "ours": our_train}
     if kept is not None:
         kept.update(ours=ours, ref=ref, our_train=our_train, reference_train=ref_train,
                     our_infer=our_infer)  # fmt: skip
-    mem = {"reference": PeakMemory(device), "ours": PeakMemory(device)}
-    tr = alternate(
-        {"reference": ref_train, "ours": our_train}, args.rounds, args.steps, batch, device, mem
-    )
+        if kept.get("compiled"):  # the compiled reference peer (alexnet.bench.peers)
+            trains["compiled"] = _compiled_reference_train(ref, device, batch, size, classes)
+    mem = {k: PeakMemory(device) for k in trains}
+    tr = alternate(trains, args.rounds, args.steps, batch, device, mem)
+    if "compiled" in tr:
+        kept["compiled_train_ips"] = tr["compiled"]
     inf = alternate(
         {"reference": ref_infer, "ours": our_infer}, args.rounds, args.steps, batch, device
     )
@@ -359,6 +362,18 @@ def model_only(args, device, settings: Settings, batch: int, kept: dict | None =
         "parameters": count_parameters(ours),
         "warmup_seconds": warm,
     }
+
+
+def _compiled_reference_train(ref, device, batch: int, size: int, classes: int):
+    """The reference's training step with torch.compile, channels_last and the precision
+    ``auto`` picks here (bf16 where native), compiled by one untimed step."""
+    import copy
+
+    precision = "fp32" if D.precision_dtype("auto", device) is None else "bf16"
+    settings = Settings(precision=precision, channels_last=True, compile=True)
+    train, _, _, _ = make_steps(copy.deepcopy(ref), settings, device, batch, size, classes)
+    train()
+    return train
 
 
 def _environment(device: torch.device) -> dict[str, object]:
@@ -403,10 +418,10 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         **_environment(device),
     }
-    kept: dict = {}
-    out.update(model_only(args, device, settings, batch, kept))
     if args.peers is None:
         args.peers = "usual,engines" if args.quick else "usual,compiled,engines"
+    kept: dict = {"compiled": "compiled" in args.peers.split(",") and device.type == "cpu"}
+    out.update(model_only(args, device, settings, batch, kept))
     if device.type == "cpu":
         from alexnet.bench.peers import peer_figures
         from alexnet.runtime.memory import tune_at_start

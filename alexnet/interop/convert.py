@@ -377,8 +377,6 @@ def export_onnx(
     activations (``forward_features``) instead of the logits."""
     import copy
 
-    import onnx
-
     net = copy.deepcopy(model).eval()
     for name in ("lrn1", "lrn2"):
         if isinstance(getattr(net, name, None), LocalResponseNorm):
@@ -419,6 +417,16 @@ def export_onnx(
             output_names=names[1],
             dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
         )
+    _add_metadata(out, ckpt)
+    if not check:
+        return None
+    return _compare_onnxruntime(net, out, example)
+
+
+def _add_metadata(out: Path, ckpt: dict) -> None:
+    """The checkpoint's model config, classes and preprocessing, in the ONNX file."""
+    import onnx
+
     proto = onnx.load(str(out))
     for key, value in (
         ("model_config", ckpt["model_config"]),
@@ -430,9 +438,6 @@ def export_onnx(
     onnx.checker.check_model(proto)
     with atomic_open(out, "wb") as f:
         f.write(proto.SerializeToString())
-    if not check:
-        return None
-    return _compare_onnxruntime(net, out, example)
 
 
 def _compare_onnxruntime(net, path: Path, example: torch.Tensor) -> float:
