@@ -407,6 +407,7 @@ def export_onnx(
         # to ONNX's LRN op, and the dynamo exporter needs onnxscript (not a dependency).
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)  # tracer / constant-folding notes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, traced once
         torch.onnx.export(
             net,
             (example,),
