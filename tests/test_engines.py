@@ -173,25 +173,37 @@ def copy_bf16(model):
     return copy.deepcopy(model).bfloat16()
 
 
-def _faults_of_reuse(rounds: int = 4, mb: int = 96) -> int:
-    """Minor page faults of allocating, touching and freeing a large tensor ``rounds`` times
-    after a first round (the kernel zero-fills each fresh mapping's pages again)."""
-    torch.ones(mb << 18)  # the first round, whose faults are the same either way
+_FAULTS = """
+import resource, sys
+from alexnet.runtime import memory
+assert memory.keep_freed_memory(sys.argv[1] == "kept")  # before torch loads, as the CLI does
+import torch
+faults = []
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(rounds):
-        torch.ones(mb << 18)  # float32: mb MiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    torch.ones(96 << 18)  # 96 MiB of float32, freed at once
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
+"""
+
+
+def _fewest_faults(mode: str) -> int:
+    """The fewest minor page faults of one round of allocating, touching and freeing 96 MiB,
+    over twelve rounds in a fresh process set up as the CLI sets itself up (a long-lived
+    heap may hold a free block that serves it either way). The minimum, because the kernel
+    may reclaim idle kept pages between rounds on a busy machine."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    return int(run.stdout.split()[-1])
 
 
 @pytest.mark.skipif(memory._mallopt() is None, reason="glibc's mallopt only")
 def test_kept_freed_memory_is_reused_without_page_faults():
-    try:
-        assert memory.keep_freed_memory(False)
-        default = _faults_of_reuse()
-        assert memory.keep_freed_memory(True)
-        kept = _faults_of_reuse()
-    finally:
-        memory.tune_at_start()
-    pages = 4 * (96 << 20) // resource.getpagesize()
-    assert default > pages / 2  # every round mapped afresh
-    assert kept < pages / 20
+    pages = (96 << 20) // resource.getpagesize()
+    assert _fewest_faults("default") > pages / 2  # every round mapped and faulted in afresh
+    assert _fewest_faults("kept") < pages / 20
