@@ -15,7 +15,7 @@ PYTEST_ARGS ?= -n 2
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx,faiss]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino,faiss]'
 	touch $(STAMP)
 
 demo: $(STAMP)

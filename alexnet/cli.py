@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
+    from alexnet.runtime.memory import tune_at_start
+
+    tune_at_start()  # before the command imports torch and allocates its first tensors
     module = importlib.import_module(module_name)
     cmd_parser = argparse.ArgumentParser(prog=f"alexnet {name}", description=help_text)
     module.add_arguments(cmd_parser)

@@ -128,7 +128,9 @@ def evaluate(
             images, labels = images.to(device), labels.to(device)
             total = None  # the sum of the first i models' probabilities
             for i in range(max(ks)):
-                p = view_probs(models[i], augs[i], images, views, max_batch=batch_size)
+                # an engine takes all the views at once (``max_batch`` None), torch in chunks
+                most = getattr(models[i], "max_batch", batch_size)
+                p = view_probs(models[i], augs[i], images, views, max_batch=most)
                 total = p if total is None else total + p
                 for c, k in zip(counts, ks, strict=True):
                     if k == i + 1:
@@ -198,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     parser.add_argument("--results", type=Path, help="also write the result JSON here")
     parser.add_argument("--per-class", type=Path, help="write per-class accuracy CSV here")
+    from alexnet.interop.engines import add_backend_argument
+
+    add_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,11 +222,13 @@ def run(args: argparse.Namespace) -> int:
         models, ckpts, augs = load_ensemble(args.checkpoint, device)
         for model, ckpt, path in zip(models, ckpts, args.checkpoint, strict=True):
             check_data(ds, ckpt, model, path)
+        models = _backends(models, ckpts, args)
         t0 = time.perf_counter()
         counts = evaluate(models, augs, ds, views=args.views, batch_size=args.batch_size,
                           device=device, env=env, workers=args.workers)  # fmt: skip
         result = summary(counts, args.views, args.checkpoint, args.split)
         result["seconds"] = round(time.perf_counter() - t0, 3)
+        result["backends"] = _reports(models)
         if env.is_main:
             _report(result, counts, ds, args)
     finally:
@@ -229,7 +236,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backends(models: list, ckpts: list, args: argparse.Namespace) -> list:
+    from alexnet.interop import engines
+
+    return [
+        engines.for_inference(m, c, p, args.backend, batch_size=args.batch_size * args.views)
+        for m, c, p in zip(models, ckpts, args.checkpoint, strict=True)
+    ]
+
+
+def _reports(models: list) -> list[str]:
+    from alexnet.interop import engines
+
+    return [line for line in map(engines.report, models) if line]
+
+
 def _report(result: dict, counts: Counts, ds, args: argparse.Namespace) -> None:
+    import sys
+
+    for line in result.get("backends", []):
+        print(f"alexnet evaluate: {line}", file=sys.stderr)
     if args.per_class:
         atomic_write_text(args.per_class, per_class_csv(counts, ds.classes, ds.class_names))
         result["per_class_csv"] = str(args.per_class)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -290,6 +291,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--device", default="cpu")
+    from alexnet.interop.engines import add_backend_argument
+
+    add_backend_argument(p)
     p = sub.add_parser("knn", help="exact Euclidean nearest neighbours (PAPER F3)")
     p.add_argument("--index", type=Path, required=True, help="features searched (.npy)")
     p.add_argument("--query", type=Path, required=True, help="features of the queries (.npy)")
@@ -333,11 +337,17 @@ def run(args: argparse.Namespace) -> int:
         model, ckpt = load_model(path, map_location=pick_device(args.device))
         ds = PreparedDataset(args.data, args.split)
         check_data(ds, ckpt, model, path)
+        from alexnet.interop import engines
+
+        model = engines.for_inference(model, ckpt, path, args.backend, layer=args.layer,
+                                      batch_size=args.batch_size * args.views)  # fmt: skip
         source = {"checkpoint": str(path), "data": str(args.data), "split": args.split,
                   **({"weights": args.weights} if args.weights else {})}  # fmt: skip
         feats = extract(model, view_augment(ckpt), ds, args.layer, args.out,
                         batch_size=args.batch_size, views=args.views, dtype=args.dtype,
                         source=source)  # fmt: skip
+        if engines.report(model):
+            print(f"alexnet features: {engines.report(model)}", file=sys.stderr)
         print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {args.layer} features")
         return 0
     index, query = _load(args.index), _load(args.query)

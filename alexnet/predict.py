@@ -106,18 +106,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    from alexnet.interop.engines import add_backend_argument
+
+    add_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from alexnet.checkpoint import load_model, view_augment
+    from alexnet.interop import engines
     from alexnet.interop.weights import resolve
 
     (path,) = resolve(args.checkpoint and [args.checkpoint], args.weights)
     model, ckpt = load_model(path, map_location=pick_device(args.device))
+    model = engines.for_inference(model, ckpt, path, args.backend,
+                                  batch_size=args.batch_size * args.views)  # fmt: skip
     aug = view_augment(ckpt)
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at
     images, good, bad = read_images(args.images, size, model.conv1.in_channels)
     results = top_k(predict(model, aug, images, args.views, args.batch_size), ckpt, args.top)
+    if engines.report(model):
+        print(f"alexnet predict: {engines.report(model)}", file=sys.stderr)
     for path, reason in bad:
         print(f"alexnet predict: error: {path}: cannot read image ({reason})", file=sys.stderr)
     if args.json:

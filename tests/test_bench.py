@@ -53,6 +53,19 @@ def test_bench_quick_json(capsys):
         assert math.isfinite(out[key]) and out[key] > 0, key
     assert out["train_speedup"] == pytest.approx(out["train_ips"] / out["reference_train_ips"])
     assert out["parameters"] == count_parameters(AlexNet(10, arch="small"))
+    # the peers, timed in the same run: the usual way and each installed engine
+    from alexnet.interop.engines import candidates
+
+    engines = {f"{c.backend}_{c.precision}" for c in candidates("auto") if c.backend != "torch"}
+    assert set(out["peers"]) == {"usual", "ours"} | engines
+    for name, peer in out["peers"].items():
+        assert 0.0 <= peer["top1_agreement"] <= 1.0, name
+        assert peer["infer_ips"] > 0 and peer["latency_ms"] > 0, name
+    assert out["infer_ips"] == out["peers"]["ours"]["infer_ips"]
+    for name, r in out["ratios"].items():
+        assert r["infer"] == pytest.approx(out["infer_ips"] / out["peers"][name]["infer_ips"])
+        assert r["latency"] == pytest.approx(out["peers"][name]["latency_ms"] / out["latency_ms"])
+    assert out["best_infer_backend"].split()[0] in {"torch", "openvino", "onnxruntime"}
 
 
 def test_bench_bad_device_is_a_clear_error(capsys):

@@ -73,6 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument(
+        "--peers",
+        default=None,
+        help="comma list of usual, compiled (the reference with torch.compile, bf16, "
+        "channels_last), engines (each installed inference engine); '' for none; "
+        "default all (--quick: usual,engines)",
+    )
+    parser.add_argument(
+        "--allocator",
+        action="store_true",
+        help="also time glibc's default large-block behaviour against freed memory kept",
+    )
+    parser.add_argument(
         "--precision-check",
         action="store_true",
         help="train the small model on Fashion-MNIST in fp32 and bf16 instead",
@@ -309,7 +321,8 @@ def end_to_end(args, device, settings: Settings, batch: int, root: str) -> dict[
     }
 
 
-def model_only(args, device, settings: Settings, batch: int) -> dict[str, float]:
+def model_only(args, device, settings: Settings, batch: int, kept: dict | None = None) -> dict:
+    """Ours against the usual way; ``kept`` receives the networks and steps for the peers."""
     classes = 10 if args.model == "small" else 1000
     ours, ref = build_pair(args.model, classes)
     size = ours.input_size
@@ -323,10 +336,16 @@ def model_only(args, device, settings: Settings, batch: int) -> dict[str, float]
     for _ in range(args.warmup):
         ref_train(), our_train(), ref_infer(), our_infer()
     warm = time.perf_counter() - t0
-    mem = {"reference": PeakMemory(device), "ours": PeakMemory(device)}
-    tr = alternate(
-        {"reference": ref_train, "ours": our_train}, args.rounds, args.steps, batch, device, mem
-    )
+    trains = {"reference": ref_train, "ours": our_train}
+    if kept is not None:
+        kept.update(ours=ours, ref=ref, our_train=our_train, reference_train=ref_train,
+                    our_infer=our_infer)  # fmt: skip
+        if kept.get("compiled"):  # the compiled reference peer (alexnet.bench.peers)
+            trains["compiled"] = _compiled_reference_train(ref, device, batch, size, classes)
+    mem = {k: PeakMemory(device) for k in trains}
+    tr = alternate(trains, args.rounds, args.steps, batch, device, mem)
+    if "compiled" in tr:
+        kept["compiled_train_ips"] = tr["compiled"]
     inf = alternate(
         {"reference": ref_infer, "ours": our_infer}, args.rounds, args.steps, batch, device
     )
@@ -343,6 +362,18 @@ def model_only(args, device, settings: Settings, batch: int) -> dict[str, float]
         "parameters": count_parameters(ours),
         "warmup_seconds": warm,
     }
+
+
+def _compiled_reference_train(ref, device, batch: int, size: int, classes: int):
+    """The reference's training step with torch.compile, channels_last and the precision
+    ``auto`` picks here (bf16 where native), compiled by one untimed step."""
+    import copy
+
+    precision = "fp32" if devices.precision_dtype("auto", device) is None else "bf16"
+    settings = Settings(precision=precision, channels_last=True, compile=True)
+    train, _, _, _ = make_steps(copy.deepcopy(ref), settings, device, batch, size, classes)
+    train()
+    return train
 
 
 def _environment(device: torch.device) -> dict[str, object]:
@@ -379,7 +410,19 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         **_environment(device),
     }
-    out.update(model_only(args, device, settings, batch))
+    if args.peers is None:
+        args.peers = "usual,engines" if args.quick else "usual,compiled,engines"
+    kept: dict = {"compiled": "compiled" in args.peers.split(",") and device.type == "cpu"}
+    out.update(model_only(args, device, settings, batch, kept))
+    if device.type == "cpu":
+        from alexnet.bench.peers import peer_figures
+        from alexnet.runtime.memory import tune_at_start
+
+        out["allocator_setting"] = tune_at_start()
+        out["torch_infer_ips"] = out["infer_ips"]
+        kept.update(out)
+        out.update(peer_figures(args, device, batch, kept))
+        out["infer_speedup"] = out["infer_ips"] / out["reference_infer_ips"]
     if not args.no_end_to_end:
         import tempfile
 
@@ -410,6 +453,10 @@ def _print_table(r: dict) -> None:
         f"ours {r['train_peak_mb']:.0f} MB (process RSS); saved for backward: reference "
         f"{r['reference_saved_mb']:.0f} MB, ours {r['saved_mb']:.0f} MB"
     )
+    if "peers" in r:
+        from alexnet.bench.peers import format_peers
+
+        print(format_peers(r))
     if "end_to_end_fraction" in r:
         print(
             f"end to end ({r['end_to_end_data']}): {r['end_to_end_ips']:.1f} images/s = "

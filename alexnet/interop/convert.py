@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from alexnet.lrn import LocalResponseNorm
 from alexnet.runtime.errors import UserError
@@ -308,25 +309,48 @@ class _LRNAsOnnxOp(torch.autograd.Function):
 
 
 class _ExportLRN(torch.nn.Module):
-    def __init__(self, lrn: torch.nn.Module) -> None:
+    """Our LRN as a graph the engines run well. One ONNX LRN op where the window spans all
+    channels; per-tower LRN (PAPER A12) as ``lrn_graph``: "reshape" folds the towers into
+    the batch axis, (N, C, H, W) -> (N*G, C/G, H, W), so one LRN op normalises each tower on
+    its own (exact: NCHW keeps each tower's maps contiguous); "band" writes the formula with a
+    1x1 convolution of the squared maps by the (C, C) window matrix; "split" is one LRN op
+    per tower between Slice and Concat."""
+
+    def __init__(self, lrn: torch.nn.Module, lrn_graph: str = "reshape") -> None:
         super().__init__()
-        self.lrn = lrn
+        self.lrn, self.graph = lrn, lrn_graph
         self.c = lrn.alpha / lrn.size if lrn.convention == "code" else lrn.alpha
+        self.groups = getattr(lrn, "groups", 1)
+
+    def _op(self, t: torch.Tensor) -> torch.Tensor:
+        return _LRNAsOnnxOp.apply(t, self.lrn.size, self.c, self.lrn.beta, self.lrn.k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from alexnet.lrn import lrn_formula
+        from alexnet.lrn import band_matrix, lrn_formula
 
-        groups = getattr(self.lrn, "groups", 1)  # per-tower LRN: one ONNX LRN per tower
-        if self.lrn.size % 2 == 0:  # ONNX's even window is mirrored: export plain ops
-            lrn = self.lrn
-            return torch.cat(
-                [lrn_formula(t, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.convention)
-                 for t in x.chunk(groups, dim=1)], dim=1,
-            )  # fmt: skip
-        return torch.cat(
-            [_LRNAsOnnxOp.apply(t, self.lrn.size, self.c, self.lrn.beta, self.lrn.k)
-             for t in x.chunk(groups, dim=1)], dim=1,
-        )  # fmt: skip
+        lrn, g = self.lrn, self.groups
+        if lrn.size % 2 == 0:  # ONNX's even window is mirrored: export plain ops
+            return lrn_formula(x, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.convention, g)
+        if self.graph == "band":
+            band = band_matrix(x.shape[1], lrn.size // 2, (lrn.size - 1) // 2, g, dtype=x.dtype)
+            summed = F.conv2d(x * x, (band.T * self.c)[:, :, None, None])  # N, C, H, W
+            return x * (lrn.k + summed) ** -lrn.beta
+        if g == 1:
+            return self._op(x)
+        if self.graph == "reshape":  # N, C, H, W -> N*G, C/G, H, W -> back
+            return (
+                self._op(x.unflatten(1, (g, -1)).flatten(0, 1)).unflatten(0, (-1, g)).flatten(1, 2)
+            )
+        return torch.cat([self._op(t) for t in x.chunk(g, dim=1)], dim=1)
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, layer: str) -> None:
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x, self.layer).flatten(1)
 
 
 class _Preprocessed(torch.nn.Module):
@@ -350,17 +374,23 @@ def export_onnx(
     preprocessing: bool = False,
     opset: int = 17,
     check: bool = True,
+    lrn_graph: str = "reshape",
+    layer: str | None = None,
 ) -> float | None:
     """Writes ``out``; with ``check`` returns onnxruntime's max abs difference from torch on a
-    random batch (a UserError if it is not within float32 rounding)."""
+    random batch (a UserError if it is not within float32 rounding). ``lrn_graph``: how
+    per-tower LRN is written (see ``_ExportLRN``); ``layer``: the graph returns that layer's
+    activations (``forward_features``) instead of the logits."""
     import copy
-
-    import onnx
 
     net = copy.deepcopy(model).eval()
     for name in ("lrn1", "lrn2"):
         if isinstance(getattr(net, name, None), LocalResponseNorm):
-            setattr(net, name, _ExportLRN(getattr(net, name)))
+            setattr(net, name, _ExportLRN(getattr(net, name), lrn_graph))
+    if layer is not None:
+        if preprocessing:
+            raise ValueError("a feature graph takes preprocessed crops")
+        net = _Features(net, layer).eval()
     crop = int((ckpt.get("augment") or {}).get("crop_size") or model.input_size)
     c = model.conv1.in_channels
     gen = torch.Generator().manual_seed(0)
@@ -376,13 +406,14 @@ def export_onnx(
         names = (["images_uint8"], ["probabilities"])
     else:
         example = torch.randn(2, c, crop, crop, generator=gen) * 50.0  # mean-subtracted scale
-        names = (["images"], ["logits"])
+        names = (["images"], ["logits" if layer is None else layer])
     out = Path(out)
     with atomic_open(out, "wb") as f, torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated, but it honours the symbolic that maps our LRN
         # to ONNX's LRN op, and the dynamo exporter needs onnxscript (not a dependency).
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)  # tracer / constant-folding notes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, traced once
         torch.onnx.export(
             net,
             (example,),
@@ -393,6 +424,16 @@ def export_onnx(
             output_names=names[1],
             dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
         )
+    _add_metadata(out, ckpt)
+    if not check:
+        return None
+    return _compare_onnxruntime(net, out, example)
+
+
+def _add_metadata(out: Path, ckpt: dict) -> None:
+    """The checkpoint's model config, classes and preprocessing, in the ONNX file."""
+    import onnx
+
     proto = onnx.load(str(out))
     for key, value in (
         ("model_config", ckpt["model_config"]),
@@ -404,9 +445,6 @@ def export_onnx(
     onnx.checker.check_model(proto)
     with atomic_open(out, "wb") as f:
         f.write(proto.SerializeToString())
-    if not check:
-        return None
-    return _compare_onnxruntime(net, out, example)
 
 
 def _compare_onnxruntime(net, path: Path, example: torch.Tensor) -> float:

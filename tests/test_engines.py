@@ -1,0 +1,209 @@
+"""``--backend``: every engine computes what torch computes, the cache follows the weights,
+a missing engine names its extra, bf16 is refused where its top-1 disagrees, and the CLI's
+allocator setting keeps freed memory (fewer page faults)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import resource
+
+import evalkit
+import numpy as np
+import pytest
+import torch
+
+from alexnet.checkpoint import load_model
+from alexnet.cli import main
+from alexnet.interop import engines
+from alexnet.model import AlexNet
+from alexnet.runtime import memory
+from alexnet.runtime.fileio import atomic_torch_save
+
+BACKENDS = ("torch", "openvino", "onnxruntime")
+
+
+def _checkpoint(path, seed: int = 0, per_tower: bool = True):
+    torch.manual_seed(seed)
+    model = AlexNet(5, arch="small", image_size=28, widths=(8, 16, 16, 16, 8), fc_width=16,
+                    lrn_per_tower=per_tower, init="kaiming").eval()  # fmt: skip
+    stats = {"mean": torch.full((3, 32, 32), 110.0), "eigvals": torch.zeros(3),
+             "eigvecs": torch.eye(3)}  # fmt: skip
+    ckpt = {"model": model.state_dict(), "model_config": model.config, "classes": list("abcde"),
+            "class_names": list("ABCDE"), "data_stats": stats,
+            "augment": {"crop_size": 28, "scale": 1.0 / 50}, "config": {}}  # fmt: skip
+    atomic_torch_save(path, ckpt)
+    return path
+
+
+def _reference(path, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    """The checkpoint's network in float64 eager torch: independent of every backend."""
+    model, _ = load_model(path)
+    model = model.double()
+    with torch.no_grad():
+        if layer is None:
+            return model(x.double())
+        return model.forward_features(x.double(), layer).flatten(1)
+
+
+def _inputs(n: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed)) * 50.0
+
+
+@pytest.mark.parametrize("per_tower", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_equals_torch_fp32(tmp_path, backend, per_tower):
+    path = _checkpoint(tmp_path / "m.pt", per_tower=per_tower)
+    model, ckpt = load_model(path)
+    x = _inputs()
+    want = _reference(path, x)
+    got = engines.for_inference(model, ckpt, path, backend, batch_size=len(x))(x)
+    # float32 rounding of a float64 reference, relative to the largest logit
+    np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    feats = engines.for_inference(model, ckpt, path, backend, batch_size=len(x), layer="conv5")
+    want = _reference(path, x, "conv5")
+    np.testing.assert_allclose(
+        feats.forward_features(x, "conv5").double(), want, rtol=0,
+        atol=1e-4 * float(want.abs().max()),
+    )  # fmt: skip
+
+
+def test_auto_picks_an_installed_backend_and_reports_agreement(tmp_path):
+    path = _checkpoint(tmp_path / "m.pt")
+    model, ckpt = load_model(path)
+    wrapped = engines.for_inference(model, ckpt, path, "auto", batch_size=8)
+    x = _inputs(8)
+    wrapped(x)
+    assert wrapped.choice in engines.candidates("auto")
+    manifest = json.loads((tmp_path / "m.pt.engines" / "manifest.json").read_text())
+    timed = manifest["choices"][f"auto|logits|batch=8|threads={torch.get_num_threads()}"]
+    assert set(timed["seconds"]) == {c.label() for c in engines.candidates("auto")}
+    assert min(timed["seconds"], key=timed["seconds"].get) == wrapped.choice.label()
+    if wrapped.choice != engines.Choice("torch", "fp32"):
+        want = torch.softmax(_reference(path, x), 1)
+        assert wrapped.check["top1_agreement"] == 1.0
+        got = torch.softmax(wrapped(x).double(), 1)
+        rel = float(((got - want).abs().amax(1) / want.amax(1)).max())
+        assert wrapped.check["max_rel_error"] == pytest.approx(rel, abs=1e-6)
+        assert "top-1 agreement 100.00%" in wrapped.report()
+
+
+def test_cache_is_rebuilt_when_the_checkpoint_changes_and_never_serves_another(tmp_path):
+    import shutil
+
+    path = _checkpoint(tmp_path / "m.pt", seed=0)
+    x = _inputs()
+    model, ckpt = load_model(path)
+    engines.for_inference(model, ckpt, path, "onnxruntime")(x)
+    cache = tmp_path / "m.pt.engines"
+    first = json.loads((cache / "manifest.json").read_text())["digest"]
+    old_graphs = sorted(p.name for p in cache.glob("*.onnx"))
+    assert old_graphs
+    _checkpoint(path, seed=1)  # new weights under the same name
+    model, ckpt = load_model(path)
+    got = engines.for_inference(model, ckpt, path, "onnxruntime")(x)
+    want = _reference(path, x)
+    np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    assert json.loads((cache / "manifest.json").read_text())["digest"] != first
+    # another checkpoint handed this cache (copied beside it) does not use it
+    other = _checkpoint(tmp_path / "other.pt", seed=2)
+    shutil.copytree(cache, tmp_path / "other.pt.engines")
+    model, ckpt = load_model(other)
+    got = engines.for_inference(model, ckpt, other, "onnxruntime")(x)
+    want = _reference(other, x)
+    np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+def test_a_missing_engine_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    path = evalkit.known_checkpoint(tmp_path / "k.pt", [0.1, 0.5, 0.2])
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a)
+    )
+    code = main(["predict", str(image), "--checkpoint", str(path), "--backend", "openvino"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "openvino is not installed" in err[0] and "alexnet[openvino]" in err[0]
+
+
+def test_predict_and_ten_view_evaluate_agree_across_backends(tmp_path, capsys):
+    data, run = evalkit.tiny_run()
+    out = {}
+    for backend in BACKENDS:
+        args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--views", "10",
+                "--batch-size", "8", "--json", "--backend", backend]  # fmt: skip
+        assert main(args) == 0
+        out[backend] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = out["torch"]
+    for backend in ("openvino", "onnxruntime"):
+        assert out[backend]["top1_error"] == want["top1_error"]
+        assert out[backend]["top5_error"] == want["top5_error"]
+        assert out[backend]["backends"][0].startswith(f"backend {backend} fp32")
+        assert "top-1 agreement 100.00%" in out[backend]["backends"][0]
+
+
+def test_bf16_is_refused_where_its_top1_disagrees(tmp_path):
+    """fc8 set so the logits nearly tie: bf16 rounding reorders them, fp32 does not."""
+    path = _checkpoint(tmp_path / "m.pt")
+    model, ckpt = load_model(path)
+    x = _inputs(64)
+    with torch.no_grad():
+        feats = model.forward_features(x, "fc7")
+        model.fc8.weight.mul_(0.02 / (feats @ model.fc8.weight.T).std())  # spread 0.02
+        model.fc8.bias.copy_(8.0 + 0.01 * torch.arange(5.0))  # one bf16 value: 8.0
+        fp32 = model(x).argmax(1)
+        bf16 = copy_bf16(model)(x.bfloat16()).float().argmax(1)
+    assert feats.abs().max() > 0
+    assert float((fp32 == bf16).double().mean()) < engines.MIN_AGREEMENT  # the premise
+    wrapped = engines.InferenceModel(model, ckpt, engines.Choice("torch", "bf16", True), None,
+                                     None, 64)  # fmt: skip
+    got = wrapped(x)
+    assert wrapped.choice == engines.Choice("torch", "fp32", True)
+    assert "fp32 used instead" in wrapped.report()
+    assert torch.equal(got.argmax(1), fp32)
+
+
+def copy_bf16(model):
+    import copy
+
+    return copy.deepcopy(model).bfloat16()
+
+
+_FAULTS = """
+import resource, sys
+from alexnet.runtime import memory
+assert memory.keep_freed_memory(sys.argv[1] == "kept")  # before torch loads, as the CLI does
+import torch
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(96 << 18)  # 96 MiB of float32, freed at once
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
+"""
+
+
+def _fewest_faults(mode: str) -> int:
+    """The fewest minor page faults of one round of allocating, touching and freeing 96 MiB,
+    over twelve rounds in a fresh process set up as the CLI sets itself up (a long-lived
+    heap may hold a free block that serves it either way). The minimum, because the kernel
+    may reclaim idle kept pages between rounds on a busy machine."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.skipif(memory._mallopt() is None, reason="glibc's mallopt only")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    pages = (96 << 20) // resource.getpagesize()
+    assert _fewest_faults("default") > pages / 2  # every round mapped and faulted in afresh
+    assert _fewest_faults("kept") < pages / 20
