@@ -21,17 +21,19 @@ from alexnet.runtime.errors import UserError
 
 
 def tiny_fashion(root: Path, n_train: int = 320, n_val: int = 40, seed: int = 0) -> Path:
-    """28x28x1 images whose class c lights rows 2c+2..2c+7 (visible after crops and flips)."""
+    """28x28x1 images whose class c lights rows 2c+2..2c+7 (visible after crops and flips);
+    a validation split and a test split of ``n_val`` each, as ``prepare`` writes them."""
     rng = np.random.default_rng(seed)
     splits = {}
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_val)):
         y = rng.integers(0, 10, n)
         x = rng.integers(0, 60, (n, 28, 28, 1))
         for i, c in enumerate(y):
             x[i, 2 * c + 2 : 2 * c + 8, 4:24] += 180
         splits[split] = (np.clip(x, 0, 255).astype(np.uint8), y)
     names = [f"class {i}" for i in range(10)]
-    return prepare_arrays(root, splits, names, names, dataset="fashion-mnist")
+    return prepare_arrays(root, splits, names, names, dataset="fashion-mnist",
+                          extra_meta={"test_split": "test"})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +134,8 @@ def test_subset_data_keeps_the_chosen_images(data, tmp_path):
     sub = A.subset_data(data, tmp_path, 100, seed=3)
     full, part = PreparedDataset(data, "train"), PreparedDataset(sub, "train")
     idx = subset_indices(full.labels, 100, 3)
-    assert len(part) == 100 and len(PreparedDataset(sub, "val")) == 40
-    assert len(PreparedDataset(sub, "monitor")) == 40  # min(1000, all the test images)
+    assert len(part) == 100 and len(PreparedDataset(sub, "test")) == 40  # the whole test set
+    assert len(PreparedDataset(sub, "val")) == 40  # min(1000, all the validation images)
     assert torch.equal(part.get_batch(np.arange(100)), full.get_batch(idx))
     assert torch.equal(part.labels, full.labels[idx])
     mean = full.get_batch(idx).double().mean(0).float()
