@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     cmd_parser = argparse.ArgumentParser(prog=f"alexnet {name}", description=help_text)
     module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(rest)
+    try:
+        args = cmd_parser.parse_args(rest)
+    except SystemExit as e:  # --help (0), or a bad argument, already printed in one line (2)
+        return int(e.code or 0)
     try:
         return int(module.run(args) or 0)
     except UserError as e:

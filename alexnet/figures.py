@@ -5,8 +5,9 @@
     alexnet figures neighbours --checkpoint C --data DIR --out neighbours.png   # PAPER F3
     alexnet figures curves --run runs/x --out curves.png
 
-``neighbours`` searches the training split's fc7 vectors; for a large split pass the arrays
-``alexnet features extract`` wrote (``--index-features``) instead of recomputing them.
+Figures run on the CPU (a few images each). ``neighbours`` searches the training split's fc7
+vectors; for a large split compute them once with ``alexnet features extract`` (which takes
+``--device cuda``) and pass the arrays it wrote (``--index-features``).
 """
 
 from __future__ import annotations
@@ -301,7 +302,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--views", type=int, choices=(1, 10), default=10 if name == "predictions"
                        else 1, help="test views (PAPER B5)")  # fmt: skip
-        p.add_argument("--device", default="cpu")
         p.add_argument("--out", type=Path, required=True)
     p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
     p.add_argument(

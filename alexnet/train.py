@@ -217,9 +217,10 @@ def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
             raise UserError(
                 "run.tower_devices: the two-tower layout runs in one process (no torchrun)"
             )
-        towers = [devices.pick_device(d, env.local_rank) for d in cfg.run.tower_devices.split(",")]
+        towers = [devices.pick_device(d, env.local_rank, name="run.tower_devices")
+                  for d in cfg.run.tower_devices.split(",")]  # fmt: skip
         return towers[0]
-    return devices.pick_device(cfg.run.device, env.local_rank)
+    return devices.pick_device(cfg.run.device, env.local_rank, name="run.device")
 
 
 def train(

@@ -243,3 +243,20 @@ def make_cifar_batches(folder: str | Path, per_batch: int = 10, seed: int = 0):
     ]
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
     return out
+
+
+def prepare_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``alexnet prepare ARGV`` in-process: (exit status, stdout, stderr)."""
+    from alexnet.cli import main
+
+    rc = main(["prepare", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's single error line (progress lines also go to stderr); no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("alexnet prepare: error:")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -6,17 +6,25 @@ import numpy as np
 import torch
 
 
-def torchvision_state(seed: int = 0, classes: int = 7) -> dict[str, torch.Tensor]:
+def torchvision_state(
+    seed: int = 0,
+    classes: int = 7,
+    widths: tuple[int, ...] = (64, 192, 384, 256, 256),
+    fc: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """A state dict in torchvision's alexnet layout (``features.N`` / ``classifier.N``), He
+    scaled; ``widths`` and ``fc`` shrink it for fast tests."""
     g = torch.Generator().manual_seed(seed)
+    c1, c2, c3, c4, c5 = widths
     shapes = {
-        "features.0": (64, 3, 11, 11),
-        "features.3": (192, 64, 5, 5),
-        "features.6": (384, 192, 3, 3),
-        "features.8": (256, 384, 3, 3),
-        "features.10": (256, 256, 3, 3),
-        "classifier.1": (4096, 9216),
-        "classifier.4": (4096, 4096),
-        "classifier.6": (classes, 4096),
+        "features.0": (c1, 3, 11, 11),
+        "features.3": (c2, c1, 5, 5),
+        "features.6": (c3, c2, 3, 3),
+        "features.8": (c4, c3, 3, 3),
+        "features.10": (c5, c4, 3, 3),
+        "classifier.1": (fc, c5 * 36),
+        "classifier.4": (fc, fc),
+        "classifier.6": (classes, fc),
     }
     sd = {}
     for key, shape in shapes.items():

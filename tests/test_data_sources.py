@@ -13,23 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datagen import make_folder_tree, make_imagenet_tars
+from datagen import one_error_line as _one_error
+from datagen import prepare_cli as _cli
 
-from alexnet.cli import main
 from alexnet.data import PreparedDataset, prepare
-
-
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = main(["prepare", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_error(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("alexnet prepare: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
 
 WNIDS = ["n01440764", "n01443537"]
 

@@ -260,7 +260,7 @@ def test_demo_epochs_extends_a_finished_demo_and_scales_by_the_datas_own_std(dem
     results = json.loads((out2 / "results.json").read_text())
     assert [r["epoch"] for r in results["train"]["records"]] == [1, 2]
     ck = torch.load(out2 / "train" / "checkpoints" / "last.pt", weights_only=True)
-    assert ck["config"]["schedule"]["milestones"] == []  # the 1-epoch run's (none)
+    assert list(ck["config"]["schedule"]["milestones"]) == []  # the 1-epoch run's (none)
     from alexnet.data import PreparedDataset
 
     train = PreparedDataset(data2, "train")

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from caffekit import caffe_blob, caffe_reference, caffe_weights, write_caffemodel
 from PIL import Image
-from test_convert import _blob, _caffe_weights, caffe_reference, write_caffemodel
+from references import torchvision_state
 
 from alexnet.cli import main
 from alexnet.interop import caffe_pb, weights
@@ -79,18 +80,7 @@ def _serve(server, url: str, data: bytes) -> Path:
 
 
 def _owt_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    c1, c2, c3, c4, c5 = OWT_WIDTHS
-    shapes = {"features.0": (c1, 3, 11, 11), "features.3": (c2, c1, 5, 5),
-              "features.6": (c3, c2, 3, 3), "features.8": (c4, c3, 3, 3),
-              "features.10": (c5, c4, 3, 3), "classifier.1": (OWT_FC, c5 * 36),
-              "classifier.4": (OWT_FC, OWT_FC), "classifier.6": (1000, OWT_FC)}  # fmt: skip
-    sd = {}
-    for key, shape in shapes.items():
-        fan_in = int(np.prod(shape[1:]))
-        sd[f"{key}.weight"] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-        sd[f"{key}.bias"] = torch.randn(shape[0], generator=g) * 0.05
-    return sd
+    return torchvision_state(seed, classes=1000, widths=OWT_WIDTHS, fc=OWT_FC)
 
 
 def _owt_reference(sd, x01: torch.Tensor) -> torch.Tensor:
@@ -284,11 +274,11 @@ def _aux_tar(members: dict[str, bytes]) -> bytes:
 @pytest.fixture
 def caffe_files(server, tmp_path):
     """A narrow bvlc_alexnet, a BGR mean image and a word list, served as Caffe serves them."""
-    w = _caffe_weights()
+    w = caffe_weights()
     write_caffemodel(tmp_path / "net.caffemodel", w)
     model = (tmp_path / "net.caffemodel").read_bytes()
     mean_bgr = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1)) * 40 + 100
-    mean = _blob(caffe_pb.messages(), mean_bgr[None].numpy(), legacy=True).SerializeToString()
+    mean = caffe_blob(caffe_pb.messages(), mean_bgr[None].numpy(), legacy=True).SerializeToString()
     words = "".join(f"n0000000{i} class {i}, thing\n" for i in range(CLASSES)).encode()
     aux = _aux_tar({"imagenet_mean.binaryproto": mean, "synset_words.txt": words,
                     "train.txt": b"unused\n"})  # fmt: skip

@@ -111,16 +111,21 @@ def run_pytest(data: Path, work: Path, timeout: float) -> dict:
     return {**r, **_junit(xml)}
 
 
-def run_bench(batch: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "alexnet", "bench", "--device", "cuda", "--model", "paper",
-           "--batch-size", str(batch), "--rounds", "5", "--steps", "10", "--warmup", "3",
-           "--no-end-to-end", "--json"]  # fmt: skip
+def _run_json(cmd: list[str], timeout: float) -> dict:
+    """``_run``, with the command's JSON output parsed into ``result`` (None if it is not)."""
     r = _run(cmd, timeout)
     try:
         r["result"] = json.loads(r.pop("stdout"))
     except ValueError:
         r["result"] = None
     return r
+
+
+def run_bench(batch: int, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "alexnet", "bench", "--device", "cuda", "--model", "paper",
+           "--batch-size", str(batch), "--rounds", "5", "--steps", "10", "--warmup", "3",
+           "--no-end-to-end", "--json"]  # fmt: skip
+    return _run_json(cmd, timeout)
 
 
 def run_bench_loader(data: Path, workers: int, timeout: float) -> dict:
@@ -129,12 +134,7 @@ def run_bench_loader(data: Path, workers: int, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "alexnet", "bench-loader", "--data", str(data), "--decoders",
            *decode.available(), "nvjpeg", "--workers", "1", str(workers), "--batch-size",
            "128", "--batches", "10", "--repeats", "3", "--crop", "224", "--json"]  # fmt: skip
-    r = _run(cmd, timeout)
-    try:
-        r["result"] = json.loads(r.pop("stdout"))
-    except ValueError:
-        r["result"] = None
-    return r
+    return _run_json(cmd, timeout)
 
 
 def _batches(ds, loader, dec):

@@ -19,26 +19,26 @@ import torch
 from alexnet.runtime.errors import UserError
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA if present, else CPU. ``cuda`` under torchrun takes GPU LOCAL_RANK."""
+def pick_device(requested: str, local_rank: int = 0, *, name: str = "--device") -> torch.device:
+    """``auto``: CUDA if present, else CPU. ``cuda`` under torchrun takes GPU LOCAL_RANK.
+    ``name``: the flag or setting the request came from, for the error message."""
     requested = str(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"device {requested}: CUDA is not available on this machine")
+            raise UserError(f"{name} {requested}: CUDA is not available on this machine")
         index = int(requested.split(":")[1]) if ":" in requested else local_rank
         if index >= torch.cuda.device_count():
-            raise UserError(
-                f"device {requested}: only {torch.cuda.device_count()} CUDA devices here"
-            )
+            count = torch.cuda.device_count()
+            raise UserError(f"{name} {requested}: only {count} CUDA devices here")
         return torch.device("cuda", index)
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"device {requested!r}: use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"{name} {requested}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {requested}: MPS is not available on this machine")
+        raise UserError(f"{name} {requested}: MPS is not available on this machine")
     return device
 
 
