@@ -146,6 +146,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return ckpt
 
 
+TRAINING_KEYS = ("config", "optimizer", "schedule", "epoch", "step", "rng", "sampler", "metrics")
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``(file, checkpoint)`` of a run to resume: a run directory's last checkpoint or a
+    file, which must hold a training state, not only weights (an imported or exported
+    checkpoint has no optimizer, schedule or position to continue from)."""
+    path = resolve(path)
+    ckpt = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(
+            f"{path}: not a training checkpoint (no {', '.join(missing)}): it holds weights "
+            "only, so there is no run to resume; start a new run instead"
+        )
+    return path, ckpt
+
+
 def load_model(
     path: str | os.PathLike, map_location: Any = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:

@@ -154,8 +154,14 @@ def from_dict(d: dict[str, Any], source: str = "config") -> TrainConfig:
                 f"{source}: unknown section {key!r}; sections are {', '.join(SECTIONS)}"
             )
         flat.update({f"{key}.{k}": v for k, v in value.items()})
+    flat = {RENAMED.get(k, k): v for k, v in flat.items()}
     apply_overrides(cfg, flat, source=source)
     return cfg
+
+
+# Settings renamed since configs were first written: old run directories and checkpoints
+# still read (``run.towers`` named devices while ``model.towers`` is the grouped layout).
+RENAMED = {"run.towers": "run.tower_devices"}
 
 
 def load_file(path: str | Path) -> TrainConfig:

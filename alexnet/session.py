@@ -170,7 +170,7 @@ class Session:
 
 
 # -- building ------------------------------------------------------------------------------
-def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
+def _loaders(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device):
     from alexnet.data import PreparedDataset, make_loader
 
     train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
@@ -190,7 +190,7 @@ def _loaders(cfg: C.TrainConfig, env: D.DistEnv):
             f"{cfg.optim.batch_size} (optim.batch_size)"
         )
     common = dict(seed=cfg.run.seed, num_workers=cfg.data.num_workers, rank=env.rank,
-                  world_size=env.world_size)  # fmt: skip
+                  world_size=env.world_size, pin_memory=devices.pin_memory(device))  # fmt: skip
     train = make_loader(train_ds, per_rank, shuffle=True, drop_last=True, **common)
     # pad=False: every validation image counted exactly once over all ranks.
     val = make_loader(val_ds, cfg.data.val_batch_size or per_rank, shuffle=False,
@@ -221,7 +221,7 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     from alexnet.data.store import pixel_std
     from alexnet.model import AlexNet
 
-    train_ds, train_loader, val_loader = _loaders(cfg, env)
+    train_ds, train_loader, val_loader = _loaders(cfg, env, device)
     crop = cfg.data.crop_size or train_ds.image_size[0]
     d, o = cfg.data, cfg.optim
     scale = d.scale / pixel_std(train_ds.stats) if d.unit_variance else d.scale

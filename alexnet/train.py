@@ -194,8 +194,7 @@ def run_epochs(s: Session) -> str:
 
 
 def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, dict[str, Any]]:
-    path = ckpt_io.resolve(resume)
-    ck = ckpt_io.load_checkpoint(path)
+    path, ck = ckpt_io.load_training_checkpoint(resume)
     diffs = C.differences(ck["config"], cfg.to_dict())
     if diffs:
         raise UserError(
@@ -379,7 +378,8 @@ def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
 
     base = None
     if args.resume and not (args.preset or args.config):
-        base = C.from_dict(ckpt_io.load_checkpoint(args.resume)["config"])
+        _, ck = ckpt_io.load_training_checkpoint(args.resume)
+        base = C.from_dict(ck["config"], source=f"{args.resume} (its config)")
     cfg = from_args(args, base)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))

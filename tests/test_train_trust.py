@@ -1,0 +1,121 @@
+"""Training runs that fail in the ways users meet: settings that cannot work are refused
+before any work with one line, damage left by a kill is cleaned up, a run killed before
+its first checkpoint can be started again, nothing non-finite is ever saved, and the
+TensorBoard record of a resumed run has every step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from trainkit import tiny_config, tiny_data
+
+from alexnet import train as T
+from alexnet.checkpoint import load_checkpoint
+from alexnet.cli import main
+from alexnet.runtime.errors import UserError
+from alexnet.session import TrainingDiverged
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("data") / "tiny")  # 16x16 images
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data.crop_size": 20, "data.pad": 2}, "data.crop_size=20: larger than the 16x16"),
+        ({"data.crop_size": 40}, "data.crop_size=40: larger than the 16x16"),
+        ({"optim.lr": math.inf}, "optim.lr=inf: must be a finite number"),
+        ({"data.scale": math.nan}, "data.scale=nan: must be a finite number"),
+        ({"model.widths": (8, 16, 16, 16)}, "widths needs five"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_any_work(data, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        T.train(tiny_config(data, tmp_path, **overrides))
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_the_cli_gives_one_line_for_them(data, tmp_path, capsys):
+    argv = ["train", "--preset", "quick", "--data", str(data), "--out", str(tmp_path)]
+    assert main([*argv, "--lr", "inf"]) == 2
+    assert main([*argv, "--set", "data.crop_size=40"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("alexnet train: error:") for line in err)
+
+
+def test_resuming_a_weights_only_checkpoint_is_one_clear_line(data, tmp_path, capsys):
+    weights = tmp_path / "imported.pt"
+    torch.save({"model": {}, "model_config": {"arch": "small"}}, weights)  # as `convert` writes
+    assert main(["train", "--resume", str(weights)]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(data, tmp_path):
+    cfg = tiny_config(data, tmp_path, **{"schedule.epochs": 1})
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # what a kill at step 2 of epoch 1 leaves
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    result = T.train(cfg)
+    assert result["status"] == "finished" and result["run_dir"] == str(run)
+    assert not list(run.rglob("*.tmp"))  # the kill's leftover is gone
+    with pytest.raises(UserError, match="a run is already there"):
+        T.train(cfg)  # now it holds a checkpoint: resume it instead
+
+
+def test_a_resumed_run_keeps_every_tensorboard_step(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(data, tmp_path, **{"run.log_every": 1, "run.max_steps": 6})
+    T.train(cfg)  # stops with a checkpoint at step 6, mid-epoch 2
+    cfg.run.max_steps = 0
+    T.train(cfg, resume=tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert sorted(steps) == list(range(1, 9))  # steps 1..8, the checkpoint's own (6) once
+
+
+def test_non_finite_weights_are_never_saved(data, tmp_path, monkeypatch):
+    """The loss stays finite, but the last step leaves an infinite weight: the end-of-epoch
+    save refuses, naming the layer, and the last good checkpoint is kept as it was."""
+    cfg = tiny_config(data, tmp_path, **{"schedule.epochs": 2})
+    T.train(cfg)  # two good epochs: last.pt at step 8
+    good = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    step = T.train_step
+
+    def poisoned(s, images, labels, lr):
+        out = step(s, images, labels, lr)
+        if s.step == 11:  # the last step of epoch 3
+            with torch.no_grad():
+                s.model.fc8.bias[0] = math.inf
+        return out
+
+    monkeypatch.setattr(T, "train_step", poisoned)
+    cfg.schedule.epochs = 3
+    with pytest.raises(TrainingDiverged, match="non-finite weights in fc8.bias"):
+        T.train(cfg, resume=tmp_path / "run")
+    kept = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert kept["step"] == good["step"] == 8
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_predict_refuses_a_missing_device_and_a_zero_batch_in_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    ckpt = tmp_path / "none.pt"
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt),
+                 "--device", "cuda"]) == 2  # fmt: skip
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt),
+                 "--batch-size", "0"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "--device cuda: CUDA is not available" in err
+    assert "argument --batch-size: must be at least 1" in err
