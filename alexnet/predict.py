@@ -29,9 +29,9 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """(C, size, size) uint8, exactly as ``alexnet prepare`` stores an image (B1, G2)."""
     from PIL import Image
 
-    from alexnet.data.pipeline import Settings, load_rgb
+    from alexnet.data.pipeline import RecordFormat, load_rgb
 
-    rgb, _ = load_rgb(Path(path).read_bytes(), Settings(size=size))
+    rgb, _ = load_rgb(Path(path).read_bytes(), RecordFormat(size=size))
     if channels == 1:
         return np.asarray(Image.fromarray(rgb).convert("L"))[None]
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))

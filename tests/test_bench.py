@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from alexnet.bench.speed import build_pair, reference_network, saved_activation_bytes
+from alexnet.bench.memory import saved_activation_bytes
+from alexnet.bench.speed import build_pair, reference_network
 from alexnet.cli import main
 from alexnet.model import AlexNet, count_parameters
 

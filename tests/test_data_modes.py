@@ -12,7 +12,7 @@ from PIL import Image
 
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.data.pipeline import Settings, load_rgb
+from alexnet.data.pipeline import RecordFormat, load_rgb
 from alexnet.predict import load_image
 
 H, W = 12, 16
@@ -84,7 +84,7 @@ CASES = list(_cases())
 
 @pytest.mark.parametrize(("name", "data", "want"), CASES, ids=[c[0] for c in CASES])
 def test_each_mode_is_scaled_to_8_bit_rgb(name, data, want):
-    got, kind = load_rgb(data, Settings(size=0))
+    got, kind = load_rgb(data, RecordFormat(size=0))
     assert got.dtype == np.uint8 and got.shape == (H, W, 3), kind
     assert np.abs(got.astype(np.float64) - want).max() <= 1.0, kind
 

@@ -159,7 +159,7 @@ def end_to_end(
     ``arch`` and ``crop`` other than the paper's are for testing this on a CPU."""
     import torch
 
-    from alexnet.bench.speed import Settings, make_steps
+    from alexnet.bench.speed import RunSettings, make_steps
     from alexnet.data import DeviceAugment, PreparedDataset, make_loader
     from alexnet.data.decode import DeviceDecoder
     from alexnet.model import AlexNet
@@ -173,7 +173,7 @@ def end_to_end(
     if dec is not None and dec.backend != "nvjpeg":
         return {"unavailable": dec.reason}
     model = AlexNet(len(ds.classes), arch=arch, image_size=crop)
-    settings = Settings("bf16", channels_last=True, compile=False)
+    settings = RunSettings("bf16", channels_last=True, compile=False)
     steps_of = make_steps(model, settings, device, batch, crop, len(ds.classes))
     train_model, _, train_batch, _ = steps_of
     aug = DeviceAugment(ds.stats, crop, train=True, channels_last=True)

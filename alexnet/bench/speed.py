@@ -16,10 +16,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet.bench.memory import PeakMemory, saved_activation_bytes
 from alexnet.model import AlexNet, count_parameters
 from alexnet.runtime import devices
 from alexnet.runtime.errors import UserError
 
 
 @dataclass(frozen=True)
-class Settings:
+class RunSettings:
     """How one network runs: precision (autocast dtype), memory format, torch.compile."""
 
     precision: str  # "fp32" or "bf16" (autocast)
@@ -42,13 +41,13 @@ class Settings:
     compile: bool
 
 
-REFERENCE = Settings(precision="fp32", channels_last=False, compile=False)
+REFERENCE = RunSettings(precision="fp32", channels_last=False, compile=False)
 
 
-def best_settings(device: torch.device, args: argparse.Namespace) -> Settings:
+def best_settings(device: torch.device, args: argparse.Namespace) -> RunSettings:
     # The same rule as training's run.precision (auto: bf16 where the hardware has it).
     precision = "fp32" if devices.precision_dtype(args.precision, device) is None else "bf16"
-    return Settings(precision, channels_last=not args.no_channels_last, compile=args.compile)
+    return RunSettings(precision, channels_last=not args.no_channels_last, compile=args.compile)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +147,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_steps(net: nn.Module, s: Settings, device, batch: int, size: int, classes: int):
+def make_steps(net: nn.Module, s: RunSettings, device, batch: int, size: int, classes: int):
     """Closures for one network and its settings: train step and inference on a fixed batch,
     a train step on a given batch, and the eager training forward (for ``saved_bytes``)."""
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
@@ -184,64 +183,6 @@ def make_steps(net: nn.Module, s: Settings, device, batch: int, size: int, class
 
 def net_in_channels(net: nn.Module) -> int:
     return next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
-
-
-class PeakMemory:
-    """Peak memory while a block runs. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the
-    process's resident set size sampled every millisecond from /proc/self/statm (getrusage's
-    maxrss is a lifetime maximum and cannot separate two networks in one process)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak_bytes = device, 0
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            import resource  # no /proc (macOS): the lifetime maximum is all there is
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self.rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, self.rss())
-
-
-def saved_activation_bytes(step_forward: Callable[[], torch.Tensor], params) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward in one forward pass, parameters
-    excluded: the activation memory of training, exact and independent of the allocator."""
-    skip = {p.data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step_forward()
-    return sum(seen.values())
 
 
 def alternate(
@@ -281,7 +222,7 @@ def _synthetic_dataset(root: str, arch: str, n: int) -> str:
     return root
 
 
-def end_to_end(args, device, settings: Settings, batch: int, root: str) -> dict[str, float]:
+def end_to_end(args, device, settings: RunSettings, batch: int, root: str) -> dict[str, float]:
     """Loader + DeviceAugment + our training step, alternated with the model-only step of the
     same model (same classes and channels as the data)."""
     from alexnet.data import DeviceAugment, PreparedDataset, make_loader
@@ -321,7 +262,7 @@ def end_to_end(args, device, settings: Settings, batch: int, root: str) -> dict[
     }
 
 
-def model_only(args, device, settings: Settings, batch: int, kept: dict | None = None) -> dict:
+def model_only(args, device, settings: RunSettings, batch: int, kept: dict | None = None) -> dict:
     """Ours against the usual way; ``kept`` receives the networks and steps for the peers."""
     classes = 10 if args.model == "small" else 1000
     ours, ref = build_pair(args.model, classes)
@@ -370,7 +311,7 @@ def _compiled_reference_train(ref, device, batch: int, size: int, classes: int):
     import copy
 
     precision = "fp32" if devices.precision_dtype("auto", device) is None else "bf16"
-    settings = Settings(precision=precision, channels_last=True, compile=True)
+    settings = RunSettings(precision=precision, channels_last=True, compile=True)
     train, _, _, _ = make_steps(copy.deepcopy(ref), settings, device, batch, size, classes)
     train()
     return train
@@ -391,6 +332,8 @@ def _environment(device: torch.device) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     if args.precision_check:
+        from alexnet.bench.precision import precision_check
+
         return precision_check(args)
     device = devices.pick_device(args.device)
     if args.threads:
@@ -463,74 +406,3 @@ def _print_table(r: dict) -> None:
             f"{r['end_to_end_fraction']:.2f} of the same model alone "
             f"({r['end_to_end_model_only_ips']:.1f})"
         )
-
-
-def _train_curve(images, labels, precision: str, steps: int, batch: int, seed: int) -> list[float]:
-    """Training losses of the small model: init from seed 0, batch order and dropout from
-    ``seed``, SGD with PAPER D1's momentum and weight decay."""
-    torch.manual_seed(0)
-    model = AlexNet(10, arch="small", in_channels=1, image_size=images.shape[-1], init="kaiming")
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x = images[idx].contiguous(memory_format=torch.channels_last)
-        with _autocast(torch.device("cpu"), precision):
-            loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def _smooth(v: list[float], w: int = 25) -> list[float]:
-    return [statistics.fmean(v[max(0, i - w + 1) : i + 1]) for i in range(len(v))]
-
-
-def precision_check(args: argparse.Namespace) -> int:
-    """bf16 autocast against fp32 training on real Fashion-MNIST; the gap between two fp32 runs
-    with different batch orders is the noise it is judged against."""
-    from alexnet.data.small import load_fashion_mnist
-
-    raw, labels = load_fashion_mnist(args.fashion_mnist)["train"]
-    x = torch.from_numpy(raw.copy()).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - x.mean()) / x.std()
-    y = torch.from_numpy(labels)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps, batch = args.check_steps, args.batch_size or 64
-    runs = {"fp32": ("fp32", 1), "bf16": ("bf16", 1), "fp32_other_order": ("fp32", 2)}
-    curves = {k: _smooth(_train_curve(x, y, p, steps, batch, s)) for k, (p, s) in runs.items()}
-    skip = min(25, steps - 1)  # the first window is mostly the shared initial loss
-    gap = max(abs(a - b) for a, b in zip(curves["bf16"][skip:], curves["fp32"][skip:]))
-    noise = max(
-        abs(a - b) for a, b in zip(curves["fp32_other_order"][skip:], curves["fp32"][skip:])
-    )
-    result = {
-        "steps": steps,
-        "batch_size": batch,
-        "max_gap_bf16_fp32": gap,
-        "max_gap_fp32_orders": noise,
-        "final_fp32": curves["fp32"][-1],
-        "final_bf16": curves["bf16"][-1],
-        "within_noise": gap <= noise,
-    }
-    if args.json:
-        print(json.dumps({**result, "curves": curves}, indent=2))
-        return 0
-    print(f"{'step':>6} {'fp32':>8} {'bf16':>8} {'fp32 (other order)':>19}  (loss, mean of 25)")
-    for i in range(0, steps, max(1, steps // 12)):
-        print(
-            f"{i + 1:6d} {curves['fp32'][i]:8.4f} {curves['bf16'][i]:8.4f} "
-            f"{curves['fp32_other_order'][i]:19.4f}"
-        )
-    print(
-        f"max |bf16 - fp32| = {gap:.4f}; max |fp32 - fp32 other order| = {noise:.4f} "
-        f"(after step {skip}); final {result['final_fp32']:.4f} fp32, "
-        f"{result['final_bf16']:.4f} bf16"
-    )
-    return 0

@@ -33,14 +33,16 @@ from alexnet.runtime.progress import Progress
 
 
 @dataclass(frozen=True)
-class Settings:
+class RecordFormat:
+    """How prepare stores each image (and how predict reads a file as prepare would)."""
+
     size: int = 256  # PAPER B1: shorter side to 256, central 256x256; 0 keeps the native size
     storage: str = "jpeg"  # "jpeg" or "raw"
     quality: int = 90  # JPEG quality of the stored records
     native: tuple[int, int] | None = None  # (width, height) all images must have when size == 0
 
 
-def load_rgb(data: bytes, settings: Settings) -> tuple[np.ndarray, str]:
+def load_rgb(data: bytes, settings: RecordFormat) -> tuple[np.ndarray, str]:
     """Decode any image PIL reads into RGB uint8 (H, W, 3) at the stored size.
 
     PAPER G2: CMYK and greyscale JPEGs, palette/alpha PNGs (also when named .JPEG) all become
@@ -151,7 +153,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
     return chunk_id, len(items), len(bad)
 
 
-def _plan(parts: Path, items: list[Item], settings: Settings, chunk: int) -> None:
+def _plan(parts: Path, items: list[Item], settings: RecordFormat, chunk: int) -> None:
     """Record what the chunks are of; a rerun with other inputs or settings is refused."""
     h = hashlib.sha256()
     for it in items:
@@ -189,7 +191,7 @@ def run_chunks(
     out: Path,
     split: str,
     items: list[Item],
-    settings: Settings,
+    settings: RecordFormat,
     *,
     workers: int,
     chunk: int,

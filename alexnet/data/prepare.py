@@ -151,7 +151,7 @@ def _prepare_items(
     """Shared by imagenet and folder: chunks, bad-file report, finish, meta."""
     out: Path = args.out
     native = _native_size(splits["train"][0]) if args.size == 0 else None
-    settings = pipeline.Settings(args.size, args.storage, args.quality, native)
+    settings = pipeline.RecordFormat(args.size, args.storage, args.quality, native)
     parts = {}
     for split, items in splits.items():
         parts[split] = pipeline.run_chunks(

@@ -283,6 +283,24 @@ def stats_from_images(images: np.ndarray, block: int = 1024) -> dict[str, np.nda
     return acc.finish()
 
 
+def _checked_split(name: str, images, labels, n_classes: int, shape) -> tuple:
+    """A split's images as uint8 (N, H, W, C) and its labels as int64, or one clear error."""
+    images = np.asarray(images)
+    images = images[..., None] if images.ndim == 3 else images
+    labels = np.asarray(labels).astype(np.int64)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(
+            f"split {name!r}: images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (images.shape[0],):
+        raise UserError(f"split {name!r}: {images.shape[0]} images but {labels.shape} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise UserError(f"split {name!r}: labels outside 0..{n_classes - 1}")
+    if shape is not None and images.shape[1:] != shape:
+        raise UserError(f"split {name!r}: images {images.shape[1:]}, other split {shape}")
+    return images, labels
+
+
 def prepare_arrays(
     root: str | Path,
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -305,20 +323,7 @@ def prepare_arrays(
     shape = None
     split_meta = {}
     for name, (images, labels) in splits.items():
-        images = np.asarray(images)
-        images = images[..., None] if images.ndim == 3 else images
-        labels = np.asarray(labels).astype(np.int64)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise UserError(
-                f"split {name!r}: images must be uint8 (N, H, W, C), got "
-                f"{images.dtype} {images.shape}"
-            )
-        if labels.shape != (images.shape[0],):
-            raise UserError(f"split {name!r}: {images.shape[0]} images but {labels.shape} labels")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise UserError(f"split {name!r}: labels outside 0..{len(classes) - 1}")
-        if shape is not None and images.shape[1:] != shape:
-            raise UserError(f"split {name!r}: images {images.shape[1:]}, other split {shape}")
+        images, labels = _checked_split(name, images, labels, len(classes), shape)
         shape = images.shape[1:]
         images = np.ascontiguousarray(images)
         with atomic_open(root / f"{name}.bin", "wb") as f:

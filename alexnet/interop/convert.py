@@ -25,19 +25,16 @@ times a scale), and folds the rest into conv1 or the LRN layers exactly:
 from __future__ import annotations
 
 import argparse
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from alexnet.lrn import LocalResponseNorm
+from alexnet.model import LEARNED
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open, atomic_torch_save
+from alexnet.runtime.fileio import atomic_torch_save
 
-CAFFE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+CAFFE_LAYERS = LEARNED  # bvlc_alexnet names its layers as the paper does (PAPER A1)
 # Caffe's ILSVRC-2012 mean pixel in BGR order (the mean of imagenet_mean.binaryproto).
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -293,174 +290,6 @@ def import_torchvision(path: Path, synsets: Path | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------- export
-class _LRNAsOnnxOp(torch.autograd.Function):
-    """Traced as ONNX's own LRN op. ONNX LRN divides by (bias + alpha/size * sum)**beta over
-    the window [i - (n-1)//2, i + ceil((n-1)/2)], our window for odd n (PAPER A8)."""
-
-    @staticmethod
-    def forward(ctx, x, size: int, c: float, beta: float, k: float):
-        from alexnet.lrn import lrn_formula
-
-        return lrn_formula(x, size, c * size, beta, k, "code")
-
-    @staticmethod
-    def symbolic(g, x, size: int, c: float, beta: float, k: float):
-        return g.op("LRN", x, size_i=size, alpha_f=c * size, beta_f=beta, bias_f=k)
-
-
-class _ExportLRN(torch.nn.Module):
-    """Our LRN as a graph the engines run well. One ONNX LRN op where the window spans all
-    channels; per-tower LRN (PAPER A12) as ``lrn_graph``: "reshape" folds the towers into
-    the batch axis, (N, C, H, W) -> (N*G, C/G, H, W), so one LRN op normalises each tower on
-    its own (exact: NCHW keeps each tower's maps contiguous); "band" writes the formula with a
-    1x1 convolution of the squared maps by the (C, C) window matrix; "split" is one LRN op
-    per tower between Slice and Concat."""
-
-    def __init__(self, lrn: torch.nn.Module, lrn_graph: str = "reshape") -> None:
-        super().__init__()
-        self.lrn, self.graph = lrn, lrn_graph
-        self.c = lrn.alpha / lrn.size if lrn.convention == "code" else lrn.alpha
-        self.groups = getattr(lrn, "groups", 1)
-
-    def _op(self, t: torch.Tensor) -> torch.Tensor:
-        return _LRNAsOnnxOp.apply(t, self.lrn.size, self.c, self.lrn.beta, self.lrn.k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from alexnet.lrn import band_matrix, lrn_formula
-
-        lrn, g = self.lrn, self.groups
-        if lrn.size % 2 == 0:  # ONNX's even window is mirrored: export plain ops
-            return lrn_formula(x, lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.convention, g)
-        if self.graph == "band":
-            band = band_matrix(x.shape[1], lrn.size // 2, (lrn.size - 1) // 2, g, dtype=x.dtype)
-            summed = F.conv2d(x * x, (band.T * self.c)[:, :, None, None])  # N, C, H, W
-            return x * (lrn.k + summed) ** -lrn.beta
-        if g == 1:
-            return self._op(x)
-        if self.graph == "reshape":  # N, C, H, W -> N*G, C/G, H, W -> back
-            return (
-                self._op(x.unflatten(1, (g, -1)).flatten(0, 1)).unflatten(0, (-1, g)).flatten(1, 2)
-            )
-        return torch.cat([self._op(t) for t in x.chunk(g, dim=1)], dim=1)
-
-
-class _Features(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, layer: str) -> None:
-        super().__init__()
-        self.model, self.layer = model, layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x, self.layer).flatten(1)
-
-
-class _Preprocessed(torch.nn.Module):
-    """uint8 centre crops in, class probabilities out: the centre view of B2/B5 in the graph."""
-
-    def __init__(self, model: torch.nn.Module, mean_crop: torch.Tensor, scale: float) -> None:
-        super().__init__()
-        self.model, self.scale = model, scale
-        self.register_buffer("mean", mean_crop[None].float())
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) * self.scale
-        return torch.softmax(self.model(x), dim=1)
-
-
-def export_onnx(
-    model,
-    ckpt: dict,
-    out: Path,
-    *,
-    preprocessing: bool = False,
-    opset: int = 17,
-    check: bool = True,
-    lrn_graph: str = "reshape",
-    layer: str | None = None,
-) -> float | None:
-    """Writes ``out``; with ``check`` returns onnxruntime's max abs difference from torch on a
-    random batch (a UserError if it is not within float32 rounding). ``lrn_graph``: how
-    per-tower LRN is written (see ``_ExportLRN``); ``layer``: the graph returns that layer's
-    activations (``forward_features``) instead of the logits."""
-    import copy
-
-    net = copy.deepcopy(model).eval()
-    for name in ("lrn1", "lrn2"):
-        if isinstance(getattr(net, name, None), LocalResponseNorm):
-            setattr(net, name, _ExportLRN(getattr(net, name), lrn_graph))
-    if layer is not None:
-        if preprocessing:
-            raise ValueError("a feature graph takes preprocessed crops")
-        net = _Features(net, layer).eval()
-    crop = int((ckpt.get("augment") or {}).get("crop_size") or model.input_size)
-    c = model.conv1.in_channels
-    gen = torch.Generator().manual_seed(0)
-    if preprocessing:
-        mean = ckpt["data_stats"]["mean"].float()
-        top, left = (mean.shape[1] - crop) // 2, (mean.shape[2] - crop) // 2
-        net = _Preprocessed(
-            net,
-            mean[:, top : top + crop, left : left + crop],
-            float(ckpt["augment"].get("scale", 1.0)),
-        ).eval()
-        example = torch.randint(0, 256, (2, c, crop, crop), generator=gen, dtype=torch.uint8)
-        names = (["images_uint8"], ["probabilities"])
-    else:
-        example = torch.randn(2, c, crop, crop, generator=gen) * 50.0  # mean-subtracted scale
-        names = (["images"], ["logits" if layer is None else layer])
-    out = Path(out)
-    with atomic_open(out, "wb") as f, torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter is deprecated, but it honours the symbolic that maps our LRN
-        # to ONNX's LRN op, and the dynamo exporter needs onnxscript (not a dependency).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)  # tracer / constant-folding notes
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, traced once
-        torch.onnx.export(
-            net,
-            (example,),
-            f,
-            dynamo=False,
-            opset_version=opset,
-            input_names=names[0],
-            output_names=names[1],
-            dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
-        )
-    _add_metadata(out, ckpt)
-    if not check:
-        return None
-    return _compare_onnxruntime(net, out, example)
-
-
-def _add_metadata(out: Path, ckpt: dict) -> None:
-    """The checkpoint's model config, classes and preprocessing, in the ONNX file."""
-    import onnx
-
-    proto = onnx.load(str(out))
-    for key, value in (
-        ("model_config", ckpt["model_config"]),
-        ("classes", ckpt.get("classes")),
-        ("class_names", ckpt.get("class_names")),
-        ("augment", ckpt.get("augment")),
-    ):
-        proto.metadata_props.add(key=key, value=json.dumps(value))
-    onnx.checker.check_model(proto)
-    with atomic_open(out, "wb") as f:
-        f.write(proto.SerializeToString())
-
-
-def _compare_onnxruntime(net, path: Path, example: torch.Tensor) -> float:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.cat([example, example.flip(0)[:1]])  # batch 3: the batch axis really is dynamic
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        want = net(x).numpy()
-    diff = float(np.abs(got - want).max())
-    if diff > 1e-4 * max(1.0, float(np.abs(want).max())):
-        raise UserError(f"{path}: onnxruntime differs from torch by {diff:.3g}")
-    return diff
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = sub.add_parser("caffe", help="a BVLC .caffemodel (bvlc_alexnet) -> paper-model checkpoint")
@@ -505,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     else:
         from alexnet.checkpoint import load_model
+        from alexnet.interop.onnx import export_onnx
 
         model, ckpt = load_model(args.checkpoint, map_location="cpu")
         diff = export_onnx(

@@ -37,7 +37,7 @@ from alexnet.runtime.fileio import atomic_write_json
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 ENGINES = ("openvino", "onnxruntime")
 EXTRAS = {"openvino": "alexnet[openvino]", "onnxruntime": "alexnet[onnx]"}
-# How each engine is fed per-tower LRN (alexnet.interop.convert._ExportLRN), the faster of
+# How each engine is fed per-tower LRN (alexnet.interop.onnx._ExportLRN), the faster of
 # the exact forms measured (docs/PERFORMANCE.md): OpenVINO's LRN kernel is fast once one op
 # sees each tower as a batch item; ONNX Runtime's LRN is slow, a 1x1 convolution is not.
 LRN_GRAPH = {"openvino": "reshape", "onnxruntime": "band"}
@@ -151,7 +151,7 @@ class EngineCache:
 
     def graph(self, model: nn.Module, ckpt: dict, backend: str, layer: str | None) -> Path:
         """The ONNX graph fed to ``backend``, exported once per model and settings."""
-        from alexnet.interop.convert import export_onnx
+        from alexnet.interop.onnx import export_onnx
 
         settings = {"lrn_graph": LRN_GRAPH[backend], "layer": layer, "version": GRAPH_VERSION,
                     "torch": torch.__version__}  # fmt: skip

@@ -130,7 +130,7 @@ def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dic
                                 "run.name": run_name}, source=v.name)  # fmt: skip
         print(f"\n== ablation {v.name}, seed {seed}: {v.change}", flush=True)
         result = train_one(cfg, retrain=False, argv=["alexnet", "experiment", "ablations"])
-        ckpt = Path(result["run_dir"]) / "checkpoints" / "last.pt"
+        ckpt = Path(result["checkpoint"])  # the last checkpoint: the schedule is fixed
         key = f"{run_name}@{result['step']}/views{v.views}"
         s = cached(out / "scores.json", key, lambda c=ckpt: score(c, data, v.views))
         last = read_metrics(Path(result["run_dir"]))[-1]

@@ -37,6 +37,7 @@ import torch
 
 from alexnet import config as C
 from alexnet import evaluate as E
+from alexnet.checkpoint import resolve
 from alexnet.data import PreparedDataset
 from alexnet.lab.fashion import ensure_prepared
 from alexnet.lab.report import make_figures, pct, write_report
@@ -72,7 +73,7 @@ def demo_config(data: Path, out: Path, *, epochs: int, seed: int, name: str = "t
 
 def _milestones_of(run_dir: Path) -> tuple[int, ...] | None:
     path = run_dir / "config.json"
-    if not (run_dir / "checkpoints" / "last.pt").is_file() or not path.is_file():
+    if not resolve(run_dir).is_file() or not path.is_file():
         return None
     return tuple(C.load_file(path).schedule.milestones)
 
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     stages["train (reused: already finished)" if reused else "train"] = time.perf_counter() - t
     run_dirs = [Path(r["run_dir"]) for r in trained]
     # The last checkpoint: the schedule is fixed, so nothing picks among the epochs.
-    checkpoints = [d / "checkpoints" / "last.pt" for d in run_dirs]
+    checkpoints = [Path(r["checkpoint"]) for r in trained]
     t = _stage(3, "evaluate on the test set: centre crop and ten views (PAPER B5)")
     evaluation = evaluate_runs(checkpoints, args.data)
     stages["evaluate"] = time.perf_counter() - t

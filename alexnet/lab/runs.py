@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from alexnet.checkpoint import checkpoint_step
+from alexnet.checkpoint import checkpoint_step, resolve
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json
 from alexnet.train import train
@@ -21,7 +21,7 @@ def train_one(cfg, *, retrain: bool, argv: list[str] | None = None) -> dict:
     if retrain and run_dir.exists():
         print(f"demo: --retrain: removing {run_dir}")
         shutil.rmtree(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
+    last = resolve(run_dir)
     steps_before = None
     if last.is_file():
         steps_before = checkpoint_step(last)
