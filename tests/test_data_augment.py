@@ -186,3 +186,28 @@ def test_cuda_matches_cpu_for_the_same_draws():
     assert aug(images.cuda(), gcuda).shape == cpu.shape
     views = aug.views(images.cuda(), 10).cpu()
     torch.testing.assert_close(views, aug.views(images, 10), atol=1e-4, rtol=1e-5)
+
+
+def test_pca_noise_from_training_pixels_against_numpy_pca():
+    """PAPER B4 from the data, independently: the colour offsets' spread along each principal
+    axis of the training pixels (numpy's eigendecomposition of their RGB covariance, pixels in
+    [0, 1]) is 0.1 times that axis's eigenvalue (in 0-255 units, times 255), and they lie in
+    the span the text describes. The stats are computed by prepare's own code from the same
+    pixels; nothing of the augmentation's formula is restated here."""
+    from alexnet.data.store import stats_from_images
+
+    rng = np.random.default_rng(7)
+    mix = np.array([[1.0, 0.6, 0.2], [0.0, 0.8, 0.5], [0.0, 0.0, 0.4]])
+    pixels = np.clip(rng.normal(0.5, 0.15, (400, 8, 8, 3)) @ mix.T, 0, 1)
+    train = np.round(pixels * 255).astype(np.uint8)  # (N, H, W, C) as stored
+    stats = stats_from_images(train)
+    unit = train.reshape(-1, 3).astype(np.float64) / 255.0
+    lam, vec = np.linalg.eigh(np.cov(unit.T))  # the paper's PCA, with pixels in [0, 1]
+    n = 20000
+    images = torch.full((n, 3, 8, 8), 100, dtype=torch.uint8)
+    zero_mean = {**stats, "mean": np.zeros_like(stats["mean"])}
+    aug = DeviceAugment(zero_mean, 8, train=True, flip=False, pca_std=0.1)
+    offsets = (aug(images, torch.Generator().manual_seed(0)).double() - 100.0)[:, :, 0, 0]
+    along = offsets.numpy() @ vec  # coordinates on numpy's principal axes, 0-255 units
+    np.testing.assert_allclose(along.std(0), 255 * 0.1 * lam, rtol=0.03)
+    np.testing.assert_allclose(np.corrcoef(along.T), np.eye(3), atol=0.03)  # independent
