@@ -195,7 +195,10 @@ def run_epochs(s: Session) -> str:
 
 def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, dict[str, Any]]:
     path, ck = ckpt_io.load_training_checkpoint(resume)
-    diffs = C.differences(ck["config"], cfg.to_dict())
+    # Read back through from_dict: settings added since the run began take their defaults,
+    # renamed ones their new names, so only real changes count.
+    saved = C.from_dict(ck["config"], source=f"{path} (its config)").to_dict()
+    diffs = C.differences(saved, cfg.to_dict())
     if diffs:
         raise UserError(
             f"{path}: cannot resume with a different config ({'; '.join(diffs)}); drop the "
