@@ -172,14 +172,11 @@ class Session:
 # -- building ------------------------------------------------------------------------------
 def _loaders(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device):
     from alexnet.data import PreparedDataset, make_loader
+    from alexnet.data.store import is_official_test
 
     train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
     val_ds = PreparedDataset(cfg.data.root, cfg.data.val_split)
-    test_split = train_ds.meta.get("test_split")
-    on_test = cfg.data.val_split == test_split or (
-        train_ds.meta.get("val_is_official_test_set") and cfg.data.val_split == "val"
-    )
-    if env.is_main and on_test:
+    if env.is_main and is_official_test(train_ds.meta, cfg.data.val_split):
         print(f"train: warning: {cfg.data.root}: the validation split {cfg.data.val_split!r} is "
               "the official test set, so the rate cuts and best.pt are chosen on it (prepare "
               "the data again for a held-out validation split)", flush=True)  # fmt: skip

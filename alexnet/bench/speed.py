@@ -137,9 +137,8 @@ def build_pair(arch: str, num_classes: int, in_channels: int = 3, image_size: in
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """A contender's precision setting as the one autocast the package uses."""
+    return devices.autocast(device, torch.bfloat16 if precision == "bf16" else None)
 
 
 def _sync(device: torch.device) -> None:

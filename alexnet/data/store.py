@@ -187,6 +187,14 @@ def pixel_std(stats: dict) -> float:
     return float(np.sqrt(np.mean(np.asarray(stats["eigvals"], dtype=np.float64))))
 
 
+def is_official_test(meta: dict, split: str) -> bool:
+    """``split`` holds the official test set: the ``test_split`` of a preparation that holds
+    its own validation split out, or ``val`` of an older one that had none."""
+    if meta.get("test_split"):
+        return split == meta["test_split"]
+    return bool(meta.get("val_is_official_test_set")) and split == "val"
+
+
 def report_split(meta: dict) -> tuple[str, str]:
     """The split results are reported on, and what it is. A dataset prepared with its official
     test set as a split of its own (Fashion-MNIST, CIFAR-10) reports on ``test``; where the
