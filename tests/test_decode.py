@@ -15,7 +15,7 @@ from PIL import Image
 
 from alexnet.cli import main
 from alexnet.data import decode, store
-from alexnet.data.dataset import PreparedDataset
+from alexnet.data.dataset import PreparedDataset, make_loader
 from alexnet.runtime.errors import UserError
 
 FAST = [n for n in decode.ORDER if n != "pil"]
@@ -136,34 +136,14 @@ def test_batches_use_the_forced_decoder(name, prepared, monkeypatch):
     assert torch.equal(got.permute(0, 2, 3, 1), _reference_batch(prepared, idx))
 
 
-# Run in a fresh process: a loader worker forked from a test worker shares its stdout, the
-# channel of the test runner, so a fork here is kept out of the test process itself.
-FORCED = """
-import sys
-from alexnet.data.dataset import PreparedDataset, make_loader
-from alexnet.runtime.errors import UserError
-loader = make_loader(PreparedDataset(sys.argv[1], "train"), 4, shuffle=False, num_workers=1)
-try:
-    next(iter(loader))
-except UserError as e:
-    print(f"UserError: {e}")
-finally:
-    loader.close()
-"""
-
-
-def test_the_forced_decoder_reaches_loader_workers(prepared):
-    import os
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, decode.ENV: "no-such-decoder",
-           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", FORCED, str(prepared.root)], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert "UserError: JPEG decoder 'no-such-decoder': unknown" in run.stdout
+def test_the_forced_decoder_reaches_loader_workers(prepared, monkeypatch):
+    monkeypatch.setenv(decode.ENV, "no-such-decoder")
+    loader = make_loader(prepared, 4, shuffle=False, num_workers=1)
+    try:
+        with pytest.raises(UserError, match="no-such-decoder"):
+            next(iter(loader))
+    finally:
+        loader.close()
 
 
 def test_nvjpeg_falls_back_to_the_cpu_without_torchvision(prepared, monkeypatch):

@@ -115,11 +115,16 @@ def test_augmentation_follows_its_images_off_the_cpu(fake_cuda_session, train):
 
 def test_restored_state_lands_on_the_device(fake_cuda_session, tmp_path, monkeypatch):
     """A checkpoint (saved on a CPU) restored into a CUDA session: the epoch sums go where
-    the session runs, the random states and the loader position are restored. (torch's own
-    ``load_state_dict`` copies weights into the parameters where they live; fake tensors
-    cannot copy host data, so it is left out here.)"""
+    the session runs, the loader position is restored and the random states are handed to
+    the restore. Two host-side steps are left out here: torch's own ``load_state_dict``
+    (fake tensors cannot copy host data into parameters) and the host random states
+    themselves (under fake mode ``torch.set_rng_state`` and numpy's would read a fake
+    tensor's memory: the process's generators would be left corrupt for the tests after;
+    tests/test_checkpoint.py restores them for real)."""
     s, mode = fake_cuda_session
     monkeypatch.setattr(s.model, "load_state_dict", lambda state: None)
+    restored = []
+    monkeypatch.setattr(ckpt_io, "set_rng_state", lambda state, *g: restored.append((state, g)))
     ranks = [{"rng": ckpt_io.rng_state(s.generator), "epoch_sums": [1.0, 2.0, 3.0, 4.0]}]
     ck = s.state_dict(ranks)  # epoch sums: loss, wrong, images, seconds
     ck["model"] = {k: torch.zeros(v.shape) for k, v in ck["model"].items()}  # as saved: CPU
@@ -127,3 +132,4 @@ def test_restored_state_lands_on_the_device(fake_cuda_session, tmp_path, monkeyp
         s.load_state_dict(ck, tmp_path / "last.pt")
         assert s.epoch_sums.device == CUDA and s.epoch_seconds == 4.0
     assert s.batch_in_epoch == ck["sampler"]["start_batch"] and s.step == ck["step"]
+    assert restored == [(ranks[0]["rng"], (s.generator,))]
