@@ -1,15 +1,7 @@
 """Shared fixtures."""
 
-import os
-
 import pytest
 import torch
-
-# The CLI keeps freed memory in glibc (alexnet/runtime/memory.py) when it starts. Tests call
-# main() inside long-lived test processes, where that setting would stay for every later
-# test; full runs with it lost a test worker now and then (not understood yet). The setting
-# itself is tested in a fresh process (test_engines.py).
-os.environ.setdefault("ALEXNET_MALLOC", "default")
 
 
 @pytest.fixture
