@@ -7,6 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import evalkit
 import numpy as np
@@ -207,3 +211,66 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     pages = (96 << 20) // resource.getpagesize()
     assert _fewest_faults("default") > pages / 2  # every round mapped and faulted in afresh
     assert _fewest_faults("kept") < pages / 20
+
+
+# A Python signal handler runs on the thread's signal stack (CPython installs handlers with
+# SA_ONSTACK). Prints whether that stack is mapped memory, then takes a signal: a dangling
+# stack is a SIGSEGV at delivery, which in a test worker is a worker lost without a trace.
+_SIGNAL_STACK = r"""
+import ctypes, faulthandler, gc, mmap, os, signal, sys
+faulthandler.enable()  # as pytest does: its own signal stack is the one to keep
+libc = ctypes.CDLL(None, use_errno=True)
+class Stack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+def stack_mapped() -> bool:
+    s = Stack()
+    assert libc.sigaltstack(None, ctypes.byref(s)) == 0
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= s.sp < hi:
+            return True
+    return False
+if sys.argv[1] == "dangling":  # the harness's own premise: an unmapped stack is caught
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    sp = libc.mmap(None, 65536, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert libc.sigaltstack(ctypes.byref(Stack(sp, 0, 65536)), None) == 0
+    libc.munmap(ctypes.c_void_p(sp), ctypes.c_size_t(65536))
+else:  # the engines as predict/evaluate/bench use them: made, used, dropped in that order
+    import torch
+    sys.path.insert(0, sys.argv[3])
+    from test_engines import _checkpoint, _inputs
+    from alexnet.checkpoint import load_model
+    from alexnet.interop import engines
+    path = _checkpoint(__import__("pathlib").Path(sys.argv[2]) / "m.pt")
+    model, ckpt = load_model(path)
+    engines.native_bf16("openvino")
+    first = engines.for_inference(model, ckpt, path, "openvino", batch_size=4)
+    second = engines.for_inference(model, ckpt, path, "openvino", batch_size=4)
+    first(_inputs(4)), second(_inputs(4))
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+print("mapped" if stack_mapped() else "unmapped", flush=True)
+signal.signal(signal.SIGUSR1, lambda *a: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+def _signal_stack(mode: str, tmp_path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-c", _SIGNAL_STACK, mode, str(tmp_path), str(Path(__file__).parent)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sigaltstack and /proc/self/maps: Linux")
+def test_the_signal_stack_survives_openvino(tmp_path):
+    """OpenVINO's CPU plugin (one per ``Core``) swaps the thread's signal stack and restores
+    it only if its own is still current: two cores dropped in the order made leave it
+    unmapped, and full test runs lost a worker to the next SIGCHLD. One core per process."""
+    pytest.importorskip("openvino")
+    premise = _signal_stack("dangling", tmp_path)
+    assert premise.stdout == "unmapped\n" and premise.returncode == -signal.SIGSEGV, premise
+    run = _signal_stack("engines", tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[-2:] == ["mapped", "handled"], run.stdout

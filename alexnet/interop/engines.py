@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -88,9 +89,7 @@ def native_bf16(backend: str) -> bool:
 
         return cpu_has_native_bf16()
     if backend == "openvino":
-        import openvino
-
-        return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return False  # ONNX Runtime's CPU provider has no bf16 convolutions
 
 
@@ -214,16 +213,30 @@ class OnnxRuntimeRunner:
         return torch.from_numpy(self.session.run(None, {self.name: x.numpy()})[0])
 
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO ``Core``, kept until the process ends.
+
+    Each ``Core`` loads its own CPU plugin, and the plugin swaps the calling thread's signal
+    stack (``sigaltstack``) for one it maps, restoring the previous one when it is destroyed
+    only if its own is still current. Two cores destroyed in the order they were made leave
+    the thread's signal stack pointing at unmapped memory, and the next signal handled there
+    (Python installs its handlers with SA_ONSTACK: a child's SIGCHLD under a DataLoader, a
+    SIGTERM) kills the process with SIGSEGV. One core, never destroyed early, cannot.
+    ``tests/test_engines.py`` shows the crash with two cores and none through this one.
+    """
+    import openvino
+
+    return openvino.Core()
+
+
 class OpenVinoRunner:
     def __init__(self, graph: Path, precision: str, threads: int, cache: Path) -> None:
-        import openvino
-
-        core = openvino.Core()
-        core.set_property({"CACHE_DIR": str(cache)})  # the compiled model, reused next run
-        self.compiled = core.compile_model(
+        self.compiled = openvino_core().compile_model(
             str(graph),
             "CPU",
             {
+                "CACHE_DIR": str(cache),  # the compiled model, reused next run
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                 "INFERENCE_NUM_THREADS": threads,
                 "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all threads on it
