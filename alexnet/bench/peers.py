@@ -18,6 +18,7 @@ CPU's matrix-multiply rate, against which every figure is also given as a fracti
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import tempfile
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from alexnet.runtime.timing import alternating
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -60,17 +63,10 @@ def forward_flops(model: nn.Module) -> float:
 
 
 def _calls(fns: dict, x: torch.Tensor, rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each fn on ``x``, rounds alternating (after one warm call)."""
+    """Median seconds per call of each fn on ``x``, side by side, after one warm call."""
     for fn in fns.values():
         fn(x)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn(x)
-            times[name].append((time.perf_counter() - t0) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return alternating({k: functools.partial(fn, x) for k, fn in fns.items()}, rounds, steps)
 
 
 def _eager(net: nn.Module, precision: str, channels_last: bool):

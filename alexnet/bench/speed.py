@@ -13,11 +13,9 @@ the same seed and prints both loss curves. Method and figures: docs/PERFORMANCE.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +28,7 @@ from alexnet.bench.memory import PeakMemory, saved_activation_bytes
 from alexnet.model import AlexNet, count_parameters
 from alexnet.runtime import devices
 from alexnet.runtime.errors import UserError
+from alexnet.runtime.timing import alternating
 
 
 @dataclass(frozen=True)
@@ -192,19 +191,9 @@ def alternate(
     device,
     memory: dict[str, PeakMemory] | None = None,
 ) -> dict[str, float]:
-    """Images/s of each fn: rounds alternate between them; the median round is reported."""
-    rates: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            mem = memory[name] if memory else contextlib.nullcontext()
-            with mem:
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    fn()
-                _sync(device)
-            rates[name].append(batch * steps / (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    """Images/s of each fn, timed side by side (``alexnet.runtime.timing``)."""
+    seconds = alternating(fns, rounds, steps, sync=lambda: _sync(device), around=memory)
+    return {k: batch / s for k, s in seconds.items()}
 
 
 def _synthetic_dataset(root: str, arch: str, n: int) -> str:

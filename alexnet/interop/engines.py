@@ -24,8 +24,6 @@ import importlib.util
 import json
 import os
 import shutil
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch import nn
 
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json
+from alexnet.runtime.timing import alternating
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 ENGINES = ("openvino", "onnxruntime")
@@ -259,16 +258,10 @@ def make_runner(model, ckpt, choice: Choice, layer: str | None, cache: EngineCac
 
 
 def time_runners(runners: dict[str, object], x: torch.Tensor, rounds: int = 2) -> dict:
-    """Median seconds per call of each runner on ``x``, rounds alternating after a warm-up."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
+    """Median seconds per call of each runner on ``x``, side by side after a warm-up."""
     for fn in runners.values():
         fn(x)
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return alternating({k: functools.partial(fn, x) for k, fn in runners.items()}, rounds)
 
 
 # ------------------------------------------------------------------------------- agreement

@@ -1,0 +1,40 @@
+"""Side-by-side timing: every benchmark and ``--backend auto`` time their contenders here.
+
+Rounds alternate between the contenders, so a change in the machine's load falls on all of
+them alike, and the order rotates by one each round, so no contender always runs right
+after the same other one (whose caches, memory and clock state it would inherit). Each
+figure is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+
+def alternating(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    steps: int = 1,
+    sync: Callable[[], object] | None = None,
+    around: dict[str, contextlib.AbstractContextManager] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each fn over ``rounds`` rounds of ``steps`` calls.
+    ``sync`` runs before and after each timed stretch (a device synchronise); ``around[name]``
+    is entered around that fn's stretch (a peak-memory probe)."""
+    names = list(fns)
+    seconds: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with (around or {}).get(name) or contextlib.nullcontext():
+                if sync:
+                    sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fns[name]()
+                if sync:
+                    sync()
+                seconds[name].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in seconds.items()}
