@@ -10,7 +10,7 @@ def test_rounds_alternate_and_the_order_rotates(monkeypatch):
     order, clock = [], iter(range(0, 10_000, 1))
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
-    timing.alternating(fns, rounds=3, steps=2)
+    timing.alternating(fns, rounds=3, steps=2, settle=0)
     calls = [order[i] for i in range(0, len(order), 2)]  # one name per stretch of 2 steps
     assert calls == list("abcbcacab")
     assert order[1::2] == calls  # each stretch is two calls of the same fn
@@ -27,6 +27,15 @@ def test_the_figure_is_the_median_seconds_per_call(monkeypatch):
 
     syncs = []
     fns = {k: functools.partial(fn, k) for k in cost}
-    out = timing.alternating(fns, rounds=3, steps=2, sync=lambda: syncs.append(1))
+    out = timing.alternating(fns, rounds=3, steps=2, sync=lambda: syncs.append(1), settle=0)
     assert out == {"a": 3.0, "b": 1.0}
     assert len(syncs) == 2 * 3 * 2  # before and after each stretch
+
+
+def test_each_stretch_waits_untimed_for_the_last_ones_threads_to_settle(monkeypatch):
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: events.append(("clock",)) or 0.0)
+    timing.alternating({"a": lambda: None, "b": lambda: None}, rounds=2, settle=0.05)
+    # per stretch: the pause, then the clock read before and after (never a pause between)
+    assert events == [("sleep", 0.05), ("clock",), ("clock",)] * 4

@@ -2,8 +2,11 @@
 
 Rounds alternate between the contenders, so a change in the machine's load falls on all of
 them alike, and the order rotates by one each round, so no contender always runs right
-after the same other one (whose caches, memory and clock state it would inherit). Each
-figure is the median over rounds.
+after the same other one. Before each contender's stretch the timer waits ``settle``
+seconds, untimed: ONNX Runtime's threads spin for tens of milliseconds after a run (its
+default, kept: it is how users run it), and on a small machine whatever runs next gets less
+CPU (OpenVINO measured 975 images/s right after it against 1,326 after itself, and 1,247
+after a 50 ms pause). Each figure is the median over rounds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ def alternating(
     steps: int = 1,
     sync: Callable[[], object] | None = None,
     around: dict[str, contextlib.AbstractContextManager] | None = None,
+    settle: float = 0.1,
 ) -> dict[str, float]:
     """Median seconds per call of each fn over ``rounds`` rounds of ``steps`` calls.
     ``sync`` runs before and after each timed stretch (a device synchronise); ``around[name]``
@@ -28,6 +32,8 @@ def alternating(
     seconds: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if settle > 0:
+                time.sleep(settle)
             with (around or {}).get(name) or contextlib.nullcontext():
                 if sync:
                     sync()
