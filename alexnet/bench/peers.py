@@ -126,7 +126,8 @@ def measure_inference(ours, ref, compiled_ref, *, batch: int, rounds: int, steps
             out[name]["infer_ips"] = batch / s
         best = wrapped.choice.label()
         fns1, wrapped1 = inference_fns(ours, ref, compiled_ref, choices, ckpt_path, 1)
-        for name, s in _calls(fns1, x[:1], rounds, max(steps, 5)).items():
+        # Batch 1 takes milliseconds: stretches of 20 calls at least, or noise decides.
+        for name, s in _calls(fns1, x[:1], rounds, max(steps, 20)).items():
             out[name]["latency_ms"] = 1000.0 * s
     return {"peers": out, "best_infer_backend": best, "latency_backend": wrapped1.choice.label()}
 
@@ -155,13 +156,14 @@ def ratios(peers: dict, ours: dict) -> dict:
 
 def allocator_effect(fns: dict, rounds: int, steps: int) -> dict:
     """Seconds per call of each zero-argument fn with glibc's default large-block behaviour
-    and with freed memory kept (``alexnet.runtime.memory``), alternating within each round."""
+    and with freed memory kept (``alexnet.runtime.memory``), alternating within each round,
+    the mode that goes first alternating between rounds."""
     from alexnet.runtime import memory
 
     times: dict[str, dict[str, list[float]]] = {k: {"default": [], "kept": []} for k in fns}
     try:
-        for _ in range(rounds):
-            for mode in ("default", "kept"):
+        for r in range(rounds):
+            for mode in ("default", "kept") if r % 2 == 0 else ("kept", "default"):
                 if not memory.keep_freed_memory(mode == "kept"):
                     return {}
                 for name, fn in fns.items():
