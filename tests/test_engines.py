@@ -118,6 +118,21 @@ def test_cache_is_rebuilt_when_the_checkpoint_changes_and_never_serves_another(t
     np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
+def test_openvinos_compiled_model_is_cached_beside_the_checkpoint(tmp_path):
+    pytest.importorskip("openvino")
+    path = _checkpoint(tmp_path / "m.pt")
+    model, ckpt = load_model(path)
+    engines.for_inference(model, ckpt, path, "openvino")(_inputs())
+    blobs = list((tmp_path / "m.pt.engines" / "openvino").glob("*.blob"))
+    assert len(blobs) == 1 and blobs[0].stat().st_size > 0
+    before = blobs[0].read_bytes()
+    _checkpoint(path, seed=1)  # new weights: the cache, blobs included, starts afresh
+    model, ckpt = load_model(path)
+    engines.for_inference(model, ckpt, path, "openvino")(_inputs())
+    again = list((tmp_path / "m.pt.engines" / "openvino").glob("*.blob"))
+    assert len(again) == 1 and again[0].read_bytes() != before
+
+
 def test_a_missing_engine_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
     path = evalkit.known_checkpoint(tmp_path / "k.pt", [0.1, 0.5, 0.2])
     image = tmp_path / "a.png"
