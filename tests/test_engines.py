@@ -232,7 +232,8 @@ def test_kept_freed_memory_is_reused_without_page_faults():
 # SA_ONSTACK). Prints whether that stack is mapped memory, then takes a signal: a dangling
 # stack is a SIGSEGV at delivery, which in a test worker is a worker lost without a trace.
 _SIGNAL_STACK = r"""
-import ctypes, faulthandler, gc, mmap, os, signal, sys
+import ctypes, faulthandler, gc, mmap, os, resource, signal, sys
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the premise crashes: no core file
 faulthandler.enable()  # as pytest does: its own signal stack is the one to keep
 libc = ctypes.CDLL(None, use_errno=True)
 class Stack(ctypes.Structure):
