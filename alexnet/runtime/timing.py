@@ -1,12 +1,14 @@
 """Side-by-side timing: every benchmark and ``--backend auto`` time their contenders here.
 
 Rounds alternate between the contenders, so a change in the machine's load falls on all of
-them alike, and the order rotates by one each round, so no contender always runs right
-after the same other one. Before each contender's stretch the timer waits ``settle``
-seconds, untimed: ONNX Runtime's threads spin for tens of milliseconds after a run (its
-default, kept: it is how users run it), and on a small machine whatever runs next gets less
-CPU (OpenVINO measured 975 images/s right after it against 1,326 after itself, and 1,247
-after a 50 ms pause). Each figure is the median over rounds.
+them alike, and the order rotates by one each round, so no contender always goes first.
+Rotation keeps the cyclic order, so each still mostly runs right after the same other one;
+what that one leaves behind is handled by a pause instead: before each contender's stretch
+the timer waits ``settle`` seconds, untimed: ONNX Runtime's threads spin for tens of
+milliseconds after a run (its default, kept: it is how users run it), and on a small
+machine whatever runs next gets less CPU (OpenVINO measured 975 images/s right after it
+against 1,326 after itself, and 1,247 after a 50 ms pause). Each figure is the median over
+rounds.
 """
 
 from __future__ import annotations
