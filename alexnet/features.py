@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -346,8 +345,7 @@ def run(args: argparse.Namespace) -> int:
         feats = extract(model, view_augment(ckpt), ds, args.layer, args.out,
                         batch_size=args.batch_size, views=args.views, dtype=args.dtype,
                         source=source)  # fmt: skip
-        if engines.report(model):
-            print(f"alexnet features: {engines.report(model)}", file=sys.stderr)
+        engines.print_report(model, "features")
         print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {args.layer} features")
         return 0
     index, query = _load(args.index), _load(args.query)

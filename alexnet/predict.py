@@ -124,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at
     images, good, bad = read_images(args.images, size, model.conv1.in_channels)
     results = top_k(predict(model, aug, images, args.views, args.batch_size), ckpt, args.top)
-    if engines.report(model):
-        print(f"alexnet predict: {engines.report(model)}", file=sys.stderr)
+    engines.print_report(model, "predict")
     for path, reason in bad:
         print(f"alexnet predict: error: {path}: cannot read image ({reason})", file=sys.stderr)
     if args.json:

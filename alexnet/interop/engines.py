@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -382,3 +383,10 @@ def for_inference(model, ckpt: dict, checkpoint: Path, backend: str = "auto", *,
 
 def report(model: nn.Module) -> str | None:
     return model.report() if isinstance(model, InferenceModel) else None
+
+
+def print_report(model: nn.Module, command: str) -> None:
+    """``report``'s line on stderr as ``alexnet COMMAND: ...`` (nothing for a plain model)."""
+    line = report(model)
+    if line:
+        print(f"alexnet {command}: {line}", file=sys.stderr)
