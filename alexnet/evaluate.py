@@ -240,7 +240,9 @@ def _backends(models: list, ckpts: list, args: argparse.Namespace) -> list:
     from alexnet.interop import engines
 
     return [
-        engines.for_inference(m, c, p, args.backend, batch_size=args.batch_size * args.views)
+        engines.for_inference(
+            m, c, p, args.backend, precision=args.precision, batch_size=args.batch_size * args.views
+        )
         for m, c, p in zip(models, ckpts, args.checkpoint, strict=True)
     ]
 

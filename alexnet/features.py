@@ -339,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         from alexnet.interop import engines
 
         model = engines.for_inference(model, ckpt, path, args.backend, layer=args.layer,
+                                      precision=args.precision,
                                       batch_size=args.batch_size * args.views)  # fmt: skip
         source = {"checkpoint": str(path), "data": str(args.data), "split": args.split,
                   **({"weights": args.weights} if args.weights else {})}  # fmt: skip

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     (path,) = resolve(args.checkpoint and [args.checkpoint], args.weights)
     model, ckpt = load_model(path, map_location=pick_device(args.device))
-    model = engines.for_inference(model, ckpt, path, args.backend,
+    model = engines.for_inference(model, ckpt, path, args.backend, precision=args.precision,
                                   batch_size=args.batch_size * args.views)  # fmt: skip
     aug = view_augment(ckpt)
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at

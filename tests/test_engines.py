@@ -22,6 +22,7 @@ from alexnet.cli import main
 from alexnet.interop import engines
 from alexnet.model import AlexNet
 from alexnet.runtime import memory
+from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_torch_save
 
 BACKENDS = ("torch", "openvino", "onnxruntime")
@@ -61,10 +62,11 @@ def test_each_backend_equals_torch_fp32(tmp_path, backend, per_tower):
     model, ckpt = load_model(path)
     x = _inputs()
     want = _reference(path, x)
-    got = engines.for_inference(model, ckpt, path, backend, batch_size=len(x))(x)
+    got = engines.for_inference(model, ckpt, path, backend, batch_size=len(x), precision="fp32")(x)
     # float32 rounding of a float64 reference, relative to the largest logit
     np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
-    feats = engines.for_inference(model, ckpt, path, backend, batch_size=len(x), layer="conv5")
+    feats = engines.for_inference(model, ckpt, path, backend, batch_size=len(x), layer="conv5",
+                                  precision="fp32")  # fmt: skip
     want = _reference(path, x, "conv5")
     np.testing.assert_allclose(
         feats.forward_features(x, "conv5").double(), want, rtol=0,
@@ -80,7 +82,7 @@ def test_auto_picks_an_installed_backend_and_reports_agreement(tmp_path):
     wrapped(x)
     assert wrapped.choice in engines.candidates("auto")
     manifest = json.loads((tmp_path / "m.pt.engines" / "manifest.json").read_text())
-    timed = manifest["choices"][f"auto|logits|batch=8|threads={torch.get_num_threads()}"]
+    timed = manifest["choices"][f"auto|auto|logits|batch=8|threads={torch.get_num_threads()}"]
     assert set(timed["seconds"]) == {c.label() for c in engines.candidates("auto")}
     assert min(timed["seconds"], key=timed["seconds"].get) == wrapped.choice.label()
     if wrapped.choice != engines.Choice("torch", "fp32"):
@@ -116,6 +118,38 @@ def test_cache_is_rebuilt_when_the_checkpoint_changes_and_never_serves_another(t
     got = engines.for_inference(model, ckpt, other, "onnxruntime")(x)
     want = _reference(other, x)
     np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+_SETUP = """
+import sys
+from alexnet.checkpoint import load_model
+from alexnet.interop import engines
+model, ckpt = load_model(sys.argv[1])
+print(engines.for_inference(model, ckpt, sys.argv[1], "torch", batch_size=4).choice.label())
+"""
+
+
+def test_one_process_at_a_time_sets_up_a_checkpoints_engines(tmp_path):
+    """Ranks of one torchrun (or two commands) must not empty a cache another is writing:
+    while the checkpoint is locked, a second setup waits; released, it goes on."""
+    import fcntl
+    import os
+    import time
+
+    path = _checkpoint(tmp_path / "m.pt")
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    proc = subprocess.Popen([sys.executable, "-c", _SETUP, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(3.0)  # long enough for the setup to finish (about 1 s) were it not waiting
+        assert proc.poll() is None and not (tmp_path / "m.pt.engines").exists()
+    finally:
+        os.close(fd)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().startswith("torch ")
+    assert (tmp_path / "m.pt.engines" / "manifest.json").exists()
 
 
 def test_openvinos_compiled_model_is_cached_beside_the_checkpoint(tmp_path):
@@ -154,7 +188,8 @@ def test_predict_and_ten_view_evaluate_agree_across_backends(tmp_path, capsys):
     out = {}
     for backend in BACKENDS:
         args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--views", "10",
-                "--batch-size", "8", "--json", "--backend", backend]  # fmt: skip
+                "--batch-size", "8", "--json", "--backend", backend,
+                "--precision", "fp32"]  # fmt: skip
         assert main(args) == 0
         out[backend] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = out["torch"]
@@ -184,6 +219,59 @@ def test_bf16_is_refused_where_its_top1_disagrees(tmp_path):
     assert wrapped.choice == engines.Choice("torch", "fp32", True)
     assert "fp32 used instead" in wrapped.report()
     assert torch.equal(got.argmax(1), fp32)
+    # asked for by name (--precision bf16), bf16 is kept and the report says it agreed too little
+    kept = engines.InferenceModel(model, ckpt, engines.Choice("torch", "bf16", True), None,
+                                  None, 64, fallback=False)  # fmt: skip
+    assert torch.equal(kept(x).argmax(1), bf16)
+    assert kept.choice.precision == "bf16" and "below the 99%" in kept.report()
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_precision_bf16_is_bf16_and_agrees_with_fp32(tmp_path, backend):
+    """Asked for by name, bf16 is computed in bf16 (it differs from fp32 by more than fp32
+    rounding) and stays close; where the backend cannot honour it, one clear error instead
+    of fp32 under a bf16 label. torch computes bf16 on any CPU (emulated where not native)."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    path = _checkpoint(tmp_path / "m.pt")
+    model, ckpt = load_model(path)
+    x = _inputs(32)
+    want = _reference(path, x)
+    if not engines.native_bf16(backend) and backend != "torch":
+        with pytest.raises(UserError, match="no native bf16"):
+            engines.for_inference(model, ckpt, path, backend, precision="bf16")
+        return
+    wrapped = engines.for_inference(model, ckpt, path, backend, batch_size=32, precision="bf16")
+    got = wrapped(x).double()
+    assert wrapped.choice.precision == "bf16" and wrapped.choice.backend == backend
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) > 1e-4 * scale  # not fp32: bf16's 8-bit mantissa
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * scale)
+    assert f"backend {backend} bf16" in wrapped.report()
+    assert "top-1 agreement" in wrapped.report()
+
+
+def test_precision_bf16_where_the_engine_has_none_is_one_clear_line(tmp_path, capsys):
+    path = evalkit.known_checkpoint(tmp_path / "k.pt", [0.1, 0.5, 0.2])
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    args = ["predict", str(image), "--checkpoint", str(path), "--backend", "onnxruntime",
+            "--precision", "bf16"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ONNX Runtime" in err[0] and "--precision fp32" in err[0]
+
+
+def test_precision_fp32_never_times_bf16_and_features_under_auto_stay_fp32(tmp_path):
+    assert {c.precision for c in engines.candidates("auto", "fp32")} == {"fp32"}
+    assert {c.precision for c in engines.candidates("torch", "bf16")} == {"bf16"}
+    # features have no top-1 to hold bf16 to, so auto does not offer it for them
+    path = _checkpoint(tmp_path / "m.pt")
+    model, ckpt = load_model(path)
+    feats = engines.for_inference(model, ckpt, path, "torch", batch_size=8, layer="conv5")
+    assert feats.choice.precision == "fp32"
 
 
 def copy_bf16(model):

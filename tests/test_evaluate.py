@@ -21,7 +21,7 @@ from alexnet.data import PreparedDataset
 
 def _evaluate_json(capsys, *args: str) -> dict:
     capsys.readouterr()  # drop what earlier steps (the tiny training run) printed
-    assert main(["evaluate", *args, "--json", "--device", "cpu"]) == 0
+    assert main(["evaluate", *args, "--json", "--device", "cpu", "--precision", "fp32"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

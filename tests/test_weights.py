@@ -165,7 +165,8 @@ def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
     server.shutdown()
     server.server_close()
-    assert main(["predict", str(tmp_path / "a.png"), "--weights", "test-owt", "--json"]) == 0
+    assert main(["predict", str(tmp_path / "a.png"), "--weights", "test-owt", "--json",
+                 "--precision", "fp32"]) == 0  # fmt: skip
     preds = json.loads(capsys.readouterr().out)[0]["predictions"]
     best = int(ref[0].argmax())
     assert preds[0]["class_id"] == SYNSETS[best][0] and preds[0]["name"] == SYNSETS[best][1]
@@ -354,13 +355,14 @@ def test_evaluate_and_features_take_weights_by_name(caffe_files, registered, tmp
     data = prepare_arrays(tmp_path / "data", {"train": (hwc, labels), "val": (hwc, labels)},
                           classes)  # fmt: skip
     assert main(["evaluate", "--weights", "test-caffe", "--data", str(data), "--json",
-                 "--batch-size", "4"]) == 0  # fmt: skip
+                 "--batch-size", "4", "--precision", "fp32"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = float((ref.argmax(1).numpy() != labels).mean())
     assert result["top1_error"] == pytest.approx(want)
     out = tmp_path / "fc8.npy"
     assert main(["features", "extract", "--weights", "test-caffe", "--data", str(data),
-                 "--split", "val", "--layer", "fc8", "--out", str(out)]) == 0  # fmt: skip
+                 "--split", "val", "--layer", "fc8", "--out", str(out),
+                 "--precision", "fp32"]) == 0  # fmt: skip
     np.testing.assert_allclose(np.load(out), ref.numpy(), rtol=1e-4, atol=1e-4)
     assert json.loads(out.with_suffix(".json").read_text())["weights"] == "test-caffe"
 

@@ -17,7 +17,9 @@ agrees on fewer than ``MIN_AGREEMENT`` of that batch is replaced by fp32 for the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -36,6 +38,7 @@ from alexnet.runtime.fileio import atomic_write_json
 from alexnet.runtime.timing import alternating
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("openvino", "onnxruntime")
 EXTRAS = {"openvino": "alexnet[openvino]", "onnxruntime": "alexnet[onnx]"}
 # How each engine is fed per-tower LRN (alexnet.interop.onnx._ExportLRN), the faster of
@@ -65,6 +68,13 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="inference engine; auto: the fastest installed at this batch size, by measurement",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 where the CPU computes it natively, the backend is faster in it and "
+        "its top-1 agrees with fp32 on the first batch, else fp32; fp32: the reference numbers",
+    )
 
 
 def installed(backend: str) -> bool:
@@ -93,13 +103,31 @@ def native_bf16(backend: str) -> bool:
     return False  # ONNX Runtime's CPU provider has no bf16 convolutions
 
 
-def candidates(backend: str) -> list[Choice]:
+def candidates(backend: str, precision: str = "auto") -> list[Choice]:
+    """What ``auto`` times: each installed backend (or the one asked for) in fp32, NCHW and
+    (torch) channels_last, and in bf16 where ``precision`` allows it and the hardware has it.
+    ``--precision bf16`` asked of a backend that cannot honour it is an error, not fp32."""
     names = [b for b in ("torch", *ENGINES) if installed(b)] if backend == "auto" else [backend]
+    if precision == "bf16":
+        names = [n for n in names if n == "torch" or native_bf16(n)]
+        if not names:
+            why = (
+                "ONNX Runtime's CPU provider has no bf16 convolutions"
+                if backend == "onnxruntime"
+                else "this CPU has no native bf16 for OpenVINO (it would run fp32)"
+            )
+            raise UserError(f"--precision bf16 --backend {backend}: {why}; use --precision fp32")
     out = []
     for name in names:
         layouts = (False, True) if name == "torch" else (False,)
-        precisions = ("fp32", "bf16") if native_bf16(name) else ("fp32",)
-        out += [Choice(name, p, cl) for p in precisions for cl in layouts if p == "fp32" or cl]
+        if precision == "auto":
+            precisions = ("fp32", "bf16") if native_bf16(name) else ("fp32",)
+        else:
+            precisions = (precision,)
+        # torch's bf16 only in channels_last: NCHW bf16 measured 0.62x (small model, batch
+        # 128) and 0.77x (paper, batch 16) of it on an AVX512-BF16 CPU
+        out += [Choice(name, p, cl) for p in precisions for cl in layouts
+                if p == "fp32" or cl or name != "torch"]  # fmt: skip
     return out
 
 
@@ -284,8 +312,10 @@ class InferenceModel(nn.Module):
     ``fc8``, ``conv1``), run by the chosen backend. ``max_batch`` tells ``view_probs`` how many
     views to forward at once: all of them for an engine (large batches are where they gain)."""
 
-    def __init__(self, model, ckpt, choice: Choice, layer, cache, batch_size: int) -> None:
+    def __init__(self, model, ckpt, choice: Choice, layer, cache, batch_size: int, *,
+                 fallback: bool = True) -> None:  # fmt: skip
         super().__init__()
+        self.fallback = fallback  # bf16 that agrees too little is replaced by fp32
         self.model, self.ckpt, self.choice, self.layer, self.cache = (
             model,
             ckpt,
@@ -315,7 +345,10 @@ class InferenceModel(nn.Module):
             want = got if exact else _torch_fn(self.model, self.layer)(x.float()).float()
         self.check = agreement(got, want, probabilities=self.layer is None)
         top1 = self.check["top1_agreement"]
-        if self.choice.precision == "bf16" and (top1 is None or top1 < MIN_AGREEMENT):
+        low = top1 is not None and top1 < MIN_AGREEMENT
+        if self.choice.precision == "bf16" and low and not self.fallback:
+            self.note = f"; below the {100 * MIN_AGREEMENT:.0f}% that --precision auto asks"
+        elif self.choice.precision == "bf16" and low:
             self.note = f"; {self.choice.label()} agreed on too few (fp32 used instead)"
             self.choice = Choice(self.choice.backend, "fp32", self.choice.channels_last)
             self.runner = make_runner(self.model, self.ckpt, self.choice, self.layer, self.cache)
@@ -346,13 +379,15 @@ class InferenceModel(nn.Module):
         )
 
 
-def choose(model, ckpt, cache: EngineCache, backend: str, batch: int, layer) -> Choice:
+def choose(model, ckpt, cache: EngineCache, backend: str, batch: int, layer,
+           precision: str = "auto") -> Choice:  # fmt: skip
     """The fastest candidate at this batch size, timed once and remembered in the cache."""
-    options = candidates(backend)
+    # features have no top-1 to check bf16 against (InferenceModel), so auto keeps them fp32
+    options = candidates(backend, "fp32" if layer and precision == "auto" else precision)
     if len(options) == 1:
         return options[0]
     b = max(1, min(batch, TIMING_BATCH_MAX))
-    key = f"{backend}|{layer or 'logits'}|batch={b}|threads={torch.get_num_threads()}"
+    key = f"{backend}|{precision}|{layer or 'logits'}|batch={b}|threads={torch.get_num_threads()}"
     found = cache.choice(key)
     if found in options:
         return found
@@ -366,19 +401,47 @@ def choose(model, ckpt, cache: EngineCache, backend: str, batch: int, layer) -> 
 
 
 def for_inference(model, ckpt: dict, checkpoint: Path, backend: str = "auto", *,
-                  batch_size: int = 64, layer: str | None = None) -> nn.Module:  # fmt: skip
-    """``model`` run by ``backend`` (see the module docstring); ``batch_size``: the number of
-    inputs per forward pass the command will make (images times views)."""
+                  batch_size: int = 64, layer: str | None = None,
+                  precision: str = "auto") -> nn.Module:  # fmt: skip
+    """``model`` run by ``backend`` in ``precision`` (see the module docstring);
+    ``batch_size``: the number of inputs per forward pass the command will make (images times
+    views). Under ``precision="auto"`` a bf16 choice that agrees too little falls back to fp32;
+    asked for by name, bf16 is kept and the report says how well it agreed."""
     device = next(model.parameters()).device
     if backend in ENGINES:
         require(backend)
     if device.type != "cpu":
         if backend in ENGINES:
             raise UserError(f"--backend {backend}: the engines run on the CPU, not {device}")
-        return model  # CUDA: torch, with the settings the model has
-    cache = open_cache(checkpoint, model_digest(model, ckpt))
-    choice = choose(model, ckpt, cache, backend, batch_size, layer)
-    return InferenceModel(model, ckpt, choice, layer, cache, batch_size)
+        if precision != "bf16":
+            return model  # CUDA: torch, with the settings the model has
+        choice = Choice("torch", "bf16")
+        return InferenceModel(model, ckpt, choice, layer, None, batch_size, fallback=False)
+    with exclusive(checkpoint):
+        cache = open_cache(checkpoint, model_digest(model, ckpt))
+        choice = choose(model, ckpt, cache, backend, batch_size, layer, precision)
+        return InferenceModel(model, ckpt, choice, layer, cache, batch_size,
+                              fallback=precision == "auto")  # fmt: skip
+
+
+@contextlib.contextmanager
+def exclusive(checkpoint: Path):
+    """One process at a time sets up the engines of ``checkpoint`` (an advisory lock on the
+    checkpoint file or run directory itself, so no lock file is left): ranks of one torchrun
+    and concurrent commands never empty a cache another is writing, and the second finds the
+    first's timed choice, so every rank runs the same backend."""
+    try:
+        fd = os.open(checkpoint, os.O_RDONLY)
+    except OSError:
+        fd = None  # nothing to lock (loading it would have failed first)
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def report(model: nn.Module) -> str | None:
