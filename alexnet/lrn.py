@@ -10,8 +10,8 @@ printed in the paper.
 Why a custom implementation: ``torch.nn.LocalResponseNorm`` pads, reshapes to 5-D and calls
 ``avg_pool3d``, and autograd then differentiates every one of those steps, so the window sum
 is computed again for the backward pass and several full-size temporaries are kept. Here the
-window sum S is computed once in the forward pass (a GEMM with a banded 0/1 matrix on CPU, a
-few shifted adds elsewhere), the forward saves p = d^-beta and r = b/d with d = k + c*S, and
+window sum S is computed once in the forward pass (on CPU a product with a banded 0/1 matrix,
+run as a 1x1 convolution for channels_last; a few shifted adds elsewhere), the forward saves p = d^-beta and r = b/d with d = k + c*S, and
 the backward pass is
 
     dL/da_i = g_i * p_i - 2 * c * beta * a_i * sum_{j in window(i)} g_j * r_j
@@ -26,6 +26,7 @@ See docs/PERFORMANCE.md for the alternatives that were measured.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 CONVENTIONS = ("code", "printed")
@@ -75,13 +76,32 @@ def _scaled_band(channels: int, before: int, after: int, groups: int, scale: flo
     return band * scale if scale != 1.0 else band
 
 
-def _band_sum(t: Tensor, band: Tensor) -> Tensor:
+def _band_kernel(band: Tensor, groups: int = 1) -> Tensor:
+    """``band`` as the weight of a 1x1 convolution in ``groups`` groups, (C, C/groups, 1, 1):
+    out[:, i] = sum_j w[i, j] t[:, j] over the j of i's group. Grouped (the towers' LRN, PAPER
+    A12), the zeros between groups are not multiplied."""
+    channels = band.shape[0]
+    width = channels // groups
+    blocks = [
+        band[g * width : (g + 1) * width, g * width : (g + 1) * width].T for g in range(groups)
+    ]
+    return torch.cat(blocks).contiguous()[:, :, None, None]
+
+
+def _band_sum(t: Tensor, band: Tensor, kernel: Tensor | None = None) -> Tensor:
     """t's channels times the (C, C) matrix ``band``: out[:, i] = sum_j t[:, j] * band[j, i],
-    for an NCHW or channels_last tensor; the result has t's layout."""
+    for an NCHW or channels_last tensor; the result has t's layout. ``kernel``:
+    ``_band_kernel(band, groups)``, when the caller made it once for many calls (band must
+    then be zero between the groups).
+
+    channels_last: a 1x1 convolution, which torch hands to oneDNN; as a matrix product the
+    same sum goes to torch's BLAS, which on some CPUs runs far below their vector width (an
+    AMD CPU with AVX-512, under MKL: 190 against 380 GFLOP/s, docs/PERFORMANCE.md). NCHW: a
+    batched matrix product (oneDNN would reorder to channels-last and back, 2-4x slower)."""
     n, channels, h, w = t.shape
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        rows = t.permute(0, 2, 3, 1).reshape(-1, channels)  # (N*H*W, C) rows: a plain GEMM
-        return (rows @ band).view(n, h, w, channels).permute(0, 3, 1, 2)
+        kernel = _band_kernel(band) if kernel is None else kernel
+        return F.conv2d(t, kernel, groups=channels // kernel.shape[1])
     return (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
 
 
@@ -144,7 +164,8 @@ def _window_summer(x: Tensor, before: int, after: int, groups: int, scale: float
     shifted adds otherwise."""
     if _matmul_ok(x):
         band = _scaled_band(x.shape[1], before, after, groups, scale, x.device, dtype)
-        return lambda t: _band_sum(t, band)
+        kernel = _band_kernel(band, groups)
+        return lambda t: _band_sum(t, band, kernel)
     return lambda t: window_sum(t, before, after, groups, "shift", scale)
 
 

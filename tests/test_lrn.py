@@ -32,9 +32,13 @@ def grads_of(fn, x, g):
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("size,groups", [(5, 1), (3, 1), (4, 1), (5, 2)])
 @pytest.mark.parametrize("fn", [local_response_norm, lrn_formula])
-def test_gradcheck_float64(convention, size, groups, fn):
+@pytest.mark.parametrize("channels_last", [False, True])  # the window sum: matmul / 1x1 conv
+def test_gradcheck_float64(convention, size, groups, fn, channels_last):
     # alpha 0.5 makes the normalisation strongly nonlinear on these small values.
-    x = activations((2, 8, 3, 3), scale=2.0, dtype=torch.float64).requires_grad_()
+    x = activations((2, 8, 3, 3), scale=2.0, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
 
     def f(t):
         return fn(t, size, 0.5, 0.75, 2.0, convention, groups)
