@@ -10,9 +10,9 @@ printed in the paper.
 Why a custom implementation: ``torch.nn.LocalResponseNorm`` pads, reshapes to 5-D and calls
 ``avg_pool3d``, and autograd then differentiates every one of those steps, so the window sum
 is computed again for the backward pass and several full-size temporaries are kept. Here the
-window sum S is computed once in the forward pass (on CPU a product with a banded 0/1 matrix,
-run as a 1x1 convolution for channels_last; a few shifted adds elsewhere), the forward saves p = d^-beta and r = b/d with d = k + c*S, and
-the backward pass is
+window sum S is computed once in the forward pass (on CPU a product with a banded 0/1
+matrix, run as a 1x1 convolution for channels_last; a few shifted adds elsewhere), the
+forward saves p = d^-beta and r = b/d with d = k + c*S, and the backward pass is
 
     dL/da_i = g_i * p_i - 2 * c * beta * a_i * sum_{j in window(i)} g_j * r_j
 
