@@ -216,10 +216,13 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
                                                           ("bf16", torch.bfloat16))}  # fmt: skip
     flops = forward_flops(ours)
     for name, p in peers.items():
-        bf16 = "bf16" in name or (name == "ours" and "bf16" in inf["best_infer_backend"])
-        top = peak["bf16" if bf16 else "fp32"]
+        # each figure against the peak of the precision it was computed in
+        precision = {k: "bf16" if "bf16" in name else "fp32" for k in ("train", "infer")}
+        if name == "ours":
+            precision["train"] = kept.get("our_train_precision", "fp32")
+            precision["infer"] = "bf16" if "bf16" in inf["best_infer_backend"] else "fp32"
         p["peak_fraction"] = {
-            k: p[f"{k}_ips"] * flops * (3 if k == "train" else 1) / top
+            k: p[f"{k}_ips"] * flops * (3 if k == "train" else 1) / peak[precision[k]]
             for k in ("train", "infer") if p.get(f"{k}_ips")
         }  # fmt: skip
     out = {

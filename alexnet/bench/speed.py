@@ -268,7 +268,7 @@ def model_only(args, device, settings: RunSettings, batch: int, kept: dict | Non
     trains = {"reference": ref_train, "ours": our_train}
     if kept is not None:
         kept.update(ours=ours, ref=ref, our_train=our_train, reference_train=ref_train,
-                    our_infer=our_infer)  # fmt: skip
+                    our_infer=our_infer, our_train_precision=settings.precision)  # fmt: skip
         if kept.get("compiled"):  # the compiled reference peer (alexnet.bench.peers)
             trains["compiled"] = _compiled_reference_train(ref, device, batch, size, classes)
     mem = {k: PeakMemory(device) for k in trains}
