@@ -17,9 +17,7 @@ agrees on fewer than ``MIN_AGREEMENT`` of that batch is replaced by fp32 for the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -34,7 +32,7 @@ import torch
 from torch import nn
 
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_write_json
+from alexnet.runtime.fileio import atomic_write_json, exclusive_lock
 from alexnet.runtime.timing import alternating
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
@@ -417,31 +415,13 @@ def for_inference(model, ckpt: dict, checkpoint: Path, backend: str = "auto", *,
             return model  # CUDA: torch, with the settings the model has
         choice = Choice("torch", "bf16")
         return InferenceModel(model, ckpt, choice, layer, None, batch_size, fallback=False)
-    with exclusive(checkpoint):
+    # one process at a time (the ranks of one torchrun, two commands): none empties a cache
+    # another is writing, and the later ones find the first's timed choice
+    with exclusive_lock(checkpoint):
         cache = open_cache(checkpoint, model_digest(model, ckpt))
         choice = choose(model, ckpt, cache, backend, batch_size, layer, precision)
         return InferenceModel(model, ckpt, choice, layer, cache, batch_size,
                               fallback=precision == "auto")  # fmt: skip
-
-
-@contextlib.contextmanager
-def exclusive(checkpoint: Path):
-    """One process at a time sets up the engines of ``checkpoint`` (an advisory lock on the
-    checkpoint file or run directory itself, so no lock file is left): ranks of one torchrun
-    and concurrent commands never empty a cache another is writing, and the second finds the
-    first's timed choice, so every rank runs the same backend."""
-    try:
-        fd = os.open(checkpoint, os.O_RDONLY)
-    except OSError:
-        fd = None  # nothing to lock (loading it would have failed first)
-    if fd is None:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def report(model: nn.Module) -> str | None:

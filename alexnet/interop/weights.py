@@ -18,7 +18,6 @@ replaces the scheme and host of every URL (a local mirror, or a test server).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import http.client
@@ -34,7 +33,12 @@ import torch
 
 from alexnet.interop.registry import BUILTIN, ENV_REGISTRY, Download, WeightSet, extra_entries
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from alexnet.runtime.fileio import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    exclusive_lock,
+)
 
 ENV_HOME = "ALEXNET_HOME"
 ENV_MIRROR = "ALEXNET_WEIGHTS_MIRROR"
@@ -217,20 +221,6 @@ def _aux_files(entry: WeightSet, directory: Path, progress: bool) -> dict[str, P
 
 
 # ----------------------------------------------------------------------------- conversion
-@contextlib.contextmanager
-def _locked(path: Path):
-    """One process at a time fills the cache for a weight set (torchrun ranks, say)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _sources(entry: WeightSet) -> dict:
     files = [entry.weights, *([entry.aux] if entry.aux else [])]
     return {
@@ -248,7 +238,8 @@ def checkpoint_path(name: str, *, progress: bool = True) -> Path:
     entry = lookup(name)
     out = home() / "converted" / f"{entry.name}.pt"
     record = out.with_suffix(".json")
-    with _locked(home() / f".{entry.name}.lock"):
+    # one process at a time fills the cache for a weight set (torchrun ranks, say)
+    with exclusive_lock(home() / f".{entry.name}.lock", create=True):
         if out.is_file() and record.is_file():
             try:
                 meta = json.loads(record.read_text())

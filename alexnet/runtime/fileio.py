@@ -5,6 +5,7 @@ writing leaves the previous version intact (temp file in the same directory + ``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -76,3 +77,28 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, create: bool = False) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``path``, so other processes entering the same
+    block on the same path wait (the ranks of one torchrun, two commands started together).
+    ``path`` may be the file or directory the work is about (no lock file is left), or with
+    ``create`` a lock file made on first use. A path that cannot be opened is not locked
+    (whatever reads it next reports the problem)."""
+    if create:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o666)
+    except OSError:
+        if create:
+            raise
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
