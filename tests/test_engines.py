@@ -79,12 +79,16 @@ def test_auto_picks_an_installed_backend_and_reports_agreement(tmp_path):
     model, ckpt = load_model(path)
     wrapped = engines.for_inference(model, ckpt, path, "auto", batch_size=8)
     x = _inputs(8)
-    wrapped(x)
+    fastest = wrapped.choice
+    wrapped(x)  # on a bf16 CPU a bf16 choice that agrees too little becomes fp32 here
+    assert wrapped.choice == fastest or (
+        wrapped.choice.precision == "fp32" and "fp32 used instead" in wrapped.report()
+    )
     assert wrapped.choice in engines.candidates("auto")
     manifest = json.loads((tmp_path / "m.pt.engines" / "manifest.json").read_text())
     timed = manifest["choices"][f"auto|auto|logits|batch=8|threads={torch.get_num_threads()}"]
     assert set(timed["seconds"]) == {c.label() for c in engines.candidates("auto")}
-    assert min(timed["seconds"], key=timed["seconds"].get) == wrapped.choice.label()
+    assert min(timed["seconds"], key=timed["seconds"].get) == fastest.label()
     if wrapped.choice != engines.Choice("torch", "fp32"):
         want = torch.softmax(_reference(path, x), 1)
         assert wrapped.check["top1_agreement"] == 1.0
