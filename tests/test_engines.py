@@ -382,3 +382,27 @@ def test_the_signal_stack_survives_openvino(tmp_path):
     run = _signal_stack("engines", tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines()[-2:] == ["mapped", "handled"], run.stdout
+
+
+def test_onnxruntime_threads_sleep_between_our_batches_but_spin_as_a_peer(tmp_path):
+    """Our commands prepare each batch between runs: ONNX Runtime's spinning threads would take
+    the cores from that (docs/PERFORMANCE.md); the bench's peer keeps ONNX Runtime's default."""
+    pytest.importorskip("onnxruntime")
+    path = _checkpoint(tmp_path / "m.pt")
+    model, ckpt = load_model(path)
+    cache = engines.open_cache(path, engines.model_digest(model, ckpt))
+    choice = engines.Choice("onnxruntime", "fp32")
+    ours = engines.make_runner(model, ckpt, choice, None, cache)
+    peer = engines.make_runner(model, ckpt, choice, None, cache, peer=True)
+
+    def spinning(runner) -> str | None:
+        options = runner.session.get_session_options()
+        try:
+            return options.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: ONNX Runtime's default, which spins
+            return None
+
+    assert spinning(ours) == "0"
+    assert spinning(peer) is None
+    x = _inputs()
+    torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=0)

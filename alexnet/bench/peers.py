@@ -104,7 +104,7 @@ def inference_fns(ours, ref, compiled_ref, engine_choices, checkpoint: Path, bat
         fns[f"compiled_{precision}"] = _eager(compiled_ref, precision, True)
     cache = engines.open_cache(checkpoint, engines.model_digest(ours, ckpt))
     for choice in engine_choices:
-        runner = engines.make_runner(ours, ckpt, choice, None, cache)
+        runner = engines.make_runner(ours, ckpt, choice, None, cache, peer=True)
         fns[f"{choice.backend}_{choice.precision}"] = runner
     wrapped = engines.for_inference(ours, ckpt, checkpoint, "auto", batch_size=batch)
     fns["ours"] = wrapped

@@ -228,11 +228,19 @@ class TorchRunner:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, graph: Path, threads: int) -> None:
+    """``spin=False`` (our commands): ONNX Runtime's threads sleep after a run instead of
+    spinning for tens of milliseconds, which otherwise takes the cores from the loading and
+    the views our commands prepare between batches (ten-view evaluate of the demo's model,
+    10,000 test images: 18.3-18.4 s spinning, 16.9-17.4 s not). ``spin=True``: ONNX Runtime's
+    default, as a user running it alone would (the bench's peer)."""
+
+    def __init__(self, graph: Path, threads: int, spin: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.name = self.session.get_inputs()[0].name
 
@@ -276,13 +284,16 @@ class OpenVinoRunner:
         return torch.from_numpy(self.compiled(x.numpy())[0].copy())
 
 
-def make_runner(model, ckpt, choice: Choice, layer: str | None, cache: EngineCache | None):
+def make_runner(model, ckpt, choice: Choice, layer: str | None, cache: EngineCache | None,
+                *, peer: bool = False):  # fmt: skip
+    """The runner of ``choice``; ``peer``: the engine with its own defaults, as the bench's
+    peers run (only ONNX Runtime's thread spinning differs)."""
     threads = torch.get_num_threads()
     if choice.backend == "torch":
         return TorchRunner(model, choice, layer)
     graph = cache.graph(model, ckpt, choice.backend, layer)
     if choice.backend == "onnxruntime":
-        return OnnxRuntimeRunner(graph, threads)
+        return OnnxRuntimeRunner(graph, threads, spin=peer)
     return OpenVinoRunner(graph, choice.precision, threads, cache.dir / "openvino")
 
 
