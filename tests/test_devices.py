@@ -133,3 +133,26 @@ def test_restored_state_lands_on_the_device(fake_cuda_session, tmp_path, monkeyp
         assert s.epoch_sums.device == CUDA and s.epoch_seconds == 4.0
     assert s.batch_in_epoch == ck["sampler"]["start_batch"] and s.step == ck["step"]
     assert restored == [(ranks[0]["rng"], (s.generator,))]
+
+
+def test_precision_bf16_on_cuda_runs_torch_bf16_on_the_device(tmp_path):
+    """``--precision bf16`` with a CUDA model: torch in bf16 on the GPU (the engines are
+    CPU-only and refuse); fp32 and auto leave the model as it is. The bf16 copy lives on the
+    device and the fp32 reference is kept. Its forward needs CUDA's autocast (LRN's fp32
+    sums), which a CPU build of torch lacks: tests/test_gpu.py runs it on a GPU."""
+    from alexnet.interop import engines
+    from alexnet.runtime.errors import UserError
+
+    net = M.AlexNet(5, arch="small", image_size=28, widths=(8, 16, 16, 16, 8), fc_width=16)
+    ckpt = {"model_config": net.config, "augment": {"crop_size": 28}}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        net = net.to(CUDA).eval()
+        for precision in ("auto", "fp32"):
+            assert engines.for_inference(net, ckpt, tmp_path, "torch", precision=precision) is net
+        with pytest.raises(UserError, match="the engines run on the CPU"):
+            engines.for_inference(net, ckpt, tmp_path, "openvino", precision="bf16")
+        wrapped = engines.for_inference(net, ckpt, tmp_path, "auto", precision="bf16")
+        assert wrapped.choice == engines.Choice("torch", "bf16") and not wrapped.fallback
+        assert all(p.dtype == torch.float32 for p in net.parameters())  # the reference kept
+        copy = list(wrapped.runner.fn.parameters())
+        assert copy and all(p.dtype == torch.bfloat16 and p.device == CUDA for p in copy)

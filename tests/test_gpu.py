@@ -9,8 +9,10 @@ comparisons are then CPU against CPU), for machines without one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +126,26 @@ def test_ten_view_counts_on_the_device_equal_the_cpu_counts():
     assert int(cpu.images.sum()) == len(ds)
     for name in ("images", "top1", "top5"):
         assert torch.equal(getattr(dev, name).cpu(), getattr(cpu, name)), name
+
+
+def test_evaluate_in_bf16_on_the_device_agrees_with_fp32(capsys):
+    """``--precision bf16``: torch in bf16 on the device, its report against fp32 there."""
+    from alexnet.cli import main
+
+    data, run = evalkit.tiny_run()
+    out = {}
+    for precision in ("fp32", "bf16"):
+        args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--views", "10",
+                "--device", DEVICE, "--backend", "torch", "--precision", precision,
+                "--json"]  # fmt: skip
+        capsys.readouterr()
+        assert main(args) == 0
+        out[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    line = out["bf16"]["backends"][0]
+    assert line.startswith("backend torch bf16"), line
+    assert float(re.search(r"top-1 agreement ([\d.]+)%", line).group(1)) >= 99.0
+    images = out["fp32"]["images"]
+    assert abs(out["bf16"]["top1_error"] - out["fp32"]["top1_error"]) <= 1.0 / images + 1e-9
 
 
 def _paper_config(data: Path, out: Path, per_epoch: int, **extra) -> C.TrainConfig:

@@ -218,9 +218,17 @@ class TorchRunner:
     def __init__(self, model: nn.Module, choice: Choice, layer: str | None) -> None:
         self.fmt = torch.channels_last if choice.channels_last else torch.contiguous_format
         self.dtype = torch.bfloat16 if choice.precision == "bf16" else torch.float32
-        # bf16: a bf16 copy of the weights, not autocast, which recasts them on every call
-        net = copy.deepcopy(model).to(self.dtype) if self.dtype != torch.float32 else model
-        self.fn = _torch_fn(net.to(memory_format=self.fmt), layer)
+        net = model
+        if self.dtype != torch.float32:
+            # a bf16 copy of the weights, not autocast, which recasts them on every call;
+            # assigned, not converted in place (so fake CUDA tensors can stand in, in tests)
+            net = copy.deepcopy(model)
+            cast = {k: v.to(self.dtype) if v.is_floating_point() else v
+                    for k, v in model.state_dict().items()}  # fmt: skip
+            net.load_state_dict(cast, assign=True)
+        if choice.channels_last:
+            net = net.to(memory_format=self.fmt)
+        self.fn = _torch_fn(net, layer)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
