@@ -237,9 +237,8 @@ class TorchRunner:
 
 class OnnxRuntimeRunner:
     """``spin=False`` (our commands): ONNX Runtime's threads sleep after a run instead of
-    spinning for tens of milliseconds, which otherwise takes the cores from the loading and
-    the views our commands prepare between batches (ten-view evaluate of the demo's model,
-    10,000 test images: 18.3-18.4 s spinning, 16.9-17.4 s not). ``spin=True``: ONNX Runtime's
+    spinning for tens of ms and taking the cores from the loading between batches (ten-view
+    evaluate of the demo's model: 18.3-18.4 s spinning, 16.9-17.4 s not). ``spin=True``: its
     default, as a user running it alone would (the bench's peer)."""
 
     def __init__(self, graph: Path, threads: int, spin: bool = False) -> None:
@@ -335,13 +334,8 @@ class InferenceModel(nn.Module):
                  fallback: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.fallback = fallback  # bf16 that agrees too little is replaced by fp32
-        self.model, self.ckpt, self.choice, self.layer, self.cache = (
-            model,
-            ckpt,
-            choice,
-            layer,
-            cache,
-        )
+        self.model, self.ckpt, self.choice = model, ckpt, choice
+        self.layer, self.cache = layer, cache
         self.runner = make_runner(model, ckpt, choice, layer, cache)
         self.max_batch = batch_size if choice.backend == "torch" else None
         self.check: dict | None = None
