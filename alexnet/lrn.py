@@ -85,14 +85,13 @@ def _band_kernel(band: Tensor, groups: int = 1) -> Tensor:
     blocks = [
         band[g * width : (g + 1) * width, g * width : (g + 1) * width].T for g in range(groups)
     ]
-    return torch.cat(blocks).contiguous()[:, :, None, None]
+    return torch.cat(blocks)[:, :, None, None]
 
 
-def _band_sum(t: Tensor, band: Tensor, kernel: Tensor | None = None) -> Tensor:
+def _band_sum(t: Tensor, band: Tensor, kernel: Tensor) -> Tensor:
     """t's channels times the (C, C) matrix ``band``: out[:, i] = sum_j t[:, j] * band[j, i],
     for an NCHW or channels_last tensor; the result has t's layout. ``kernel``:
-    ``_band_kernel(band, groups)``, when the caller made it once for many calls (band must
-    then be zero between the groups).
+    ``_band_kernel(band, groups)``, made once by the caller for many calls.
 
     channels_last: a 1x1 convolution, which torch hands to oneDNN; as a matrix product the
     same sum goes to torch's BLAS, which on some CPUs runs far below their vector width (an
@@ -101,7 +100,6 @@ def _band_sum(t: Tensor, band: Tensor, kernel: Tensor | None = None) -> Tensor:
     at the sizes of the paper's two LRN layers)."""
     n, channels, h, w = t.shape
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        kernel = _band_kernel(band) if kernel is None else kernel
         return F.conv2d(t, kernel, groups=channels // kernel.shape[1])
     return (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
 
@@ -120,7 +118,8 @@ def window_sum(
     if method == "auto":
         method = "matmul" if _matmul_ok(t) else "shift"
     if method == "matmul":
-        return _band_sum(t, _scaled_band(channels, before, after, groups, scale, t.device, t.dtype))
+        band = _scaled_band(channels, before, after, groups, scale, t.device, t.dtype)
+        return _band_sum(t, band, _band_kernel(band, groups))
     out = t.clone(memory_format=torch.preserve_format)
     width = channels // groups
     for g in range(groups):
