@@ -89,7 +89,7 @@ def exclusive_lock(path: str | os.PathLike, create: bool = False) -> Iterator[No
     if create:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o666)
+        fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o666)
     except OSError:
         if create:
             raise
