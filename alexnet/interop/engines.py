@@ -33,6 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alexnet.interop.runners import (
+    OnnxRuntimeRunner,
+    OpenVinoRunner,
+    TorchRunner,
+    openvino_core,
+    torch_fn,
+)
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json, exclusive_lock
 from alexnet.runtime.timing import alternating
@@ -208,96 +215,13 @@ def open_cache(checkpoint: Path, digest: str) -> EngineCache:
 
 
 # --------------------------------------------------------------------------------- runners
-def _torch_fn(net: nn.Module, layer: str | None):
-    if layer is None:
-        return net
-    return lambda x: net.forward_features(x, layer).flatten(1)
-
-
-class TorchRunner:
-    def __init__(self, model: nn.Module, choice: Choice, layer: str | None) -> None:
-        self.fmt = torch.channels_last if choice.channels_last else torch.contiguous_format
-        self.dtype = torch.bfloat16 if choice.precision == "bf16" else torch.float32
-        net = model
-        if self.dtype != torch.float32:
-            # a bf16 copy of the weights, not autocast, which recasts them on every call;
-            # assigned, not converted in place (so fake CUDA tensors can stand in, in tests)
-            net = copy.deepcopy(model)
-            cast = {k: v.to(self.dtype) if v.is_floating_point() else v
-                    for k, v in model.state_dict().items()}  # fmt: skip
-            net.load_state_dict(cast, assign=True)
-        if choice.channels_last:
-            net = net.to(memory_format=self.fmt)
-        self.fn = _torch_fn(net, layer)
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x.to(self.dtype).contiguous(memory_format=self.fmt)).float()
-
-
-class OnnxRuntimeRunner:
-    """``spin=False`` (our commands): ONNX Runtime's threads sleep after a run instead of
-    spinning for tens of ms and taking the cores from the loading between batches (ten-view
-    evaluate of the demo's model: 18.3-18.4 s spinning, 16.9-17.4 s not). ``spin=True``: its
-    default, as a user running it alone would (the bench's peer)."""
-
-    def __init__(self, graph: Path, threads: int, spin: bool = False) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to("cpu", torch.float32).contiguous()
-        return torch.from_numpy(self.session.run(None, {self.name: x.numpy()})[0])
-
-
-@functools.cache
-def openvino_core():
-    """The process's one OpenVINO ``Core``, kept until the process ends.
-
-    Each ``Core`` loads its own CPU plugin, and the plugin swaps the calling thread's signal
-    stack (``sigaltstack``) for one it maps, restoring the previous one when it is destroyed
-    only if its own is still current. Two cores destroyed in the order they were made leave
-    the thread's signal stack pointing at unmapped memory, and the next signal handled there
-    (Python installs its handlers with SA_ONSTACK: a child's SIGCHLD under a DataLoader, a
-    SIGTERM) kills the process with SIGSEGV. One core, never destroyed early, cannot.
-    ``tests/test_engines.py`` shows the crash with two cores and none through this one.
-    """
-    import openvino
-
-    return openvino.Core()
-
-
-class OpenVinoRunner:
-    def __init__(self, graph: Path, precision: str, threads: int, cache: Path) -> None:
-        self.compiled = openvino_core().compile_model(
-            str(graph),
-            "CPU",
-            {
-                "CACHE_DIR": str(cache),  # the compiled model, reused next run
-                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                "INFERENCE_NUM_THREADS": threads,
-                "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all threads on it
-            },
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to("cpu", torch.float32).contiguous()
-        return torch.from_numpy(self.compiled(x.numpy())[0].copy())
-
-
 def make_runner(model, ckpt, choice: Choice, layer: str | None, cache: EngineCache | None,
                 *, peer: bool = False):  # fmt: skip
     """The runner of ``choice``; ``peer``: the engine with its own defaults, as the bench's
     peers run (only ONNX Runtime's thread spinning differs)."""
     threads = torch.get_num_threads()
     if choice.backend == "torch":
-        return TorchRunner(model, choice, layer)
+        return TorchRunner(model, choice.precision, choice.channels_last, layer)
     graph = cache.graph(model, ckpt, choice.backend, layer)
     if choice.backend == "onnxruntime":
         return OnnxRuntimeRunner(graph, threads, spin=peer)
@@ -355,13 +279,14 @@ class InferenceModel(nn.Module):
         got = self.runner(x)
         exact = self.choice == Choice("torch", "fp32")
         with torch.inference_mode():
-            want = got if exact else _torch_fn(self.model, self.layer)(x.float()).float()
+            want = got if exact else torch_fn(self.model, self.layer)(x.float()).float()
         self.check = agreement(got, want, probabilities=self.layer is None)
         top1 = self.check["top1_agreement"]
-        low = top1 is not None and top1 < MIN_AGREEMENT
-        if self.choice.precision == "bf16" and low and not self.fallback:
+        if self.choice.precision != "bf16" or top1 is None or top1 >= MIN_AGREEMENT:
+            return got
+        if not self.fallback:
             self.note = f"; below the {100 * MIN_AGREEMENT:.0f}% that --precision auto asks"
-        elif self.choice.precision == "bf16" and low:
+        else:
             self.note = f"; {self.choice.label()} agreed on too few (fp32 used instead)"
             self.choice = Choice(self.choice.backend, "fp32", self.choice.channels_last)
             self.runner = make_runner(self.model, self.ckpt, self.choice, self.layer, self.cache)
