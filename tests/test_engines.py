@@ -124,6 +124,24 @@ def test_cache_is_rebuilt_when_the_checkpoint_changes_and_never_serves_another(t
     np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
 
 
+def test_a_damaged_cached_graph_is_exported_again(tmp_path):
+    """The cache is derived data: a graph cut short (a full disk, a copy gone wrong) or
+    altered is noticed by its recorded SHA-256 and exported again, not fed to the engine."""
+    path = _checkpoint(tmp_path / "m.pt")
+    x = _inputs()
+    want = _reference(path, x)
+    model, ckpt = load_model(path)
+    engines.for_inference(model, ckpt, path, "onnxruntime", precision="fp32")(x)
+    (graph,) = (tmp_path / "m.pt.engines").glob("*.onnx")
+    size = graph.stat().st_size
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b[:-9] + bytes([b[-9] ^ 1]) + b[-8:]):
+        graph.write_bytes(damage(graph.read_bytes()))
+        model, ckpt = load_model(path)
+        got = engines.for_inference(model, ckpt, path, "onnxruntime", precision="fp32")(x)
+        np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+        assert graph.stat().st_size == size
+
+
 _SETUP = """
 import sys
 from alexnet.checkpoint import load_model

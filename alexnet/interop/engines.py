@@ -41,7 +41,7 @@ from alexnet.interop.runners import (
     torch_fn,
 )
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_write_json, exclusive_lock
+from alexnet.runtime.fileio import atomic_write_json, exclusive_lock, file_digest
 from alexnet.runtime.timing import alternating
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
@@ -191,9 +191,14 @@ class EngineCache:
                     "torch": torch.__version__}  # fmt: skip
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         path = self.dir / f"{LRN_GRAPH[backend]}-{layer or 'logits'}-{key}.onnx"
+        written = self.manifest.setdefault("graphs", {})  # file name -> SHA-256 as exported
+        if path.exists() and written.get(path.name) != file_digest(path):
+            path.unlink()  # damaged, or not recorded as ours: exported again
         if not path.exists():
             cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
             export_onnx(cpu, ckpt, path, lrn_graph=LRN_GRAPH[backend], layer=layer, check=False)
+            written[path.name] = file_digest(path)
+            self._save()
         return path
 
     def choice(self, key: str) -> Choice | None:

@@ -38,6 +38,7 @@ from alexnet.runtime.fileio import (
     atomic_write_bytes,
     atomic_write_json,
     exclusive_lock,
+    file_digest,
 )
 
 ENV_HOME = "ALEXNET_HOME"
@@ -95,14 +96,6 @@ def mirrored(url: str) -> str:
     return base.rstrip("/") + urlsplit(url).path
 
 
-def digest(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _clean_stale(directory: Path, filename: str) -> None:
     """Remove temporary files of downloads whose process has ended (killed runs)."""
     for tmp in directory.glob(f".{filename}.*.download*"):
@@ -130,11 +123,11 @@ def check(d: Download, path: Path, label: str) -> None:
     if d.size is not None and size != d.size:
         problems.append(f"{size} bytes, expected {d.size}")
     for algorithm, want in (("sha256", d.sha256), ("sha1", d.sha1)):
-        if want and (got := digest(path, algorithm)) != want.lower():
+        if want and (got := file_digest(path, algorithm)) != want.lower():
             problems.append(f"{algorithm.upper()} {got}, expected {want}")
     pin = path.with_name(path.name + ".sha256")
     if not (d.sha256 or d.sha1) and pin.is_file():
-        if (got := digest(path)) != (want := pin.read_text().strip()):
+        if (got := file_digest(path)) != (want := pin.read_text().strip()):
             problems.append(f"SHA-256 {got}, expected {want} (pinned at first download)")
     if problems:
         raise UserError(f"{label}: {'; '.join(problems)}")
@@ -169,7 +162,7 @@ def fetch(d: Download, directory: Path, *, validate: Callable[[Path, str], None]
         if validate is not None:
             validate(tmp, label)
         if not (d.sha256 or d.sha1):
-            atomic_write_bytes(pin, (digest(tmp) + "\n").encode())
+            atomic_write_bytes(pin, (file_digest(tmp) + "\n").encode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -215,7 +208,7 @@ def _aux_files(entry: WeightSet, directory: Path, progress: bool) -> dict[str, P
         for name, data in _read_members(archive, todo, str(archive)).items():
             atomic_write_bytes(files[name], data)
     for name, want in entry.members.items():
-        if want and (got := digest(files[name], "sha1")) != want:
+        if want and (got := file_digest(files[name], "sha1")) != want:
             raise UserError(f"{files[name]}: SHA-1 {got}, expected {want}")
     return files
 
@@ -245,11 +238,11 @@ def checkpoint_path(name: str, *, progress: bool = True) -> Path:
                 meta = json.loads(record.read_text())
             except ValueError:  # a damaged record: convert again
                 meta = {}
-            if meta.get("sources") == _sources(entry) and meta.get("sha256") == digest(out):
+            if meta.get("sources") == _sources(entry) and meta.get("sha256") == file_digest(out):
                 return out
         ckpt = _convert(entry, home() / "downloads", progress)
         atomic_torch_save(out, ckpt)
-        atomic_write_json(record, {"sources": _sources(entry), "sha256": digest(out)})
+        atomic_write_json(record, {"sources": _sources(entry), "sha256": file_digest(out)})
     return out
 
 
