@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alexnet.dropout import Dropout
 from alexnet.lrn import LocalResponseNorm
 
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -193,7 +194,7 @@ class AlexNet(nn.Module):
         self.lrn2 = self._make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
         self.pool = nn.MaxPool2d(kernel_size=pool_kernel, stride=2)  # z=3, s=2: PAPER A9
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if spec.adaptive_pool else None
-        self.drop = nn.Dropout(dropout)  # PAPER C1
+        self.drop = Dropout(dropout)  # PAPER C1 (nn.Dropout, a cheaper mask on CPU)
         flat = self._flat_features(in_channels, o["image_size"])  # 6*6*256 = 9216: PAPER A7
         self.fc6 = nn.Linear(flat, o["fc_width"])
         self.fc7 = nn.Linear(o["fc_width"], o["fc_width"])
