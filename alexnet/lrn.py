@@ -88,10 +88,11 @@ def _band_kernel(band: Tensor, groups: int = 1) -> Tensor:
     return torch.cat(blocks)[:, :, None, None]
 
 
-def _band_sum(t: Tensor, band: Tensor, kernel: Tensor) -> Tensor:
-    """t's channels times the (C, C) matrix ``band``: out[:, i] = sum_j t[:, j] * band[j, i],
-    for an NCHW or channels_last tensor; the result has t's layout. ``kernel``:
-    ``_band_kernel(band, groups)``, made once by the caller for many calls.
+def _band_sum(t: Tensor, band: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+    """t's channels times the (C, C) matrix ``band``: out[:, i] = sum_j t[:, j] * band[j, i]
+    (+ bias[i]), for an NCHW or channels_last tensor; the result has t's layout. ``kernel``:
+    ``_band_kernel(band, groups)``, made once by the caller for many calls. The bias rides in
+    the convolution (one pass over the result fewer than adding it afterwards).
 
     channels_last: a 1x1 convolution, which torch hands to oneDNN; as a matrix product the
     same sum goes to torch's BLAS, which on some CPUs runs far below their vector width (an
@@ -100,8 +101,9 @@ def _band_sum(t: Tensor, band: Tensor, kernel: Tensor) -> Tensor:
     at the sizes of the paper's two LRN layers)."""
     n, channels, h, w = t.shape
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return F.conv2d(t, kernel, groups=channels // kernel.shape[1])
-    return (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
+        return F.conv2d(t, kernel, bias, groups=channels // kernel.shape[1])
+    out = (band.T @ t.reshape(n, channels, h * w)).view(n, channels, h, w)
+    return out if bias is None else out.add_(bias[:, None, None])
 
 
 def window_sum(
@@ -158,15 +160,23 @@ def _batch_slices(x: Tensor) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _window_summer(x: Tensor, before: int, after: int, groups: int, scale: float, dtype):
-    """scale * the window sum (``window_sum``) for slices of ``x``, chosen and set up once per
-    pass: the banded GEMM (its matrix built here) on CPU for NCHW or channels_last tensors,
+def _window_summer(
+    x: Tensor, before: int, after: int, groups: int, scale: float, dtype, k: float = 0.0
+):
+    """k + scale * the window sum (``window_sum``) for slices of ``x``, chosen and set up once
+    per pass: the banded GEMM (its matrix built here) on CPU for NCHW or channels_last tensors,
     shifted adds otherwise."""
     if _matmul_ok(x):
         band = _scaled_band(x.shape[1], before, after, groups, scale, x.device, dtype)
         kernel = _band_kernel(band, groups)
-        return lambda t: _band_sum(t, band, kernel)
-    return lambda t: window_sum(t, before, after, groups, "shift", scale)
+        bias = torch.full((x.shape[1],), k, device=x.device, dtype=dtype) if k else None
+        return lambda t: _band_sum(t, band, kernel, bias)
+
+    def summed(t: Tensor) -> Tensor:
+        s = window_sum(t, before, after, groups, "shift", scale)
+        return s.add_(k) if k else s
+
+    return summed
 
 
 class _LRNFunction(torch.autograd.Function):
@@ -180,7 +190,7 @@ class _LRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, size: int, c: float, beta: float, k: float, groups: int):
         acc_dtype = _acc_dtype(x)
-        summed = _window_summer(x, *_window(size), groups, c, acc_dtype)
+        denominator = _window_summer(x, *_window(size), groups, c, acc_dtype, k)  # k + c*S
         y = torch.empty_like(x)
         p = torch.empty_like(x, dtype=acc_dtype)
         r = torch.empty_like(x, dtype=acc_dtype)
@@ -189,7 +199,7 @@ class _LRNFunction(torch.autograd.Function):
             for sl in _batch_slices(x):
                 a = x[sl].to(acc_dtype)
                 sq = a * a
-                d = summed(sq).add_(k)  # k + c*S > 0
+                d = denominator(sq)  # k + c*S > 0
                 pp = _neg_pow(d, beta, out=p[sl])
                 b = torch.mul(a, pp, out=sq)
                 torch.div(b, d, out=r[sl])
