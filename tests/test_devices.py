@@ -156,3 +156,21 @@ def test_precision_bf16_on_cuda_runs_torch_bf16_on_the_device(tmp_path):
         assert all(p.dtype == torch.float32 for p in net.parameters())  # the reference kept
         copy = list(wrapped.runner.fn.parameters())
         assert copy and all(p.dtype == torch.bfloat16 and p.device == CUDA for p in copy)
+
+
+def test_the_fused_optimizer_step_gets_its_arguments_on_the_device(fake_cuda_session, monkeypatch):
+    """PaperSGD's fused step (PAPER D1) on CUDA parameters: every tensor it hands torch's
+    fused kernel, its grad scale included, is on their device (a CPU scalar would be a
+    cross-device argument). The kernel has no fake implementation, so a recorder stands in."""
+    s, mode = fake_cuda_session
+    seen = []
+    monkeypatch.setattr(
+        torch, "_fused_sgd_", lambda *lists, grad_scale, **kw: seen.append((lists, grad_scale))
+    )
+    with mode:
+        for p in s.model.parameters():
+            p.grad = torch.randn(p.shape, device=CUDA)
+        s.optimizer.step()
+    assert seen, "the fused kernel was not called"
+    for lists, scale in seen:
+        assert {t.device for ts in lists for t in ts} | {scale.device} == {CUDA}

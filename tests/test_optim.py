@@ -55,6 +55,30 @@ def test_paper_sgd_matches_d1_across_a_rate_change(foreach):
     torch.testing.assert_close(w.detach(), _reference(w0, grads, LRS), rtol=0, atol=1e-15)
 
 
+def test_fused_step_is_d1_within_float32_and_leaves_lr_times_grad():
+    """float32 takes torch's fused kernel with the D1 mapping (optim._fused_step)."""
+    w0, _, grads = _problem(2)
+    wd = 0.05  # large, so a wrong sign or scale of the decay shows above float32 rounding
+    w = torch.nn.Parameter(w0.float())
+    opt = PaperSGD([w], lr=LRS[0], momentum=0.9, weight_decay=wd)
+    for (g, _), lr in zip(grads, LRS, strict=True):
+        set_lr(opt, lr)
+        w.grad = g.float()
+        opt.step()
+        torch.testing.assert_close(w.grad, lr * g.float())  # the fused path ran
+    ref = _reference(w0, grads, LRS, wd=wd)
+    torch.testing.assert_close(w.detach().double(), ref, rtol=1e-6, atol=1e-6)
+    assert (ref - _reference(w0, grads, LRS, wd=-wd)).abs().max() > 1e-3  # the check can fail
+
+
+def test_unfused_step_leaves_the_gradient_alone():
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = PaperSGD([w], lr=0.01, fused=False)
+    w.grad = torch.full((4,), 3.0)
+    opt.step()
+    assert torch.equal(w.grad, torch.full((4,), 3.0))
+
+
 def test_torch_sgd_agrees_at_constant_rate_and_differs_after_a_change():
     w0, _, grads = _problem(1)
 
