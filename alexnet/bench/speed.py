@@ -2,9 +2,11 @@
 
 The reference is ``reference_network``: an ``nn.Sequential`` with ``torch.nn.LocalResponseNorm``,
 built from our model's layer sizes, run in float32, contiguous, eager, with ``torch.optim.SGD``.
-Ours is ``alexnet.model.AlexNet`` with its best settings (see ``best_settings``). Both train
-and infer on the same synthetic batch already on the device; timing rounds alternate between
-the two after warm-up, and the figures are medians over rounds. The end-to-end figure runs a
+Ours is ``alexnet.model.AlexNet`` with its best settings (see ``best_settings``) and the
+optimizer ``alexnet train`` runs, ``PaperSGD``. Both train and infer on the same synthetic
+batch already on the device; timing rounds alternate between the two after warm-up, and the
+figures are medians over rounds. The compiled peer (``alexnet.bench.peers``) trains with
+torch's fused SGD. The end-to-end figure runs a
 prepared dataset through ``make_loader`` + ``DeviceAugment`` + our training step.
 ``--precision-check`` trains the small model on Fashion-MNIST in float32 and in bfloat16 from
 the same seed and prints both loss curves. Method and figures: docs/PERFORMANCE.md.
@@ -26,6 +28,7 @@ from torch import nn
 
 from alexnet.bench.memory import PeakMemory, saved_activation_bytes
 from alexnet.model import AlexNet, count_parameters
+from alexnet.optim import PaperSGD
 from alexnet.runtime import devices
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.timing import alternating
@@ -33,11 +36,15 @@ from alexnet.runtime.timing import alternating
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How one network runs: precision (autocast dtype), memory format, torch.compile."""
+    """How one network runs: precision (autocast dtype), memory format, torch.compile, and
+    its optimizer: ``"sgd"`` torch.optim.SGD as constructed by default (foreach),
+    ``"sgd_fused"`` the same with ``fused=True``, ``"paper"`` our PaperSGD (PAPER D1, what
+    ``alexnet train`` runs)."""
 
     precision: str  # "fp32" or "bf16" (autocast)
     channels_last: bool
     compile: bool
+    optimizer: str = "sgd"
 
 
 REFERENCE = RunSettings(precision="fp32", channels_last=False, compile=False)
@@ -46,7 +53,9 @@ REFERENCE = RunSettings(precision="fp32", channels_last=False, compile=False)
 def best_settings(device: torch.device, args: argparse.Namespace) -> RunSettings:
     # The same rule as training's run.precision (auto: bf16 where the hardware has it).
     precision = "fp32" if devices.precision_dtype(args.precision, device) is None else "bf16"
-    return RunSettings(precision, channels_last=not args.no_channels_last, compile=args.compile)
+    return RunSettings(
+        precision, channels_last=not args.no_channels_last, compile=args.compile, optimizer="paper"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,8 +160,9 @@ def make_steps(net: nn.Module, s: RunSettings, device, batch: int, size: int, cl
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=fmt)
     fwd = torch.compile(net) if s.compile else net
-    # The usual SGD with momentum and weight decay (PAPER D1: 0.9, 5e-4), foreach on both.
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    # SGD with momentum and weight decay (PAPER D1: 0.9, 5e-4), at one constant rate, where
+    # torch's form and the paper's agree (alexnet.optim).
+    opt = _optimizer(s.optimizer, net.parameters())
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, net_in_channels(net), size, size, generator=gen).to(device)
     x = x.contiguous(memory_format=fmt)
@@ -177,6 +187,13 @@ def make_steps(net: nn.Module, s: RunSettings, device, batch: int, size: int, cl
             return net(x)
 
     return (lambda: train_batch(x, y)), infer, train_batch, forward_eager
+
+
+def _optimizer(kind: str, params) -> torch.optim.Optimizer:
+    kw = dict(lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    if kind == "paper":
+        return PaperSGD(params, **kw)
+    return torch.optim.SGD(params, **kw, fused=True if kind == "sgd_fused" else None)
 
 
 def net_in_channels(net: nn.Module) -> int:
@@ -294,12 +311,13 @@ def model_only(args, device, settings: RunSettings, batch: int, kept: dict | Non
 
 
 def _compiled_reference_train(ref, device, batch: int, size: int, classes: int):
-    """The reference's training step with torch.compile, channels_last and the precision
-    ``auto`` picks here (bf16 where native), compiled by one untimed step."""
+    """The reference's training step with torch.compile, channels_last, the precision
+    ``auto`` picks here (bf16 where native) and torch's fused SGD (the fastest optimizer
+    step a user could pick), compiled by one untimed step."""
     import copy
 
     precision = "fp32" if devices.precision_dtype("auto", device) is None else "bf16"
-    settings = RunSettings(precision=precision, channels_last=True, compile=True)
+    settings = RunSettings(precision, channels_last=True, compile=True, optimizer="sgd_fused")
     train, _, _, _ = make_steps(copy.deepcopy(ref), settings, device, batch, size, classes)
     train()
     return train
