@@ -67,6 +67,23 @@ def test_bench_quick_json(capsys):
         assert r["infer"] == pytest.approx(out["infer_ips"] / out["peers"][name]["infer_ips"])
         assert r["latency"] == pytest.approx(out["peers"][name]["latency_ms"] / out["latency_ms"])
     assert out["best_infer_backend"].split()[0] in {"torch", "openvino", "onnxruntime"}
+    # the peak: the better of a run before the training rounds and one after inference
+    early, late = out["matmul_peak_runs_gflops"]
+    for k, best in out["matmul_peak_gflops"].items():
+        assert best == max(early[k], late[k]) > 0, k
+
+
+def test_each_contender_trains_with_its_own_optimizer():
+    """Ours: PaperSGD, what alexnet train runs; the compiled peer: torch's fused SGD; the
+    usual way: torch's SGD as constructed by default."""
+    from alexnet.bench.speed import _optimizer
+    from alexnet.optim import PaperSGD
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert isinstance(_optimizer("paper", params), PaperSGD)
+    assert _optimizer("sgd_fused", params).defaults["fused"] is True
+    usual = _optimizer("sgd", params)
+    assert type(usual) is torch.optim.SGD and not usual.defaults["fused"]
 
 
 def test_bench_bad_device_is_a_clear_error(capsys):

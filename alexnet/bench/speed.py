@@ -288,6 +288,10 @@ def model_only(args, device, settings: RunSettings, batch: int, kept: dict | Non
                     our_infer=our_infer, our_train_precision=settings.precision)  # fmt: skip
         if kept.get("compiled"):  # the compiled reference peer (alexnet.bench.peers)
             trains["compiled"] = _compiled_reference_train(ref, device, batch, size, classes)
+    if kept is not None and device.type == "cpu":  # the peers' matmul peak (again later)
+        from alexnet.bench.peers import peak_size, peaks
+
+        kept["early_peak"] = peaks(*peak_size(args))
     mem = {k: PeakMemory(device) for k in trains}
     tr = alternate(trains, args.rounds, args.steps, batch, device, mem)
     if "compiled" in tr:
