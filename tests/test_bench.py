@@ -67,6 +67,8 @@ def test_bench_quick_json(capsys):
         assert r["infer"] == pytest.approx(out["infer_ips"] / out["peers"][name]["infer_ips"])
         assert r["latency"] == pytest.approx(out["peers"][name]["latency_ms"] / out["latency_ms"])
     assert out["best_infer_backend"].split()[0] in {"torch", "openvino", "onnxruntime"}
+    # timed stretches last long enough: at least --steps calls (2), more for fast calls
+    assert out["latency_calls_per_round"] >= out["infer_calls_per_round"] >= out["steps"]
     # the peak: the better of a run before the training rounds and one after inference
     early, late = out["matmul_peak_runs_gflops"]
     for k, best in out["matmul_peak_gflops"].items():

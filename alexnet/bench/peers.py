@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import statistics
 import tempfile
 import time
@@ -80,11 +81,20 @@ def forward_flops(model: nn.Module) -> float:
     return 2.0 * sum(r["macs"] for r in layer_table(model))
 
 
-def _calls(fns: dict, x: torch.Tensor, rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each fn on ``x``, side by side, after one warm call."""
+def _calls(fns: dict, x: torch.Tensor, rounds: int, steps: int, stretch: float = 0.25):
+    """Median seconds per call of each fn on ``x``, side by side, after a warm call, and the
+    calls per timed stretch: at least ``steps``, and enough that the fastest contender's
+    stretch lasts ``stretch`` seconds (at batch 1 twenty calls of a millisecond each put
+    runs of the same runner 10% apart)."""
+    fastest = math.inf
     for fn in fns.values():
         fn(x)
-    return alternating({k: functools.partial(fn, x) for k, fn in fns.items()}, rounds, steps)
+        t0 = time.perf_counter()
+        fn(x)
+        fastest = min(fastest, time.perf_counter() - t0)
+    steps = max(steps, math.ceil(stretch / fastest))
+    calls = {k: functools.partial(fn, x) for k, fn in fns.items()}
+    return alternating(calls, rounds, steps), steps
 
 
 def _eager(net: nn.Module, precision: str, channels_last: bool):
@@ -122,7 +132,7 @@ def inference_fns(ours, ref, compiled_ref, engine_choices, checkpoint: Path, bat
 
 
 def measure_inference(ours, ref, compiled_ref, *, batch: int, rounds: int, steps: int,
-                      engines_too: bool = True) -> dict:  # fmt: skip
+                      engines_too: bool = True, stretch: float = 0.25) -> dict:  # fmt: skip
     """Images/s at ``batch`` and latency at batch 1 of each contender, and top-1 agreement."""
     from alexnet.interop import engines
 
@@ -140,14 +150,21 @@ def measure_inference(ours, ref, compiled_ref, *, batch: int, rounds: int, steps
         for name, fn in fns.items():
             agree = float((fn(x).float().argmax(1) == want).double().mean())
             out[name] = {"top1_agreement": agree}
-        for name, s in _calls(fns, x, rounds, steps).items():
+        seconds, batch_calls = _calls(fns, x, rounds, steps, stretch)
+        for name, s in seconds.items():
             out[name]["infer_ips"] = batch / s
         best = wrapped.choice.label()
         fns1, wrapped1 = inference_fns(ours, ref, compiled_ref, choices, ckpt_path, 1)
-        # Batch 1 takes milliseconds: stretches of 20 calls at least, or noise decides.
-        for name, s in _calls(fns1, x[:1], rounds, max(steps, 20)).items():
+        seconds, latency_calls = _calls(fns1, x[:1], rounds, steps, stretch)
+        for name, s in seconds.items():
             out[name]["latency_ms"] = 1000.0 * s
-    return {"peers": out, "best_infer_backend": best, "latency_backend": wrapped1.choice.label()}
+    return {
+        "peers": out,
+        "best_infer_backend": best,
+        "latency_backend": wrapped1.choice.label(),
+        "infer_calls_per_round": batch_calls,
+        "latency_calls_per_round": latency_calls,
+    }
 
 
 def compiled_precision(device: torch.device) -> str:
@@ -217,7 +234,8 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
     if compiled_ref is not None:
         copy_weights(ours, compiled_ref._orig_mod)
     inf = measure_inference(ours, ref, compiled_ref, batch=batch, rounds=args.rounds,
-                            steps=args.steps, engines_too="engines" in names)  # fmt: skip
+                            steps=args.steps, engines_too="engines" in names,
+                            stretch=0.02 if args.quick else 0.25)  # fmt: skip
     peers = inf["peers"]
     for name, ips in train.items():
         peers.setdefault(name, {})["train_ips"] = ips
@@ -241,6 +259,8 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
         "peers": peers,
         "best_infer_backend": inf["best_infer_backend"],
         "latency_backend": inf["latency_backend"],
+        "infer_calls_per_round": inf["infer_calls_per_round"],
+        "latency_calls_per_round": inf["latency_calls_per_round"],
         "infer_ips": peers["ours"]["infer_ips"],
         "latency_ms": peers["ours"]["latency_ms"],
         "ratios": ratios(peers, peers["ours"]),
