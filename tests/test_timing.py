@@ -39,3 +39,19 @@ def test_each_stretch_waits_untimed_for_the_last_ones_threads_to_settle(monkeypa
     timing.alternating({"a": lambda: None, "b": lambda: None}, rounds=2, settle=0.05)
     # per stretch: the pause, then the clock read before and after (never a pause between)
     assert events == [("sleep", 0.05), ("clock",), ("clock",)] * 4
+
+
+def test_stretches_are_long_enough_for_the_fastest_and_never_below_steps(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    calls = {"a": 0, "b": 0}
+
+    def fn(name, seconds):
+        calls[name] += 1
+        now[0] += seconds
+
+    fast = {"a": functools.partial(fn, "a", 0.004), "b": functools.partial(fn, "b", 0.030)}
+    assert timing.stretch_steps(fast, stretch=0.1) == 25  # 0.1 s of the 4 ms one
+    assert calls == {"a": 2, "b": 2}  # a warm call and a timed one each
+    slow = {"a": functools.partial(fn, "a", 0.5)}
+    assert timing.stretch_steps(slow, stretch=0.1, steps=3) == 3

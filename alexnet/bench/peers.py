@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alexnet.runtime.timing import alternating
+from alexnet.runtime.timing import alternating, stretch_steps
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -82,18 +81,10 @@ def forward_flops(model: nn.Module) -> float:
 
 
 def _calls(fns: dict, x: torch.Tensor, rounds: int, steps: int, stretch: float = 0.25):
-    """Median seconds per call of each fn on ``x``, side by side, after a warm call, and the
-    calls per timed stretch: at least ``steps``, and enough that the fastest contender's
-    stretch lasts ``stretch`` seconds (at batch 1 twenty calls of a millisecond each put
-    runs of the same runner 10% apart)."""
-    fastest = math.inf
-    for fn in fns.values():
-        fn(x)
-        t0 = time.perf_counter()
-        fn(x)
-        fastest = min(fastest, time.perf_counter() - t0)
-    steps = max(steps, math.ceil(stretch / fastest))
+    """Median seconds per call of each fn on ``x``, side by side, and the calls per timed
+    stretch (``timing.stretch_steps``: the fastest contender's stretch lasts ``stretch`` s)."""
     calls = {k: functools.partial(fn, x) for k, fn in fns.items()}
+    steps = stretch_steps(calls, stretch, steps)
     return alternating(calls, rounds, steps), steps
 
 

@@ -14,6 +14,7 @@ rounds.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -46,3 +47,17 @@ def alternating(
                     sync()
                 seconds[name].append((time.perf_counter() - t0) / steps)
     return {k: statistics.median(v) for k, v in seconds.items()}
+
+
+def stretch_steps(fns: dict[str, Callable[[], object]], stretch: float, steps: int = 1) -> int:
+    """Calls per timed stretch for ``alternating``: at least ``steps``, and enough that the
+    fastest fn's stretch lasts ``stretch`` seconds. Each fn is called twice here, the first
+    as a warm-up (at batch 1 a call takes about a millisecond, and one or twenty of them are
+    noise: two timings of the same runner came out 10% apart)."""
+    fastest = math.inf
+    for fn in fns.values():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        fastest = min(fastest, time.perf_counter() - t0)
+    return max(steps, math.ceil(stretch / max(fastest, 1e-9)))
