@@ -209,6 +209,19 @@ def allocator_effect(fns: dict, rounds: int, steps: int) -> dict:
     }
 
 
+def _peak_fractions(peers: dict, flops: float, peak: dict, our_train: str, our_infer: str):
+    """Each figure against the peak of the precision it was computed in (training: 3x the
+    forward FLOPs), as ``peers[name]["peak_fraction"]``."""
+    for name, p in peers.items():
+        precision = {k: "bf16" if "bf16" in name else "fp32" for k in ("train", "infer")}
+        if name == "ours":
+            precision = {"train": our_train, "infer": our_infer}
+        p["peak_fraction"] = {
+            k: p[f"{k}_ips"] * flops * (3 if k == "train" else 1) / peak[precision[k]]
+            for k in ("train", "infer") if p.get(f"{k}_ips")
+        }  # fmt: skip
+
+
 def peer_figures(args, device, batch: int, kept: dict) -> dict:
     """The ``peers`` block of ``alexnet bench``: ``kept`` holds speed.model_only's networks,
     training steps and figures."""
@@ -236,16 +249,8 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
     # The best of both: a peak caught while the machine ran slow would flatter every fraction.
     peak = {k: max(early[k], late[k]) for k in late}
     flops = forward_flops(ours)
-    for name, p in peers.items():
-        # each figure against the peak of the precision it was computed in
-        precision = {k: "bf16" if "bf16" in name else "fp32" for k in ("train", "infer")}
-        if name == "ours":
-            precision["train"] = kept.get("our_train_precision", "fp32")
-            precision["infer"] = "bf16" if "bf16" in inf["best_infer_backend"] else "fp32"
-        p["peak_fraction"] = {
-            k: p[f"{k}_ips"] * flops * (3 if k == "train" else 1) / peak[precision[k]]
-            for k in ("train", "infer") if p.get(f"{k}_ips")
-        }  # fmt: skip
+    _peak_fractions(peers, flops, peak, kept.get("our_train_precision", "fp32"),
+                    "bf16" if "bf16" in inf["best_infer_backend"] else "fp32")  # fmt: skip
     out = {
         "peers": peers,
         "best_infer_backend": inf["best_infer_backend"],

@@ -13,7 +13,6 @@ rounds.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -25,27 +24,27 @@ def alternating(
     rounds: int,
     steps: int = 1,
     sync: Callable[[], object] | None = None,
-    around: dict[str, contextlib.AbstractContextManager] | None = None,
     settle: float = 0.1,
 ) -> dict[str, float]:
     """Median seconds per call of each fn over ``rounds`` rounds of ``steps`` calls.
-    ``sync`` runs before and after each timed stretch (a device synchronise); ``around[name]``
-    is entered around that fn's stretch (a peak-memory probe)."""
+    ``sync`` runs before and after each timed stretch (a device synchronise). Nothing else
+    runs in the process meanwhile: a memory probe's sampling thread took 4% (paper net) and
+    8% (small) of our training step, whose many small ops give the sampler the GIL often,
+    and less of the reference's (bench.speed measures memory in steps of its own)."""
     names = list(fns)
     seconds: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if settle > 0:
                 time.sleep(settle)
-            with (around or {}).get(name) or contextlib.nullcontext():
-                if sync:
-                    sync()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    fns[name]()
-                if sync:
-                    sync()
-                seconds[name].append((time.perf_counter() - t0) / steps)
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[name]()
+            if sync:
+                sync()
+            seconds[name].append((time.perf_counter() - t0) / steps)
     return {k: statistics.median(v) for k, v in seconds.items()}
 
 
