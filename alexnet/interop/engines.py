@@ -233,10 +233,11 @@ def make_runner(model, ckpt, choice: Choice, layer: str | None, cache: EngineCac
     return OpenVinoRunner(graph, choice.precision, threads, cache.dir / "openvino")
 
 
-def time_runners(runners: dict[str, object], x: torch.Tensor, rounds: int = 2) -> dict:
+def time_runners(runners: dict[str, object], x: torch.Tensor, rounds: int = 3) -> dict:
     """Median seconds per call of each runner on ``x``, side by side after a warm-up, in
-    stretches of at least 0.1 s for the fastest (at batch 1, single calls chose ONNX Runtime
-    at 1.6 ms over OpenVINO at 0.9)."""
+    stretches of at least 0.1 s for the fastest, over three rounds (at batch 1 single calls
+    chose ONNX Runtime at 1.6 ms over OpenVINO at 0.9; at 128, two rounds once chose torch
+    bf16 at 328 images/s over OpenVINO bf16 at 393)."""
     calls = {k: functools.partial(fn, x) for k, fn in runners.items()}
     return alternating(calls, rounds, stretch_steps(calls, 0.1))
 
