@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open
+from alexnet.runtime.fileio import atomic_open, file_digest
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian: dataset-fashion-mnist
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -36,16 +36,8 @@ CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 VAL_SIZE = 5000
 
 
-def md5_of(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_md5(path: Path, expected: str) -> None:
-    got = md5_of(path)
+    got = file_digest(path, "md5")
     if got != expected:
         raise UserError(f"{path}: MD5 {got}, expected {expected} (corrupt or wrong file)")
 
@@ -58,7 +50,7 @@ def download_fashion_mnist(folder: str | Path, url: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, md5 in FASHION_MNIST_FILES.items():
         target = folder / name
-        if target.is_file() and md5_of(target) == md5:
+        if target.is_file() and file_digest(target, "md5") == md5:
             continue
         print(f"downloading {url + name}", flush=True)
         try:
