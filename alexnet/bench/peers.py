@@ -18,7 +18,6 @@ CPU's matrix-multiply rate, against which every figure is also given as a fracti
 from __future__ import annotations
 
 import contextlib
-import functools
 import statistics
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alexnet.runtime.timing import alternating, stretch_steps
+from alexnet.runtime.timing import alternating_on
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -78,14 +77,6 @@ def forward_flops(model: nn.Module) -> float:
     from alexnet.summary import layer_table
 
     return 2.0 * sum(r["macs"] for r in layer_table(model))
-
-
-def _calls(fns: dict, x: torch.Tensor, rounds: int, steps: int, stretch: float = 0.25):
-    """Median seconds per call of each fn on ``x``, side by side, and the calls per timed
-    stretch (``timing.stretch_steps``: the fastest contender's stretch lasts ``stretch`` s)."""
-    calls = {k: functools.partial(fn, x) for k, fn in fns.items()}
-    steps = stretch_steps(calls, stretch, steps)
-    return alternating(calls, rounds, steps), steps
 
 
 def _eager(net: nn.Module, precision: str, channels_last: bool):
@@ -141,12 +132,12 @@ def measure_inference(ours, ref, compiled_ref, *, batch: int, rounds: int, steps
         for name, fn in fns.items():
             agree = float((fn(x).float().argmax(1) == want).double().mean())
             out[name] = {"top1_agreement": agree}
-        seconds, batch_calls = _calls(fns, x, rounds, steps, stretch)
+        seconds, batch_calls = alternating_on(fns, x, rounds, stretch, steps)
         for name, s in seconds.items():
             out[name]["infer_ips"] = batch / s
         best = wrapped.choice.label()
         fns1, wrapped1 = inference_fns(ours, ref, compiled_ref, choices, ckpt_path, 1)
-        seconds, latency_calls = _calls(fns1, x[:1], rounds, steps, stretch)
+        seconds, latency_calls = alternating_on(fns1, x[:1], rounds, stretch, steps)
         for name, s in seconds.items():
             out[name]["latency_ms"] = 1000.0 * s
     return {

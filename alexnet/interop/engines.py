@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import hashlib
 import importlib.util
 import json
@@ -42,7 +41,7 @@ from alexnet.interop.runners import (
 )
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json, exclusive_lock, file_digest
-from alexnet.runtime.timing import alternating, stretch_steps
+from alexnet.runtime.timing import alternating_on
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -238,8 +237,7 @@ def time_runners(runners: dict[str, object], x: torch.Tensor, rounds: int = 3) -
     stretches of at least 0.1 s for the fastest, over three rounds (at batch 1 single calls
     chose ONNX Runtime at 1.6 ms over OpenVINO at 0.9; at 128, two rounds once chose torch
     bf16 at 328 images/s over OpenVINO bf16 at 393)."""
-    calls = {k: functools.partial(fn, x) for k, fn in runners.items()}
-    return alternating(calls, rounds, stretch_steps(calls, 0.1))
+    return alternating_on(runners, x, rounds, stretch=0.1)[0]
 
 
 # ------------------------------------------------------------------------------- agreement

@@ -13,6 +13,7 @@ rounds.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -60,3 +61,12 @@ def stretch_steps(fns: dict[str, Callable[[], object]], stretch: float, steps: i
         fn()
         fastest = min(fastest, time.perf_counter() - t0)
     return max(steps, math.ceil(stretch / max(fastest, 1e-9)))
+
+
+def alternating_on(fns: dict[str, Callable[[object], object]], arg: object, rounds: int,
+                   stretch: float, steps: int = 1) -> tuple[dict[str, float], int]:  # fmt: skip
+    """``alternating`` of each fn called on ``arg``, in stretches of ``stretch_steps`` calls;
+    also the calls per stretch."""
+    calls = {k: functools.partial(fn, arg) for k, fn in fns.items()}
+    steps = stretch_steps(calls, stretch, steps)
+    return alternating(calls, rounds, steps), steps
