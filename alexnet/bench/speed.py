@@ -193,6 +193,8 @@ def _optimizer(kind: str, params) -> torch.optim.Optimizer:
     kw = dict(lr=1e-3, momentum=0.9, weight_decay=5e-4)
     if kind == "paper":
         return PaperSGD(params, **kw)
+    if kind not in ("sgd", "sgd_fused"):
+        raise ValueError(f"unknown optimizer {kind!r}: paper, sgd or sgd_fused")
     return torch.optim.SGD(params, **kw, fused=True if kind == "sgd_fused" else None)
 
 

@@ -28,8 +28,8 @@ def alternating(
     settle: float = 0.1,
 ) -> dict[str, float]:
     """Median seconds per call of each fn over ``rounds`` rounds of ``steps`` calls.
-    ``sync`` runs before and after each timed stretch (a device synchronise). Nothing else
-    runs in the process meanwhile: a memory probe's sampling thread took 4% (paper net) and
+    ``sync`` runs before and after each timed stretch (a device synchronise). Keep other work
+    out of the process meanwhile: a memory probe's sampling thread took 4% (paper net) and
     8% (small) of our training step, whose many small ops give the sampler the GIL often,
     and less of the reference's (bench.speed measures memory in steps of its own)."""
     names = list(fns)
