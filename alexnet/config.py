@@ -275,8 +275,11 @@ def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
     """Raise one ``UserError`` listing every problem, before any work starts. With
     ``check_files``, also the dataset: it must be prepared, and the crops and the model must
     fit its images."""
-    problems = [f"{k}={v}: must be a finite number" for k, v in flatten(cfg.to_dict()).items()
-                if isinstance(v, float) and not math.isfinite(v)]  # fmt: skip
+    problems = [
+        f"{k}={v}: must be a finite number"
+        for k, v in flatten(cfg.to_dict()).items()
+        if isinstance(v, float) and not math.isfinite(v)
+    ]
     problems += _setting_problems(cfg)
     if check_files:
         problems += _data_problems(cfg)
@@ -305,19 +308,25 @@ def _setting_problems(cfg: TrainConfig) -> list[str]:
         (s.patience >= 1 and s.max_cuts >= 0, "schedule.patience >= 1 and max_cuts >= 0"),
         (list(s.milestones) == sorted(set(s.milestones)), "schedule.milestones: must increase"),
         (r.precision in PRECISIONS, f"run.precision={r.precision!r}: {', '.join(PRECISIONS)}"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r.device) is not None,
-         f"run.device={r.device!r}: use auto, cpu, cuda or cuda:N"),
+        (
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r.device) is not None,
+            f"run.device={r.device!r}: use auto, cpu, cuda or cuda:N",
+        ),
         (r.log_every > 0 and r.save_every_steps >= 0 and r.max_steps >= 0, "run.* counts >= 0"),
         (r.dist_timeout_s > 0, f"run.dist_timeout_s={r.dist_timeout_s}: must be > 0"),
         ("/" not in r.name, f"run.name={r.name!r}: a name, not a path (see run.out_dir)"),
-    ]  # fmt: skip
+    ]
     if r.tower_devices:
         checks += [
-            (len(r.tower_devices.split(",")) == 2,
-             f"run.tower_devices={r.tower_devices!r}: two devices, e.g. cuda:0,cuda:1"),
-            (cfg.model.towers is not False,
-             "run.tower_devices needs model.towers (the grouped layout it splits)"),
-        ]  # fmt: skip
+            (
+                len(r.tower_devices.split(",")) == 2,
+                f"run.tower_devices={r.tower_devices!r}: two devices, e.g. cuda:0,cuda:1",
+            ),
+            (
+                cfg.model.towers is not False,
+                "run.tower_devices needs model.towers (the grouped layout it splits)",
+            ),
+        ]
     return [msg for ok, msg in checks if not ok]
 
 
@@ -330,8 +339,7 @@ def _model_problems(cfg: TrainConfig, *, image_size: int | None, channels: int) 
 
     try:
         with torch.device("meta"):
-            AlexNet(2, in_channels=channels, image_size=image_size,
-                    **dataclasses.asdict(cfg.model))  # fmt: skip
+            AlexNet(2, in_channels=channels, image_size=image_size, **dataclasses.asdict(cfg.model))
     except ValueError as e:
         return [f"model ({cfg.model.arch}): {e}"]
     return []
@@ -354,8 +362,10 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
     if crop > min(h, w):
         # Training crops may reach into the padding, but the validation and test views (the
         # centre and the ten of PAPER B5) are cut from the stored image itself.
-        return [f"data.crop_size={crop}: larger than the {h}x{w} images of {d.root} (the test "
-                f"views are cut from the stored image; use at most {min(h, w)})"]  # fmt: skip
+        return [
+            f"data.crop_size={crop}: larger than the {h}x{w} images of {d.root} (the test "
+            f"views are cut from the stored image; use at most {min(h, w)})"
+        ]
     return _model_problems(cfg, image_size=crop, channels=channels)
 
 

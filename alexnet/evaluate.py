@@ -115,9 +115,14 @@ def evaluate(
     if not all(1 <= k <= len(models) for k in ks):
         raise ValueError(f"sizes {ks}: each must be between 1 and {len(models)} models")
     loader = make_loader(
-        ds, batch_size, shuffle=False, num_workers=workers, rank=env.rank,
-        world_size=env.world_size, pad=False,  # each image exactly once over all ranks
-    )  # fmt: skip
+        ds,
+        batch_size,
+        shuffle=False,
+        num_workers=workers,
+        rank=env.rank,
+        world_size=env.world_size,
+        pad=False,  # each image exactly once over all ranks
+    )
     counts = [Counts.zeros(len(ds.classes), device) for _ in ks]
     label = f"evaluate {views} view{'s' * (views > 1)}"
     if env.world_size > 1:
@@ -180,9 +185,13 @@ def add_views_argument(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from alexnet.interop.weights import add_weights_argument
 
-    parser.add_argument("--checkpoint", type=Path, action="append",
-                        help="a checkpoint, run directory or .safetensors; repeat for an "
-                             "ensemble (softmax averaged, PAPER F4)")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        help="a checkpoint, run directory or .safetensors; repeat for an "
+        "ensemble (softmax averaged, PAPER F4)",
+    )
     add_weights_argument(parser, repeat=True)
     parser.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     parser.add_argument(
@@ -192,9 +201,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_views_argument(parser)
     parser.add_argument(
-        "--batch-size", type=positive_int, default=64,
+        "--batch-size",
+        type=positive_int,
+        default=64,
         help="images per batch per rank; also the most views per forward pass",
-    )  # fmt: skip
+    )
     parser.add_argument("--workers", type=natural_int, default=0, help="loader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
@@ -224,8 +235,16 @@ def run(args: argparse.Namespace) -> int:
             check_data(ds, ckpt, model, path)
         models = _backends(models, ckpts, args)
         t0 = time.perf_counter()
-        counts = evaluate(models, augs, ds, views=args.views, batch_size=args.batch_size,
-                          device=device, env=env, workers=args.workers)  # fmt: skip
+        counts = evaluate(
+            models,
+            augs,
+            ds,
+            views=args.views,
+            batch_size=args.batch_size,
+            device=device,
+            env=env,
+            workers=args.workers,
+        )
         result = summary(counts, args.views, args.checkpoint, args.split)
         result["seconds"] = round(time.perf_counter() - t0, 3)
         result["backends"] = _reports(models)

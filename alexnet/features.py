@@ -42,19 +42,33 @@ def batch_features(model, aug, images: torch.Tensor, layer: str, views: int) -> 
     return f.view(images.shape[0], views, f.shape[1]).mean(1)
 
 
-def features_of(model, aug, ds, indices, layer: str = "fc7", *, views: int = 1,
-                batch: int = 64) -> np.ndarray:  # fmt: skip
+def features_of(
+    model, aug, ds, indices, layer: str = "fc7", *, views: int = 1, batch: int = 64
+) -> np.ndarray:
     """``batch_features`` of the records ``indices`` of ``ds``, in memory: (len(indices), D)."""
-    return np.concatenate([
-        batch_features(model, aug, ds.get_batch(indices[s : s + batch]).contiguous(), layer,
-                       views).numpy()
-        for s in range(0, len(indices), batch)
-    ])  # fmt: skip
+    return np.concatenate(
+        [
+            batch_features(
+                model, aug, ds.get_batch(indices[s : s + batch]).contiguous(), layer, views
+            ).numpy()
+            for s in range(0, len(indices), batch)
+        ]
+    )
 
 
 @torch.no_grad()
-def extract(model, aug, ds, layer: str, out: Path, *, batch_size: int = 64, views: int = 1,
-            dtype: str = "float32", source: dict | None = None) -> np.ndarray:  # fmt: skip
+def extract(
+    model,
+    aug,
+    ds,
+    layer: str,
+    out: Path,
+    *,
+    batch_size: int = 64,
+    views: int = 1,
+    dtype: str = "float32",
+    source: dict | None = None,
+) -> np.ndarray:
     """Write ``layer``'s activations for every record of ``ds`` to ``out`` (.npy, (N, D)),
     averaged over the test views; resumes from ``out``'s ``.partial`` files."""
     from alexnet.data import make_loader
@@ -63,8 +77,14 @@ def extract(model, aug, ds, layer: str, out: Path, *, batch_size: int = 64, view
     device = next(model.parameters()).device
     sample = aug.views(ds.get_batch(np.array([0])).contiguous().to(device), 1)
     dim = model.forward_features(sample, layer).flatten(1).shape[1]
-    meta = {**(source or {}), "layer": layer, "views": views, "rows": len(ds), "dim": dim,
-            "dtype": dtype}  # fmt: skip
+    meta = {
+        **(source or {}),
+        "layer": layer,
+        "views": views,
+        "rows": len(ds),
+        "dim": dim,
+        "dtype": dtype,
+    }
     partial, state = out.with_suffix(".partial.npy"), out.with_suffix(".partial.json")
     done = 0
     if partial.exists() and state.exists() and json.loads(state.read_text())["meta"] == meta:
@@ -182,8 +202,15 @@ class BinaryCoder:
     top-``bits`` PCA directions, R the rotation that iterative quantisation finds by
     alternating B = sign(V R) and the orthogonal Procrustes solution for R (Gong & Lazebnik)."""
 
-    def __init__(self, train: np.ndarray, bits: int, method: str = "itq", *, seed: int = 0,
-                 iterations: int = 50) -> None:  # fmt: skip
+    def __init__(
+        self,
+        train: np.ndarray,
+        bits: int,
+        method: str = "itq",
+        *,
+        seed: int = 0,
+        iterations: int = 50,
+    ) -> None:
         x = np.asarray(train, dtype=np.float64)
         rng = np.random.default_rng(seed)
         self.bits, self.method = bits, method
@@ -194,8 +221,10 @@ class BinaryCoder:
             self.r = np.eye(bits)
         elif method == "itq":
             if bits > min(x.shape):
-                raise UserError(f"itq: {bits} bits need at least {bits} vectors and dimensions, "
-                                f"the training set is {x.shape[0]} x {x.shape[1]}")  # fmt: skip
+                raise UserError(
+                    f"itq: {bits} bits need at least {bits} vectors and dimensions, "
+                    f"the training set is {x.shape[0]} x {x.shape[1]}"
+                )
             _, _, vt = np.linalg.svd(xc, full_matrices=False)
             self.w = vt[:bits].T
             v = xc @ self.w
@@ -227,8 +256,13 @@ def hamming_knn(query_codes, index_codes, k: int, block: int = 4096) -> np.ndarr
     """Indices of the k nearest codes, ties broken by the lower index (stable)."""
     out = np.empty((len(query_codes), k), dtype=np.int64)
     for s in range(0, len(query_codes), 256):
-        d = np.concatenate([hamming(query_codes[s : s + 256], index_codes[i : i + block])
-                            for i in range(0, len(index_codes), block)], axis=1)  # fmt: skip
+        d = np.concatenate(
+            [
+                hamming(query_codes[s : s + 256], index_codes[i : i + block])
+                for i in range(0, len(index_codes), block)
+            ],
+            axis=1,
+        )
         out[s : s + 256] = np.argsort(d, axis=1, kind="stable")[:, :k]
     return out
 
@@ -259,14 +293,23 @@ def code_table(index, query, bits_list, methods, k: int, rerank: int, seed: int 
             t0 = time.perf_counter()
             found = hamming_knn(qc, db, max(k, min(rerank, len(index))))
             search_s = time.perf_counter() - t0
-            reranked = np.concatenate([_rerank_rows(index, query[s : s + 64], found[s : s + 64], k)
-                                       for s in range(0, len(query), 64)])  # fmt: skip
-            rows.append({
-                "method": method, "bits": bits, "bytes_per_vector": db.shape[1],
-                f"recall@{k}": recall_at_k(found[:, :k], truth),
-                f"recall@{k}_rerank{rerank}": recall_at_k(reranked, truth),
-                "hamming_search_s": search_s, "exact_search_s": exact_s,
-            })  # fmt: skip
+            reranked = np.concatenate(
+                [
+                    _rerank_rows(index, query[s : s + 64], found[s : s + 64], k)
+                    for s in range(0, len(query), 64)
+                ]
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "bits": bits,
+                    "bytes_per_vector": db.shape[1],
+                    f"recall@{k}": recall_at_k(found[:, :k], truth),
+                    f"recall@{k}_rerank{rerank}": recall_at_k(reranked, truth),
+                    "hamming_search_s": search_s,
+                    "exact_search_s": exact_s,
+                }
+            )
     return rows
 
 
@@ -284,8 +327,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     p.add_argument("--split", default="train")
     p.add_argument("--layer", default="fc7", help="conv1..conv5, pool5, fc6, fc7 (F3), fc8")
-    p.add_argument("--views", type=int, choices=(1, 10), default=1, help="features averaged "
-                   "over the centre view or the ten views of PAPER B5")  # fmt: skip
+    p.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 10),
+        default=1,
+        help="features averaged over the centre view or the ten views of PAPER B5",
+    )
     p.add_argument("--out", type=Path, required=True, help="the .npy to write")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
@@ -338,39 +386,66 @@ def run(args: argparse.Namespace) -> int:
         check_data(ds, ckpt, model, path)
         from alexnet.interop import engines
 
-        model = engines.for_inference(model, ckpt, path, args.backend, layer=args.layer,
-                                      precision=args.precision,
-                                      batch_size=args.batch_size * args.views)  # fmt: skip
-        source = {"checkpoint": str(path), "data": str(args.data), "split": args.split,
-                  **({"weights": args.weights} if args.weights else {})}  # fmt: skip
-        feats = extract(model, view_augment(ckpt), ds, args.layer, args.out,
-                        batch_size=args.batch_size, views=args.views, dtype=args.dtype,
-                        source=source)  # fmt: skip
+        model = engines.for_inference(
+            model,
+            ckpt,
+            path,
+            args.backend,
+            layer=args.layer,
+            precision=args.precision,
+            batch_size=args.batch_size * args.views,
+        )
+        source = {
+            "checkpoint": str(path),
+            "data": str(args.data),
+            "split": args.split,
+            **({"weights": args.weights} if args.weights else {}),
+        }
+        feats = extract(
+            model,
+            view_augment(ckpt),
+            ds,
+            args.layer,
+            args.out,
+            batch_size=args.batch_size,
+            views=args.views,
+            dtype=args.dtype,
+            source=source,
+        )
         engines.print_report(model, "features")
         print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {args.layer} features")
         return 0
     index, query = _load(args.index), _load(args.query)
     if index.shape[1] != query.shape[1]:
-        raise UserError(f"{args.query}: {query.shape[1]}-d features, {args.index} holds "
-                        f"{index.shape[1]}-d")  # fmt: skip
+        raise UserError(
+            f"{args.query}: {query.shape[1]}-d features, {args.index} holds {index.shape[1]}-d"
+        )
     if args.what == "knn":
         t0 = time.perf_counter()
         dist, idx = knn(query, index, args.k, args.backend)
         with atomic_open(args.out, "wb") as f:
             np.savez(f, indices=idx, distances=dist)
-        print(f"wrote {args.out}: {len(query)} queries x {args.k} neighbours among "
-              f"{len(index)} in {time.perf_counter() - t0:.2f} s")  # fmt: skip
+        print(
+            f"wrote {args.out}: {len(query)} queries x {args.k} neighbours among "
+            f"{len(index)} in {time.perf_counter() - t0:.2f} s"
+        )
         return 0
     rows = code_table(index, query, args.bits, args.methods, args.k, args.rerank, args.seed)
     if args.json:
         atomic_write_json(args.json, rows)
     k, r = args.k, args.rerank
-    print(f"{len(query)} queries, {len(index)} indexed {index.shape[1]}-d vectors; exact "
-          f"search {rows[0]['exact_search_s']:.3f} s")  # fmt: skip
-    print(f"{'method':>6} {'bits':>5} {'bytes':>5} {f'recall@{k}':>10} "
-          f"{f'+rerank{r}':>10} {'search s':>9}")  # fmt: skip
+    print(
+        f"{len(query)} queries, {len(index)} indexed {index.shape[1]}-d vectors; exact "
+        f"search {rows[0]['exact_search_s']:.3f} s"
+    )
+    print(
+        f"{'method':>6} {'bits':>5} {'bytes':>5} {f'recall@{k}':>10} "
+        f"{f'+rerank{r}':>10} {'search s':>9}"
+    )
     for row in rows:
-        print(f"{row['method']:>6} {row['bits']:>5} {row['bytes_per_vector']:>5} "
-              f"{row[f'recall@{k}']:>10.3f} {row[f'recall@{k}_rerank{r}']:>10.3f} "
-              f"{row['hamming_search_s']:>9.3f}")  # fmt: skip
+        print(
+            f"{row['method']:>6} {row['bits']:>5} {row['bytes_per_vector']:>5} "
+            f"{row[f'recall@{k}']:>10.3f} {row[f'recall@{k}_rerank{r}']:>10.3f} "
+            f"{row['hamming_search_s']:>9.3f}"
+        )
     return 0

@@ -113,8 +113,9 @@ def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     fig = plt.figure(figsize=(2.6 * cols, 4.2 * rows), dpi=100)
-    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 2] * rows, hspace=0.35, wspace=0.6,
-                            top=0.95, bottom=0.03)  # fmt: skip
+    grid = fig.add_gridspec(
+        2 * rows, cols, height_ratios=[3, 2] * rows, hspace=0.35, wspace=0.6, top=0.95, bottom=0.03
+    )
     for i in range(n):
         r, c = divmod(i, cols)
         ax = fig.add_subplot(grid[2 * r, c])
@@ -157,11 +158,11 @@ def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, o
             ax = axes[i, j + 1]
             ax.imshow(_hwc(neighbours[i, j]), cmap="gray", vmin=0, vmax=255)
             same = n_labels[i, j] == q_labels[i]
-            ax.set_title(f"{_short(names[n_labels[i, j]], 15)}\nd={distances[i, j]:.3g}",
-                         fontsize=6)  # fmt: skip
+            ax.set_title(
+                f"{_short(names[n_labels[i, j]], 15)}\nd={distances[i, j]:.3g}", fontsize=6
+            )
             _frame(ax, "#2ca02c" if same else "#999999", 2 if same else 1)
-    fig.suptitle(f"each query and the {k} training images nearest in fc7 (Euclidean)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(f"each query and the {k} training images nearest in fc7 (Euclidean)", fontsize=9)
     save_png(fig, out)
 
 
@@ -186,8 +187,11 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
     if any("val_loss" in r for r in records):
         a.plot(epoch, series("val_loss"), "o-", ms=3, label="validation")
     a.set(title="loss (cross-entropy)", xlabel="epoch")
-    for key, label in (("train_error", "train top-1"), ("val_top1_error", "val top-1"),
-                       ("val_top5_error", "val top-5")):  # fmt: skip
+    for key, label in (
+        ("train_error", "train top-1"),
+        ("val_top1_error", "val top-1"),
+        ("val_top5_error", "val top-5"),
+    ):
         b.plot(epoch, [100 * v for v in series(key)], "o-", ms=3, label=label)
     b.set(title="error (%)", xlabel="epoch")
     lr = series("lr")
@@ -234,9 +238,17 @@ def filters_figure(checkpoint: Path, out: Path) -> None:
     plot_filters(model.conv1.weight.detach(), towers, out)
 
 
-def predictions_figure(checkpoint: Path, data: Path, out: Path, *, split: str = "val",
-                       indices: list[int] | None = None, n: int = 8, seed: int = 0,
-                       views: int = 10) -> None:  # fmt: skip
+def predictions_figure(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    *,
+    split: str = "val",
+    indices: list[int] | None = None,
+    n: int = 8,
+    seed: int = 0,
+    views: int = 10,
+) -> None:
     """PAPER F2: ``indices`` (else ``n`` drawn at random with ``seed``) of ``split``, each with
     the five most probable classes over ``views`` test views."""
     model, ckpt, aug, ds = load_for_figures(checkpoint, data, split)
@@ -246,8 +258,17 @@ def predictions_figure(checkpoint: Path, data: Path, out: Path, *, split: str = 
     plot_predictions(images, top, ds.labels[idx].tolist(), ds.class_names, out)
 
 
-def nearest_figure(query_ds, query_idx, query, index_ds, index, out: Path, *, k: int = 6,
-                   pool: np.ndarray | None = None) -> None:  # fmt: skip
+def nearest_figure(
+    query_ds,
+    query_idx,
+    query,
+    index_ds,
+    index,
+    out: Path,
+    *,
+    k: int = 6,
+    pool: np.ndarray | None = None,
+) -> None:
     """PAPER F3: the records ``query_idx`` of ``query_ds`` (features ``query``) and their ``k``
     nearest records of ``index_ds`` (features ``index``: of every record, or of the records
     ``pool`` only)."""
@@ -256,15 +277,32 @@ def nearest_figure(query_ds, query_idx, query, index_ds, index, out: Path, *, k:
     shown = index_ds.get_batch(found.reshape(-1)).reshape(
         *found.shape, *index_ds.get_batch([0]).shape[1:]
     )
-    plot_neighbours(query_ds.get_batch(query_idx), shown, query_ds.labels[query_idx].numpy(),
-                    index_ds.labels.numpy()[found], dist, query_ds.class_names, out)  # fmt: skip
+    plot_neighbours(
+        query_ds.get_batch(query_idx),
+        shown,
+        query_ds.labels[query_idx].numpy(),
+        index_ds.labels.numpy()[found],
+        dist,
+        query_ds.class_names,
+        out,
+    )
 
 
-def neighbours_figure(checkpoint: Path, data: Path, out: Path, *, split: str = "val",
-                      indices: list[int] | None = None, n: int = 5, seed: int = 0,
-                      views: int = 1, index_split: str = "train",
-                      index_features: Path | None = None, layer: str = "fc7",
-                      k: int = 6) -> None:  # fmt: skip
+def neighbours_figure(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    *,
+    split: str = "val",
+    indices: list[int] | None = None,
+    n: int = 5,
+    seed: int = 0,
+    views: int = 1,
+    index_split: str = "train",
+    index_features: Path | None = None,
+    layer: str = "fc7",
+    k: int = 6,
+) -> None:
     """``nearest_figure`` for queries of ``split`` among all of ``index_split`` in ``layer``,
     whose features are read from ``index_features`` if given, else computed here."""
     model, _, aug, ds = load_for_figures(checkpoint, data, split)
@@ -274,9 +312,11 @@ def neighbours_figure(checkpoint: Path, data: Path, out: Path, *, split: str = "
     if index_features:
         index = np.load(index_features, mmap_mode="r")
         if index.shape != (len(index_ds), query.shape[1]):
-            raise UserError(f"{index_features}: shape {index.shape}, expected "
-                            f"({len(index_ds)}, {query.shape[1]}) {layer} features of "
-                            f"{index_split}")  # fmt: skip
+            raise UserError(
+                f"{index_features}: shape {index.shape}, expected "
+                f"({len(index_ds)}, {query.shape[1]}) {layer} features of "
+                f"{index_split}"
+            )
     else:
         index = features_of(model, aug, index_ds, np.arange(len(index_ds)), layer, views=views)
     nearest_figure(ds, idx, query, index_ds, index, out, k=k)
@@ -297,11 +337,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
         p.add_argument("--split", default="val", help="where the shown / query images come from")
         p.add_argument("--n", type=positive_int, default=8 if name == "predictions" else 5)
-        p.add_argument("--indices", type=int, nargs="+", help="these images of --split "
-                       "(default: --n drawn at random with --seed)")  # fmt: skip
+        p.add_argument(
+            "--indices",
+            type=int,
+            nargs="+",
+            help="these images of --split (default: --n drawn at random with --seed)",
+        )
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--views", type=int, choices=(1, 10), default=10 if name == "predictions"
-                       else 1, help="test views (PAPER B5)")  # fmt: skip
+        p.add_argument(
+            "--views",
+            type=int,
+            choices=(1, 10),
+            default=10 if name == "predictions" else 1,
+            help="test views (PAPER B5)",
+        )
         p.add_argument("--out", type=Path, required=True)
     p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
     p.add_argument(
@@ -322,13 +371,30 @@ def run(args: argparse.Namespace) -> int:
     elif args.what == "filters":
         filters_figure(args.checkpoint, args.out)
     elif args.what == "predictions":
-        predictions_figure(args.checkpoint, args.data, args.out, split=args.split,
-                           indices=args.indices, n=args.n, seed=args.seed,
-                           views=args.views)  # fmt: skip
+        predictions_figure(
+            args.checkpoint,
+            args.data,
+            args.out,
+            split=args.split,
+            indices=args.indices,
+            n=args.n,
+            seed=args.seed,
+            views=args.views,
+        )
     else:
-        neighbours_figure(args.checkpoint, args.data, args.out, split=args.split,
-                          indices=args.indices, n=args.n, seed=args.seed, views=args.views,
-                          index_split=args.index_split, index_features=args.index_features,
-                          layer=args.layer, k=args.k)  # fmt: skip
+        neighbours_figure(
+            args.checkpoint,
+            args.data,
+            args.out,
+            split=args.split,
+            indices=args.indices,
+            n=args.n,
+            seed=args.seed,
+            views=args.views,
+            index_split=args.index_split,
+            index_features=args.index_features,
+            layer=args.layer,
+            k=args.k,
+        )
     print(f"wrote {args.out}")
     return 0

@@ -171,11 +171,22 @@ class AlexNet(nn.Module):
     ) -> None:
         super().__init__()
         self.config = resolve_options(
-            num_classes=num_classes, arch=arch, in_channels=in_channels, image_size=image_size,
-            widths=widths, fc_width=fc_width, lrn=lrn, lrn_convention=lrn_convention,
-            lrn_per_tower=lrn_per_tower, pool_kernel=pool_kernel, dropout=dropout,
-            activation=activation, towers=towers, conv1_padding=conv1_padding, init=init,
-        )  # fmt: skip
+            num_classes=num_classes,
+            arch=arch,
+            in_channels=in_channels,
+            image_size=image_size,
+            widths=widths,
+            fc_width=fc_width,
+            lrn=lrn,
+            lrn_convention=lrn_convention,
+            lrn_per_tower=lrn_per_tower,
+            pool_kernel=pool_kernel,
+            dropout=dropout,
+            activation=activation,
+            towers=towers,
+            conv1_padding=conv1_padding,
+            init=init,
+        )
         o, spec = self.config, ARCHS[arch]
         self.input_size = o["image_size"]
         self.dropout_at = spec.dropout_at

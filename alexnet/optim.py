@@ -101,9 +101,18 @@ def _fused_step(ps, gs, vs, lr: float, m: float, wd: float) -> None:
     float32, so lr * grad carries one float32 rounding more (tests: within float32)."""
     scale = torch.tensor(1.0 / lr, dtype=torch.float32, device=ps[0].device)
     torch._fused_sgd_(
-        ps, gs, vs, weight_decay=-wd * lr, momentum=m, lr=-1.0, dampening=0.0, nesterov=False,
-        maximize=True, is_first_step=False, grad_scale=scale,
-    )  # fmt: skip
+        ps,
+        gs,
+        vs,
+        weight_decay=-wd * lr,
+        momentum=m,
+        lr=-1.0,
+        dampening=0.0,
+        nesterov=False,
+        maximize=True,
+        is_first_step=False,
+        grad_scale=scale,
+    )
 
 
 def _step_foreach(params, grads, vel, lr: float, m: float, wd: float, fused: bool) -> None:
@@ -186,9 +195,15 @@ class PlateauSchedule(Schedule):
     plateau. The best is kept across cuts: the error must improve on the best ever seen."""
 
     def __init__(
-        self, lr: float, max_epochs: int, *, factor: float, patience: int, threshold: float,
+        self,
+        lr: float,
+        max_epochs: int,
+        *,
+        factor: float,
+        patience: int,
+        threshold: float,
         max_cuts: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(lr, max_epochs)
         self.factor, self.patience, self.threshold = factor, patience, threshold
         self.max_cuts = max_cuts
@@ -230,9 +245,13 @@ class StepSchedule(Schedule):
 def make_schedule(cfg: ScheduleConfig, lr: float) -> Schedule:
     if cfg.kind == "plateau":
         return PlateauSchedule(
-            lr, cfg.epochs, factor=cfg.factor, patience=cfg.patience,
-            threshold=cfg.threshold, max_cuts=cfg.max_cuts,
-        )  # fmt: skip
+            lr,
+            cfg.epochs,
+            factor=cfg.factor,
+            patience=cfg.patience,
+            threshold=cfg.threshold,
+            max_cuts=cfg.max_cuts,
+        )
     if cfg.kind == "steps":
         return StepSchedule(lr, cfg.epochs, factor=cfg.factor, milestones=cfg.milestones)
     if cfg.kind == "constant":

@@ -84,7 +84,7 @@ def top_k(probs: torch.Tensor, ckpt: dict, k: int) -> list[list[dict]]:
                 "class_id": str(classes[i]),
                 "name": str(names[i]),
                 "probability": float(p),
-            }  # fmt: skip
+            }
             for p, i in zip(vs.tolist(), ix.tolist(), strict=True)
         ]
         for vs, ix in zip(values, indices, strict=True)
@@ -98,8 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from alexnet.interop.weights import add_weights_argument
 
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path,
-                        help="a checkpoint, run directory or .safetensors")  # fmt: skip
+    source.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint, run directory or .safetensors"
+    )
     add_weights_argument(source)
     add_views_argument(parser)
     parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
@@ -118,8 +119,14 @@ def run(args: argparse.Namespace) -> int:
 
     (path,) = resolve(args.checkpoint and [args.checkpoint], args.weights)
     model, ckpt = load_model(path, map_location=pick_device(args.device))
-    model = engines.for_inference(model, ckpt, path, args.backend, precision=args.precision,
-                                  batch_size=args.batch_size * args.views)  # fmt: skip
+    model = engines.for_inference(
+        model,
+        ckpt,
+        path,
+        args.backend,
+        precision=args.precision,
+        batch_size=args.batch_size * args.views,
+    )
     aug = view_augment(ckpt)
     size = int(aug.mean.shape[-1])  # the stored image size the mean image was computed at
     images, good, bad = read_images(args.images, size, model.conv1.in_channels)

@@ -177,21 +177,35 @@ def _loaders(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device):
     train_ds = PreparedDataset(cfg.data.root, cfg.data.train_split)
     val_ds = PreparedDataset(cfg.data.root, cfg.data.val_split)
     if env.is_main and is_official_test(train_ds.meta, cfg.data.val_split):
-        print(f"train: warning: {cfg.data.root}: the validation split {cfg.data.val_split!r} is "
-              "the official test set, so the rate cuts and best.pt are chosen on it (prepare "
-              "the data again for a held-out validation split)", flush=True)  # fmt: skip
+        print(
+            f"train: warning: {cfg.data.root}: the validation split {cfg.data.val_split!r} is "
+            "the official test set, so the rate cuts and best.pt are chosen on it (prepare "
+            "the data again for a held-out validation split)",
+            flush=True,
+        )
     per_rank = cfg.optim.batch_size // env.world_size
     if len(train_ds) < cfg.optim.batch_size:
         raise UserError(
             f"{cfg.data.root}: {len(train_ds)} training images, fewer than one batch of "
             f"{cfg.optim.batch_size} (optim.batch_size)"
         )
-    common = dict(seed=cfg.run.seed, num_workers=cfg.data.num_workers, rank=env.rank,
-                  world_size=env.world_size, pin_memory=devices.pin_memory(device))  # fmt: skip
+    common = dict(
+        seed=cfg.run.seed,
+        num_workers=cfg.data.num_workers,
+        rank=env.rank,
+        world_size=env.world_size,
+        pin_memory=devices.pin_memory(device),
+    )
     train = make_loader(train_ds, per_rank, shuffle=True, drop_last=True, **common)
     # pad=False: every validation image counted exactly once over all ranks.
-    val = make_loader(val_ds, cfg.data.val_batch_size or per_rank, shuffle=False,
-                      drop_last=False, pad=False, **common)  # fmt: skip
+    val = make_loader(
+        val_ds,
+        cfg.data.val_batch_size or per_rank,
+        shuffle=False,
+        drop_last=False,
+        pad=False,
+        **common,
+    )
     return train_ds, train, val
 
 
@@ -208,8 +222,14 @@ def _place(model: torch.nn.Module, cfg: C.TrainConfig, device: torch.device) -> 
 
 def _augment_settings(cfg: C.TrainConfig, crop: int, scale: float) -> dict[str, Any]:
     d = cfg.data
-    return {"crop_size": crop, "scale": scale, "pad": d.pad, "flip": d.flip,
-            "pca_std": d.pca_std, "pca_scale": d.pca_scale}  # fmt: skip
+    return {
+        "crop_size": crop,
+        "scale": scale,
+        "pad": d.pad,
+        "flip": d.flip,
+        "pca_std": d.pca_std,
+        "pca_scale": d.pca_scale,
+    }
 
 
 def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
@@ -224,8 +244,12 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     scale = d.scale / pixel_std(train_ds.stats) if d.unit_variance else d.scale
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
     try:
-        model = AlexNet(len(train_ds.classes), in_channels=train_ds.channels, image_size=crop,
-                        **asdict(cfg.model))  # fmt: skip
+        model = AlexNet(
+            len(train_ds.classes),
+            in_channels=train_ds.channels,
+            image_size=crop,
+            **asdict(cfg.model),
+        )
     except ValueError as e:  # e.g. crops too small for the arch: a config error
         raise UserError(f"model ({cfg.model.arch}, {crop} px crops): {e}") from None
     model_config = dict(model.config)
@@ -237,8 +261,9 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         train_ds.stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug
     )
     aug_val = DeviceAugment(train_ds.stats, crop, train=False, **aug)
-    groups = param_groups(model, weight_decay=o.weight_decay, bias_decay=o.bias_decay,
-                          bias_lr_mult=o.bias_lr_mult)  # fmt: skip
+    groups = param_groups(
+        model, weight_decay=o.weight_decay, bias_decay=o.bias_decay, bias_lr_mult=o.bias_lr_mult
+    )
     optimizer = PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     net = model
     if env.distributed:
@@ -254,8 +279,20 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         "augment": _augment_settings(cfg, crop, scale),
     }
     return Session(
-        cfg, env, device, devices.precision_dtype(cfg.run.precision, device), model, net, optimizer,
-        make_schedule(cfg.schedule, o.lr), train_loader, val_loader, aug_train, aug_val,
-        generator, RunLog(Path(), enabled=False), meta,
+        cfg,
+        env,
+        device,
+        devices.precision_dtype(cfg.run.precision, device),
+        model,
+        net,
+        optimizer,
+        make_schedule(cfg.schedule, o.lr),
+        train_loader,
+        val_loader,
+        aug_train,
+        aug_val,
+        generator,
+        RunLog(Path(), enabled=False),
+        meta,
         epoch_sums=devices.zeros(3, device=device),
-    )  # fmt: skip
+    )

@@ -54,10 +54,16 @@ class Tower(nn.Module):
             conv = getattr(template, name)
             # A grouped layer's kernels see conv.in_channels / groups maps: their own tower's
             # (conv2, conv4, conv5); conv1 and conv3 (groups=1) see every input map.
-            self.add_module(name, nn.Conv2d(
-                conv.in_channels // conv.groups, _halves(conv.out_channels)[index],
-                conv.kernel_size, conv.stride, conv.padding,
-            ))  # fmt: skip
+            self.add_module(
+                name,
+                nn.Conv2d(
+                    conv.in_channels // conv.groups,
+                    _halves(conv.out_channels)[index],
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                ),
+            )
         for name in ("fc6", "fc7", "fc8"):
             fc = getattr(template, name)
             self.add_module(name, nn.Linear(fc.in_features, _halves(fc.out_features)[index]))

@@ -70,8 +70,9 @@ def _check_finite(s: Session, first_bad: torch.Tensor) -> None:
 NO_BAD_STEP = 2**62  # ``first_bad`` before any non-finite loss
 
 
-def account(s: Session, loss: torch.Tensor, wrong: torch.Tensor, images: int,
-            first_bad: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def account(
+    s: Session, loss: torch.Tensor, wrong: torch.Tensor, images: int, first_bad: torch.Tensor
+) -> torch.Tensor:
     """Add one step's loss and errors into the epoch's sums, on the device and without a
     sync; returns ``first_bad``, the first step whose loss was not finite (or NO_BAD_STEP)."""
     n = torch.full_like(loss, images, dtype=torch.float64)  # filled on the device: no copy
@@ -104,10 +105,12 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
     warmup = round(cfg.optim.warmup_epochs * len(loader))
     status, t0, seconds0 = "done", time.perf_counter(), s.epoch_seconds
     progress = Progress(
-        len(loader) * s.global_batch, f"epoch {s.epoch + 1}/{cfg.schedule.epochs}",
-        enabled=s.env.is_main, interval=cfg.run.progress_interval_s,
+        len(loader) * s.global_batch,
+        f"epoch {s.epoch + 1}/{cfg.schedule.epochs}",
+        enabled=s.env.is_main,
+        interval=cfg.run.progress_interval_s,
         initial=s.batch_in_epoch * s.global_batch,
-    )  # fmt: skip
+    )
     with progress:
         for images, labels in loader:
             lr = s.schedule.lr * warmup_factor(s.step, warmup)
@@ -119,8 +122,14 @@ def train_one_epoch(s: Session) -> tuple[dict[str, float], str]:
             if sync:
                 _check_finite(s, first_bad)
                 progress.update(0, loss=float(loss), lr=lr)
-                s.log.scalars({"train/loss": float(loss), "train/lr": lr,
-                               "train/images_per_sec": progress.rate}, s.step)  # fmt: skip
+                s.log.scalars(
+                    {
+                        "train/loss": float(loss),
+                        "train/lr": lr,
+                        "train/images_per_sec": progress.rate,
+                    },
+                    s.step,
+                )
             if s.env.distributed:
                 stop = sync and D.any_rank(s.stop.requested, s.device)
             else:
@@ -177,8 +186,14 @@ def run_epochs(s: Session) -> str:
                 return "stopped" if status == "max_steps" else "interrupted"
             val = validate(s)
             action = s.schedule.epoch_end(val["val_top1_error"])  # PAPER D4
-            record = {"epoch": s.epoch + 1, "step": s.step, **train_metrics, **val, "lr": lr,
-                      "event": action}  # fmt: skip
+            record = {
+                "epoch": s.epoch + 1,
+                "step": s.step,
+                **train_metrics,
+                **val,
+                "lr": lr,
+                "event": action,
+            }
             improved = val["val_top1_error"] < s.best
             s.best = min(s.best, val["val_top1_error"])
             s.log.log_epoch(record)
@@ -219,8 +234,10 @@ def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
             raise UserError(
                 "run.tower_devices: the two-tower layout runs in one process (no torchrun)"
             )
-        towers = [devices.pick_device(d, env.local_rank, name="run.tower_devices")
-                  for d in cfg.run.tower_devices.split(",")]  # fmt: skip
+        towers = [
+            devices.pick_device(d, env.local_rank, name="run.tower_devices")
+            for d in cfg.run.tower_devices.split(",")
+        ]
         return towers[0]
     return devices.pick_device(cfg.run.device, env.local_rank, name="run.device")
 
@@ -241,8 +258,14 @@ def train(
         return _train(cfg, env, device, ck_path, ck, argv)
 
 
-def _train(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device, ck_path: Path | None,
-           ck: dict | None, argv: list[str] | None) -> dict[str, Any]:  # fmt: skip
+def _train(
+    cfg: C.TrainConfig,
+    env: D.DistEnv,
+    device: torch.device,
+    ck_path: Path | None,
+    ck: dict | None,
+    argv: list[str] | None,
+) -> dict[str, Any]:
     D.setup(env, device, timeout_s=cfg.run.dist_timeout_s)
     log = s = None
     try:
@@ -345,14 +368,29 @@ def add_arguments(parser: Any) -> None:  # an argparse.ArgumentParser
     parser.add_argument("--preset", choices=list(C.PRESETS), help="starting point (default: paper)")
     parser.add_argument("--config", metavar="FILE", help="a JSON config (e.g. a run's config.json)")
     for flag, key, tp, help_text in FLAGS:
-        parser.add_argument(flag, dest=key.replace(".", "__"), type=tp, metavar=tp.__name__.upper(),
-                            help=f"{help_text} [{key}]")  # fmt: skip
+        parser.add_argument(
+            flag,
+            dest=key.replace(".", "__"),
+            type=tp,
+            metavar=tp.__name__.upper(),
+            help=f"{help_text} [{key}]",
+        )
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile")
-    parser.add_argument("--deterministic", action="store_true", default=None,
-                        help="deterministic algorithms (bitwise resume on CPU)")  # fmt: skip
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic algorithms (bitwise resume on CPU)",
+    )
     parser.add_argument("--no-channels-last", action="store_true", help="NCHW activations")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="any setting, e.g. --set optim.bias_lr_mult=2")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. --set optim.bias_lr_mult=2",
+    )
     parser.add_argument("--resume", metavar="PATH", help="continue a run (directory or .pt)")
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
 

@@ -13,9 +13,18 @@ N_CLASSES = 8
 CLASSES = [f"n{i:08d}" for i in range(N_CLASSES)]
 NAMES = ["red", "orange", "yellow", "green", "teal", "blue", "purple", "grey"]
 COLOURS = np.array(
-    [[200, 40, 40], [230, 140, 30], [220, 210, 40], [40, 180, 60],
-     [40, 170, 170], [50, 60, 210], [150, 50, 190], [128, 128, 128]], np.float32
-)  # fmt: skip
+    [
+        [200, 40, 40],
+        [230, 140, 30],
+        [220, 210, 40],
+        [40, 180, 60],
+        [40, 170, 170],
+        [50, 60, 210],
+        [150, 50, 190],
+        [128, 128, 128],
+    ],
+    np.float32,
+)
 
 
 def class_images(rng: np.random.Generator, labels: np.ndarray, size: int = 32) -> np.ndarray:
@@ -83,13 +92,20 @@ def known_checkpoint(path: Path, bias: list[float], seed: int = 0) -> Path:
     with torch.no_grad():
         model.fc8.weight.zero_()
         model.fc8.bias.copy_(torch.tensor(bias))
-    stats = {"mean": torch.full((3, 32, 32), 120.0), "eigvals": torch.zeros(3),
-             "eigvecs": torch.eye(3)}  # fmt: skip
+    stats = {
+        "mean": torch.full((3, 32, 32), 120.0),
+        "eigvals": torch.zeros(3),
+        "eigvecs": torch.eye(3),
+    }
     ckpt = {
-        "model": model.state_dict(), "model_config": model.config, "classes": CLASSES[: len(bias)],
-        "class_names": NAMES[: len(bias)], "data_stats": stats,
-        "augment": {"crop_size": 32, "scale": 1.0}, "config": {},
-    }  # fmt: skip
+        "model": model.state_dict(),
+        "model_config": model.config,
+        "classes": CLASSES[: len(bias)],
+        "class_names": NAMES[: len(bias)],
+        "data_stats": stats,
+        "augment": {"crop_size": 32, "scale": 1.0},
+        "config": {},
+    }
     atomic_torch_save(path, ckpt)
     return path
 

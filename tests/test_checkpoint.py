@@ -21,8 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _small() -> AlexNet:
     torch.manual_seed(0)
-    return AlexNet(5, arch="small", in_channels=1, image_size=16, widths=(4, 8, 8, 8, 8),
-                   fc_width=16)  # fmt: skip
+    return AlexNet(
+        5, arch="small", in_channels=1, image_size=16, widths=(4, 8, 8, 8, 8), fc_width=16
+    )
 
 
 def test_wrappers_are_removed():
@@ -39,8 +40,12 @@ def test_every_random_state_round_trips():
     state = ck_io.rng_state(gen)
 
     def draw():
-        return (random.random(), float(np.random.rand()), float(torch.rand(())),
-                float(torch.rand((), generator=gen)))  # fmt: skip
+        return (
+            random.random(),
+            float(np.random.rand()),
+            float(torch.rand(())),
+            float(torch.rand((), generator=gen)),
+        )
 
     first = draw()
     ck_io.set_rng_state(state, gen)
@@ -50,11 +55,19 @@ def test_every_random_state_round_trips():
 def test_load_model_and_safetensors_export(tmp_path):
     model = _small().eval()
     stats = {"mean": torch.rand(1, 16, 16), "eigvals": torch.ones(1), "eigvecs": torch.eye(1)}
-    ck_io.save_checkpoint(tmp_path / "a.pt", {
-        "model": model.state_dict(), "model_config": model.config, "classes": list("abcde"),
-        "class_names": list("ABCDE"), "data_stats": stats, "augment": {"crop_size": 16},
-        "epoch": 3, "step": 30,
-    })  # fmt: skip
+    ck_io.save_checkpoint(
+        tmp_path / "a.pt",
+        {
+            "model": model.state_dict(),
+            "model_config": model.config,
+            "classes": list("abcde"),
+            "class_names": list("ABCDE"),
+            "data_stats": stats,
+            "augment": {"crop_size": 16},
+            "epoch": 3,
+            "step": 30,
+        },
+    )
     loaded, ck = ck_io.load_model(tmp_path / "a.pt")
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(loaded(x), model(x)) and not loaded.training

@@ -112,8 +112,13 @@ def test_killed_at_random_moments_always_resumes(tree, tmp_path):
     rng = np.random.default_rng(0)
     argv = [sys.executable, "-m", "alexnet", "prepare", *map(str, [*args, out, *opts])]
     for _ in range(3):
-        proc = subprocess.Popen(argv, start_new_session=True, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            start_new_session=True,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0, took))
         os.killpg(proc.pid, signal.SIGKILL)  # the command and its pool workers
         proc.wait()
@@ -131,8 +136,9 @@ def test_a_killed_worker_is_one_error_not_a_hang_and_the_rerun_resumes(tree, tmp
     out = tmp_path / "out"
     # Each forked worker kills itself on its second chunk, as the OOM killer would.
     argv = [sys.executable, "-c", KILL_AT, "pipeline", "_process_chunk", "2", *map(str, args)]
-    run = subprocess.run([*argv, str(out), *opts], capture_output=True, text=True, timeout=120,
-                         env=_env())  # fmt: skip
+    run = subprocess.run(
+        [*argv, str(out), *opts], capture_output=True, text=True, timeout=120, env=_env()
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "a worker process died" in run.stderr.splitlines()[-1]
     run = _prepare(*args, out, *opts)

@@ -104,8 +104,18 @@ def test_prepare_stores_deep_images_scaled(tmp_path, capsys):
     (tmp_path / "src" / "b").mkdir()
     Image.fromarray(v16).save(tmp_path / "src" / "a" / "x.png")
     Image.fromarray(f01).save(tmp_path / "src" / "b" / "y.tif")
-    argv = ["folder", "--train", tmp_path / "src", tmp_path / "out", "--size", "0",
-            "--storage", "raw", "--workers", "1"]  # fmt: skip
+    argv = [
+        "folder",
+        "--train",
+        tmp_path / "src",
+        tmp_path / "out",
+        "--size",
+        "0",
+        "--storage",
+        "raw",
+        "--workers",
+        "1",
+    ]
     assert main(["prepare", *map(str, argv)]) == 0
     ds = PreparedDataset(tmp_path / "out")
     for k, want in enumerate((v16 / 257, f01 * 255.0)):

@@ -94,8 +94,10 @@ def served(tmp_path):
 def test_download_checks_md5_before_writing_and_prepares(served, tmp_path, monkeypatch):
     site, url = served
     make_fashion_idx(site, n_train=20, n_test=10)  # the four .gz files
-    md5s = {name: hashlib.md5((site / name).read_bytes()).hexdigest()
-            for name in small.FASHION_MNIST_FILES}  # fmt: skip
+    md5s = {
+        name: hashlib.md5((site / name).read_bytes()).hexdigest()
+        for name in small.FASHION_MNIST_FILES
+    }
     monkeypatch.setattr(small, "FASHION_MNIST_FILES", md5s)
     monkeypatch.setattr(small, "FASHION_MNIST_URL", url)
     out = tmp_path / "prepared"
@@ -154,7 +156,7 @@ def test_cifar10_batches(tmp_path, capsys):
                 "--val-size",
                 "5",
             ]
-        )  # fmt: skip
+        )
         == 0
     )
     ds, held = PreparedDataset(out, "train"), PreparedDataset(out, "val")

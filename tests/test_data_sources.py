@@ -48,12 +48,23 @@ def test_a_parent_folder_as_train_is_refused_with_the_folder_to_pass(tmp_path, c
 
 def test_class_folders_with_split_like_names_but_images_are_accepted(tmp_path, capsys):
     make_folder_tree(tmp_path / "src", ["test", "train", "zebra"], per_class=2)
-    rc, _, _ = _cli(capsys, "folder", "--train", tmp_path / "src", tmp_path / "out",
-                    "--size", "16", "--workers", "1")  # fmt: skip
+    rc, _, _ = _cli(
+        capsys,
+        "folder",
+        "--train",
+        tmp_path / "src",
+        tmp_path / "out",
+        "--size",
+        "16",
+        "--workers",
+        "1",
+    )
     assert rc == 0
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["classes"] == [
-        "test", "train", "zebra"
-    ]  # fmt: skip
+        "test",
+        "train",
+        "zebra",
+    ]
 
 
 def _hidden_tree(root: Path) -> dict[str, list[Path]]:
@@ -71,8 +82,9 @@ def _hidden_tree(root: Path) -> dict[str, list[Path]]:
 def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path, capsys, kind):
     files = _hidden_tree(tmp_path / "train")
     out = tmp_path / "out"
-    rc, stdout, _ = _cli(capsys, kind, "--train", tmp_path / "train", out, "--size", "16",
-                         "--workers", "1")  # fmt: skip
+    rc, stdout, _ = _cli(
+        capsys, kind, "--train", tmp_path / "train", out, "--size", "16", "--workers", "1"
+    )
     assert rc == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["splits"]["train"]["count"] == sum(map(len, files.values())) == 6

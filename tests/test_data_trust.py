@@ -181,8 +181,10 @@ def test_a_damaged_devkit_is_one_clear_error(tmp_path, capsys):
     src = make_imagenet_tars(tmp_path / "src", n_classes=2, per_class=1, val_per_class=1)
     with tarfile.open(src.devkit) as t:
         meta = next(t.extractfile(m).read() for m in t if m.name.endswith("meta.mat"))
-    cases = [(_devkit_with(tmp_path, src, meta[:cut], None), "unreadable .mat") for cut in
-             (10, 100, len(meta) // 2, len(meta) - 5)]  # fmt: skip
+    cases = [
+        (_devkit_with(tmp_path, src, meta[:cut], None), "unreadable .mat")
+        for cut in (10, 100, len(meta) // 2, len(meta) - 5)
+    ]
     cases.append((_devkit_with(tmp_path, src, None, b"1\n\xff\xfe\n"), "one ILSVRC2012_ID"))
     for devkit, message in cases:
         argv = ["imagenet", "--train", src.train_tar, "--val", src.val_tar, "--devkit", devkit]
@@ -207,8 +209,18 @@ def test_a_damaged_chunk_is_redone_by_the_rerun(tmp_path, capsys, monkeypatch):
     from alexnet.data import pipeline
 
     make_folder_tree(tmp_path / "src", 2, per_class=4)
-    argv = ["folder", "--train", tmp_path / "src", tmp_path / "out", "--size", "16",
-            "--chunk", "2", "--workers", "1"]  # fmt: skip
+    argv = [
+        "folder",
+        "--train",
+        tmp_path / "src",
+        tmp_path / "out",
+        "--size",
+        "16",
+        "--chunk",
+        "2",
+        "--workers",
+        "1",
+    ]
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt  # after the chunks, before the concatenation

@@ -45,8 +45,10 @@ def _pil_pixels(data: bytes) -> np.ndarray:
 
 def _installed(name: str) -> None:
     if name not in decode.available():
-        pytest.skip(f"{name} is not installed here (pip install '.[jpeg]'; turbojpeg also "
-                    "needs the system's libturbojpeg)")  # fmt: skip
+        pytest.skip(
+            f"{name} is not installed here (pip install '.[jpeg]'; turbojpeg also "
+            "needs the system's libturbojpeg)"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,9 @@ def _small_net(sd: dict, x: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
     def conv(t, name, pad, groups=1):
-        return F.relu(F.conv2d(t, sd[f"{name}.weight"], sd[f"{name}.bias"], padding=pad,
-                               groups=groups))  # fmt: skip
+        return F.relu(
+            F.conv2d(t, sd[f"{name}.weight"], sd[f"{name}.bias"], padding=pad, groups=groups)
+        )
 
     def lrn(t):
         return torch.cat([F.local_response_norm(p, 5, 1e-4, 0.75, 2.0) for p in t.chunk(2, 1)], 1)
@@ -98,8 +99,16 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     arrays = learnable_idx(root / "idx", n_test=40)
     out, data = root / "out", root / "prepared"
-    argv = ["demo", "--source", str(root / "idx"), "--data", str(data), "--out", str(out),
-            "--quick"]  # fmt: skip
+    argv = [
+        "demo",
+        "--source",
+        str(root / "idx"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--quick",
+    ]
     assert main(argv) == 0
     return root, out, data, arrays, argv
 
@@ -116,10 +125,14 @@ def test_demo_writes_report_results_and_figures(demo_run):
     assert results["test_accuracy"] == pytest.approx(1 - ev["single_10view"]["top1_error"])
     assert f"{100 * results['test_accuracy']:.2f}%" in report
     held = fashion.validation_size(256)
-    assert results["data"] == {"root": str(data), "train": 256 - held, "val": held, "test": 40,
-                               "dataset": "fashion-mnist",
-                               "validation": {"size": held, "seed": 0, "stratified": True,
-                                              "from": "train"}}  # fmt: skip
+    assert results["data"] == {
+        "root": str(data),
+        "train": 256 - held,
+        "val": held,
+        "test": 40,
+        "dataset": "fashion-mnist",
+        "validation": {"size": held, "seed": 0, "stratified": True, "from": "train"},
+    }
     records = results["train"]["records"]
     assert [r["epoch"] for r in records] == [1]
     assert all(np.isfinite(r["train_loss"]) and r["images_per_sec"] > 0 for r in records)
@@ -159,13 +172,28 @@ def test_demo_rerun_reuses_data_and_training(demo_run, capsys):
 def test_demo_trains_an_ensemble_two_at_once(tmp_path, capsys):
     arrays = learnable_idx(tmp_path / "idx", n_test=40)
     out = tmp_path / "out"
-    argv = ["demo", "--source", str(tmp_path / "idx"), "--data", str(tmp_path / "prepared"),
-            "--out", str(out), "--quick", "--models", "2", "--jobs", "2"]  # fmt: skip
+    argv = [
+        "demo",
+        "--source",
+        str(tmp_path / "idx"),
+        "--data",
+        str(tmp_path / "prepared"),
+        "--out",
+        str(out),
+        "--quick",
+        "--models",
+        "2",
+        "--jobs",
+        "2",
+    ]
     assert main(argv) == 0
     log = capsys.readouterr().out
     assert "training 2 models, 2 at once" in log
-    finished = {line.rsplit(": ", 1)[1] for line in log.splitlines()
-                if line.startswith(("demo: finished 1/2: ", "demo: finished 2/2: "))}  # fmt: skip
+    finished = {
+        line.rsplit(": ", 1)[1]
+        for line in log.splitlines()
+        if line.startswith(("demo: finished 1/2: ", "demo: finished 2/2: "))
+    }
     assert finished == {str(out / "train"), str(out / "train-2")}
     results = json.loads((out / "results.json").read_text())
     assert results["models_trained_at_once"] == 2

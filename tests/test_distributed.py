@@ -38,12 +38,36 @@ SAME_DRAWS = {
 
 
 def _cli_args(data: Path, out: Path) -> list[str]:
-    sets = {**SAME_DRAWS, "model.widths": "8,16,16,16,16", "model.fc_width": 32,
-            "model.init": "none", "schedule.milestones": 1, "run.export": "false",
-            "run.log_every": 1}  # fmt: skip
-    args = ["train", "--data", str(data), "--preset", "quick", "--out", str(out), "--name", "run",
-            "--batch-size", "16", "--lr", "0.02", "--epochs", "2", "--precision", "fp32",
-            "--schedule", "steps"]  # fmt: skip
+    sets = {
+        **SAME_DRAWS,
+        "model.widths": "8,16,16,16,16",
+        "model.fc_width": 32,
+        "model.init": "none",
+        "schedule.milestones": 1,
+        "run.export": "false",
+        "run.log_every": 1,
+    }
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--preset",
+        "quick",
+        "--out",
+        str(out),
+        "--name",
+        "run",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.02",
+        "--epochs",
+        "2",
+        "--precision",
+        "fp32",
+        "--schedule",
+        "steps",
+    ]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     return args
@@ -70,8 +94,16 @@ def test_two_cpu_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(launcher), *_cli_args(data, tmp_path / "two")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(launcher),
+        *_cli_args(data, tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("DDP wrappers left: 0") == 2, proc.stdout[-3000:]
@@ -80,8 +112,12 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["run"]
     run = tmp_path / "two" / "run"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.json", "env.json", "metrics.jsonl", "tb",
-    ]  # fmt: skip
+        "checkpoints",
+        "config.json",
+        "env.json",
+        "metrics.jsonl",
+        "tb",
+    ]
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
 
     a = load_checkpoint(Path(one["run_dir"]) / "checkpoints" / "last.pt")

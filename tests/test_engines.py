@@ -30,13 +30,29 @@ BACKENDS = ("torch", "openvino", "onnxruntime")
 
 def _checkpoint(path, seed: int = 0, per_tower: bool = True):
     torch.manual_seed(seed)
-    model = AlexNet(5, arch="small", image_size=28, widths=(8, 16, 16, 16, 8), fc_width=16,
-                    lrn_per_tower=per_tower, init="kaiming").eval()  # fmt: skip
-    stats = {"mean": torch.full((3, 32, 32), 110.0), "eigvals": torch.zeros(3),
-             "eigvecs": torch.eye(3)}  # fmt: skip
-    ckpt = {"model": model.state_dict(), "model_config": model.config, "classes": list("abcde"),
-            "class_names": list("ABCDE"), "data_stats": stats,
-            "augment": {"crop_size": 28, "scale": 1.0 / 50}, "config": {}}  # fmt: skip
+    model = AlexNet(
+        5,
+        arch="small",
+        image_size=28,
+        widths=(8, 16, 16, 16, 8),
+        fc_width=16,
+        lrn_per_tower=per_tower,
+        init="kaiming",
+    ).eval()
+    stats = {
+        "mean": torch.full((3, 32, 32), 110.0),
+        "eigvals": torch.zeros(3),
+        "eigvecs": torch.eye(3),
+    }
+    ckpt = {
+        "model": model.state_dict(),
+        "model_config": model.config,
+        "classes": list("abcde"),
+        "class_names": list("ABCDE"),
+        "data_stats": stats,
+        "augment": {"crop_size": 28, "scale": 1.0 / 50},
+        "config": {},
+    }
     atomic_torch_save(path, ckpt)
     return path
 
@@ -65,13 +81,16 @@ def test_each_backend_equals_torch_fp32(tmp_path, backend, per_tower):
     got = engines.for_inference(model, ckpt, path, backend, batch_size=len(x), precision="fp32")(x)
     # float32 rounding of a float64 reference, relative to the largest logit
     np.testing.assert_allclose(got.double(), want, rtol=0, atol=1e-4 * float(want.abs().max()))
-    feats = engines.for_inference(model, ckpt, path, backend, batch_size=len(x), layer="conv5",
-                                  precision="fp32")  # fmt: skip
+    feats = engines.for_inference(
+        model, ckpt, path, backend, batch_size=len(x), layer="conv5", precision="fp32"
+    )
     want = _reference(path, x, "conv5")
     np.testing.assert_allclose(
-        feats.forward_features(x, "conv5").double(), want, rtol=0,
+        feats.forward_features(x, "conv5").double(),
+        want,
+        rtol=0,
         atol=1e-4 * float(want.abs().max()),
-    )  # fmt: skip
+    )
 
 
 def test_auto_picks_an_installed_backend_and_reports_agreement(tmp_path):
@@ -161,8 +180,12 @@ def test_one_process_at_a_time_sets_up_a_checkpoints_engines(tmp_path):
     path = _checkpoint(tmp_path / "m.pt")
     fd = os.open(path, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    proc = subprocess.Popen([sys.executable, "-c", _SETUP, str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SETUP, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(3.0)  # long enough for the setup to finish (about 1 s) were it not waiting
         assert proc.poll() is None and not (tmp_path / "m.pt.engines").exists()
@@ -209,9 +232,22 @@ def test_predict_and_ten_view_evaluate_agree_across_backends(tmp_path, capsys):
     data, run = evalkit.tiny_run()
     out = {}
     for backend in BACKENDS:
-        args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--views", "10",
-                "--batch-size", "8", "--json", "--backend", backend,
-                "--precision", "fp32"]  # fmt: skip
+        args = [
+            "evaluate",
+            "--checkpoint",
+            str(run),
+            "--data",
+            str(data),
+            "--views",
+            "10",
+            "--batch-size",
+            "8",
+            "--json",
+            "--backend",
+            backend,
+            "--precision",
+            "fp32",
+        ]
         assert main(args) == 0
         out[backend] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = out["torch"]
@@ -235,15 +271,17 @@ def test_bf16_is_refused_where_its_top1_disagrees(tmp_path):
         bf16 = copy_bf16(model)(x.bfloat16()).float().argmax(1)
     assert feats.abs().max() > 0
     assert float((fp32 == bf16).double().mean()) < engines.MIN_AGREEMENT  # the premise
-    wrapped = engines.InferenceModel(model, ckpt, engines.Choice("torch", "bf16", True), None,
-                                     None, 64)  # fmt: skip
+    wrapped = engines.InferenceModel(
+        model, ckpt, engines.Choice("torch", "bf16", True), None, None, 64
+    )
     got = wrapped(x)
     assert wrapped.choice == engines.Choice("torch", "fp32", True)
     assert "fp32 used instead" in wrapped.report()
     assert torch.equal(got.argmax(1), fp32)
     # asked for by name (--precision bf16), bf16 is kept and the report says it agreed too little
-    kept = engines.InferenceModel(model, ckpt, engines.Choice("torch", "bf16", True), None,
-                                  None, 64, fallback=False)  # fmt: skip
+    kept = engines.InferenceModel(
+        model, ckpt, engines.Choice("torch", "bf16", True), None, None, 64, fallback=False
+    )
     assert torch.equal(kept(x).argmax(1), bf16)
     assert kept.choice.precision == "bf16" and "below the 99%" in kept.report()
 
@@ -279,8 +317,16 @@ def test_precision_bf16_where_the_engine_has_none_is_one_clear_line(tmp_path, ca
     from PIL import Image
 
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
-    args = ["predict", str(image), "--checkpoint", str(path), "--backend", "onnxruntime",
-            "--precision", "bf16"]  # fmt: skip
+    args = [
+        "predict",
+        str(image),
+        "--checkpoint",
+        str(path),
+        "--backend",
+        "onnxruntime",
+        "--precision",
+        "bf16",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ONNX Runtime" in err[0] and "--precision fp32" in err[0]
@@ -326,8 +372,9 @@ def _fewest_faults(mode: str) -> int:
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _FAULTS, mode], env=env, check=True, capture_output=True, text=True
+    )
     return int(run.stdout.split()[-1])
 
 

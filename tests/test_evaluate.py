@@ -41,8 +41,7 @@ def test_known_logits_give_known_errors(tmp_path, data, capsys):
     labels = PreparedDataset(data, "val").labels.numpy()
     top5 = np.argsort(bias)[::-1][:5]
     for views in ("1", "10"):
-        r = _evaluate_json(capsys, "--checkpoint", str(ckpt), "--data", str(data),
-                           "--views", views)  # fmt: skip
+        r = _evaluate_json(capsys, "--checkpoint", str(ckpt), "--data", str(data), "--views", views)
         assert r["images"] == len(labels) == 21 and r["views"] == int(views)
         assert r["top1_error"] == pytest.approx(np.mean(labels != 1))
         assert r["top5_error"] == pytest.approx(np.mean(~np.isin(labels, top5)))
@@ -58,8 +57,9 @@ def test_ensemble_averages_softmax_not_logits(tmp_path, data, capsys):
     probs = (_softmax(np.array(a)) + _softmax(np.array(b))) / 2
     assert probs.argmax() == 6 and np.argmax(np.add(a, b) / 2) == 3
     labels = PreparedDataset(data, "val").labels.numpy()
-    r = _evaluate_json(capsys, "--checkpoint", str(pa), "--checkpoint", str(pb),
-                       "--data", str(data))  # fmt: skip
+    r = _evaluate_json(
+        capsys, "--checkpoint", str(pa), "--checkpoint", str(pb), "--data", str(data)
+    )
     assert r["models"] == 2
     assert r["top1_error"] == pytest.approx(np.mean(labels != 6))
     assert r["top5_error"] == pytest.approx(np.mean(~np.isin(labels, np.argsort(-probs)[:5])))
@@ -99,9 +99,19 @@ def test_trained_checkpoint_matches_reference_and_per_class_csv(tmp_path, capsys
     order = np.argsort(-probs, axis=1)
     hit1, hit5 = order[:, 0] == labels, (order[:, :5] == labels[:, None]).any(1)
     csv_path = tmp_path / "per_class.csv"
-    r = _evaluate_json(capsys, "--checkpoint", str(run), "--data", str(data),
-                       "--views", str(views), "--batch-size", "4",
-                       "--per-class", str(csv_path))  # fmt: skip
+    r = _evaluate_json(
+        capsys,
+        "--checkpoint",
+        str(run),
+        "--data",
+        str(data),
+        "--views",
+        str(views),
+        "--batch-size",
+        "4",
+        "--per-class",
+        str(csv_path),
+    )
     assert r["top1_error"] == pytest.approx(1 - hit1.mean())
     assert r["top5_error"] == pytest.approx(1 - hit5.mean())
     rows = list(csv.DictReader(csv_path.open()))
@@ -115,13 +125,31 @@ def test_trained_checkpoint_matches_reference_and_per_class_csv(tmp_path, capsys
 
 def test_torchrun_two_ranks_count_every_image_once(tmp_path, capsys):
     data, run = evalkit.tiny_run()
-    single = _evaluate_json(capsys, "--checkpoint", str(run), "--data", str(data),
-                            "--views", "10")  # fmt: skip
+    single = _evaluate_json(capsys, "--checkpoint", str(run), "--data", str(data), "--views", "10")
     results = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", "2", "-m", "alexnet", "evaluate", "--checkpoint", str(run),
-           "--data", str(data), "--views", "10", "--device", "cpu", "--batch-size", "4",
-           "--results", str(results)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "alexnet",
+        "evaluate",
+        "--checkpoint",
+        str(run),
+        "--data",
+        str(data),
+        "--views",
+        "10",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--results",
+        str(results),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,11 +174,14 @@ def test_one_pass_scores_the_first_model_and_the_ensemble(tmp_path, data):
     from alexnet import evaluate as E
     from alexnet.runtime import distributed as D
 
-    biases = ([0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0],
-              [0.25, 0.05, 0.45, 5.0, 0.15, 0.35, -10.0, 0.55],
-              [1.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0])  # fmt: skip
-    paths = [evalkit.known_checkpoint(tmp_path / f"{i}.pt", b, seed=i)
-             for i, b in enumerate(biases)]  # fmt: skip
+    biases = (
+        [0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0],
+        [0.25, 0.05, 0.45, 5.0, 0.15, 0.35, -10.0, 0.55],
+        [1.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0],
+    )
+    paths = [
+        evalkit.known_checkpoint(tmp_path / f"{i}.pt", b, seed=i) for i, b in enumerate(biases)
+    ]
     models, _, augs = E.load_ensemble(paths, torch.device("cpu"))
     ds = PreparedDataset(data, "val")
     common = dict(views=10, batch_size=4, device=torch.device("cpu"), env=D.DistEnv(0, 1, 0))

@@ -32,8 +32,9 @@ def tiny_fashion(root: Path, n_train: int = 320, n_val: int = 40, seed: int = 0)
             x[i, 2 * c + 2 : 2 * c + 8, 4:24] += 180
         splits[split] = (np.clip(x, 0, 255).astype(np.uint8), y)
     names = [f"class {i}" for i in range(10)]
-    return prepare_arrays(root, splits, names, names, dataset="fashion-mnist",
-                          extra_meta={"test_split": "test"})  # fmt: skip
+    return prepare_arrays(
+        root, splits, names, names, dataset="fashion-mnist", extra_meta={"test_split": "test"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,15 @@ def test_four_layer_cnn_shapes_and_activation():
 
 def _curve(lr, errors, diverged=False):
     n = len(errors)
-    return F1.Curve("relu", lr, 0, [(i + 1) / 2 for i in range(n)], errors,
-                    [float(i + 1) for i in range(n)], diverged)  # fmt: skip
+    return F1.Curve(
+        "relu",
+        lr,
+        0,
+        [(i + 1) / 2 for i in range(n)],
+        errors,
+        [float(i + 1) for i in range(n)],
+        diverged,
+    )
 
 
 def test_reach_and_best_rate_follow_the_papers_choice():
@@ -86,8 +94,17 @@ def test_reach_and_best_rate_follow_the_papers_choice():
 
 def test_train_curve_records_the_error_of_each_tenth_epoch(data):
     images, labels, aug, classes = F1._load(data, None, seed=0)
-    c = F1.train_curve(images, labels, aug, activation="relu", lr=0.01, seed=0, epochs=3,
-                       classes=classes, batch_size=32)  # fmt: skip
+    c = F1.train_curve(
+        images,
+        labels,
+        aug,
+        activation="relu",
+        lr=0.01,
+        seed=0,
+        epochs=3,
+        classes=classes,
+        batch_size=32,
+    )
     assert len(images) // 32 == 10  # one point per step here
     assert c.epochs == pytest.approx([(i + 1) / 10 for i in range(30)])
     assert all(0.0 <= e <= 1.0 for e in c.errors) and np.all(np.diff(c.seconds) > 0)
@@ -97,8 +114,23 @@ def test_train_curve_records_the_error_of_each_tenth_epoch(data):
 
 def test_fig1_writes_a_table_consistent_with_its_curves(data, tmp_path, monkeypatch):
     out = tmp_path / "fig1"
-    argv = ["experiment", "fig1", "--data", str(data), "--out", str(out), "--seeds", "2",
-            "--epochs", "2", "--lrs", "0.01", "0.05", "--threshold", "0.6"]  # fmt: skip
+    argv = [
+        "experiment",
+        "fig1",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--lrs",
+        "0.01",
+        "0.05",
+        "--threshold",
+        "0.6",
+    ]
     assert main(argv) == 0
     r = json.loads((out / "fig1.json").read_text())
     assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
@@ -144,9 +176,23 @@ def test_subset_data_keeps_the_chosen_images(data, tmp_path):
 
 def test_ablations_table_is_the_paired_difference_of_its_runs(data, tmp_path):
     out = tmp_path / "abl"
-    argv = ["experiment", "ablations", "--data", str(data), "--out", str(out), "--seeds", "2",
-            "--epochs", "1", "--train-images", "256", "--only", "no-dropout",
-            "ten-views"]  # fmt: skip
+    argv = [
+        "experiment",
+        "ablations",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--train-images",
+        "256",
+        "--only",
+        "no-dropout",
+        "ten-views",
+    ]
     assert main(argv) == 0
     r = json.loads((out / "ablations.json").read_text())
     assert (out / "ablations.png").read_bytes()[:4] == b"\x89PNG"
@@ -175,8 +221,17 @@ def test_unknown_variant_is_a_clear_error(data, tmp_path):
     from alexnet.lab.experiment import run
 
     with pytest.raises(UserError, match="--only"):
-        run(Namespace(which="ablations", data=data, out=tmp_path, seeds=1, epochs=1,
-                      train_images=0, only=["no-such"]))  # fmt: skip
+        run(
+            Namespace(
+                which="ablations",
+                data=data,
+                out=tmp_path,
+                seeds=1,
+                epochs=1,
+                train_images=0,
+                only=["no-such"],
+            )
+        )
 
 
 def test_cached_computes_once_per_key_and_keeps_results_across_calls(tmp_path):

@@ -26,8 +26,9 @@ from alexnet.features import (
 
 
 def brute_force(query, index, k):
-    d = np.sqrt(((query[:, None, :].astype(np.float64) - index[None].astype(np.float64)) ** 2)
-                .sum(-1))  # fmt: skip
+    d = np.sqrt(
+        ((query[:, None, :].astype(np.float64) - index[None].astype(np.float64)) ** 2).sum(-1)
+    )
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d, order, 1), order
 
@@ -137,20 +138,71 @@ def test_extract_matches_forward_features_and_resumes(tmp_path, monkeypatch):
 def test_cli_extract_knn_codes(tmp_path, capsys):
     data, run = evalkit.tiny_run()
     for split in ("train", "val"):
-        assert main(["features", "extract", "--checkpoint", str(run), "--data", str(data),
-                     "--split", split, "--layer", "pool5", "--out",
-                     str(tmp_path / f"{split}.npy")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "features",
+                    "extract",
+                    "--checkpoint",
+                    str(run),
+                    "--data",
+                    str(data),
+                    "--split",
+                    split,
+                    "--layer",
+                    "pool5",
+                    "--out",
+                    str(tmp_path / f"{split}.npy"),
+                ]
+            )
+            == 0
+        )
     train, val = np.load(tmp_path / "train.npy"), np.load(tmp_path / "val.npy")
     assert train.shape[0] == 64 and val.shape[0] == 21 and train.shape[1] == val.shape[1]
-    assert main(["features", "knn", "--index", str(tmp_path / "train.npy"), "--query",
-                 str(tmp_path / "val.npy"), "-k", "6", "--backend", "torch",
-                 "--out", str(tmp_path / "nn.npz")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "features",
+                "knn",
+                "--index",
+                str(tmp_path / "train.npy"),
+                "--query",
+                str(tmp_path / "val.npy"),
+                "-k",
+                "6",
+                "--backend",
+                "torch",
+                "--out",
+                str(tmp_path / "nn.npz"),
+            ]
+        )
+        == 0
+    )
     nn = np.load(tmp_path / "nn.npz")
     np.testing.assert_array_equal(nn["indices"], brute_force(val, train, 6)[1])
     capsys.readouterr()
-    assert main(["features", "codes", "--index", str(tmp_path / "train.npy"), "--query",
-                 str(tmp_path / "val.npy"), "--bits", "8", "16", "-k", "5", "--rerank", "20",
-                 "--json", str(tmp_path / "codes.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "features",
+                "codes",
+                "--index",
+                str(tmp_path / "train.npy"),
+                "--query",
+                str(tmp_path / "val.npy"),
+                "--bits",
+                "8",
+                "16",
+                "-k",
+                "5",
+                "--rerank",
+                "20",
+                "--json",
+                str(tmp_path / "codes.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "recall@5" in out and len(json.loads((tmp_path / "codes.json").read_text())) == 4
     assert (

@@ -73,8 +73,23 @@ def test_predictions_and_neighbours_commands_write_pngs(tmp_path):
     data, run = evalkit.tiny_run()
     for what in ("predictions", "neighbours"):
         out = tmp_path / f"{what}.png"
-        assert main(["figures", what, "--checkpoint", str(run), "--data", str(data),
-                     "--n", "4", "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "figures",
+                    what,
+                    "--checkpoint",
+                    str(run),
+                    "--data",
+                    str(data),
+                    "--n",
+                    "4",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         _png(out)
 
 
@@ -95,14 +110,33 @@ def test_neighbours_are_the_nearest(tmp_path, monkeypatch, layer):
     # The tiny model's fc7 vectors are nearly all alike, so exact ties occur: they go to the
     # lower index (features.knn's rule), hence the stable sort on distances computed as knn
     # does (differences squared, not the |a|^2 + |b|^2 - 2ab form, which rounds ties apart).
-    dist = torch.cdist(fq.flatten(1).double(), ft.flatten(1).double(),
-                       compute_mode="donot_use_mm_for_euclid_dist")  # fmt: skip
+    dist = torch.cdist(
+        fq.flatten(1).double(), ft.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
     want = torch.argsort(dist, dim=1, stable=True)[:, :6]
     got = {}
     monkeypatch.setattr(figures, "plot_neighbours", lambda *a: got.setdefault("args", a))
     out = str(tmp_path / "n.png")
-    assert main(["figures", "neighbours", "--checkpoint", str(run), "--data", str(data),
-                 "--indices", "2", "9", "--layer", layer, "--out", out]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "figures",
+                "neighbours",
+                "--checkpoint",
+                str(run),
+                "--data",
+                str(data),
+                "--indices",
+                "2",
+                "9",
+                "--layer",
+                layer,
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     queries, shown, q_labels, n_labels = got["args"][:4]
     for i in range(2):
         for j in range(6):
@@ -131,7 +165,22 @@ def test_filter_grid_one_channel_and_ungrouped(towers):
 def test_no_images_asked_for_is_a_clear_error(tmp_path, capsys):
     data, run = evalkit.tiny_run()
     out = tmp_path / "p.png"
-    assert main(["figures", "predictions", "--checkpoint", str(run), "--data", str(data),
-                 "--n", "0", "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "figures",
+                "predictions",
+                "--checkpoint",
+                str(run),
+                "--data",
+                str(data),
+                "--n",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "must be at least 1" in capsys.readouterr().err
     assert not out.exists()

@@ -135,9 +135,22 @@ def test_evaluate_in_bf16_on_the_device_agrees_with_fp32(capsys):
     data, run = evalkit.tiny_run()
     out = {}
     for precision in ("fp32", "bf16"):
-        args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--views", "10",
-                "--device", DEVICE, "--backend", "torch", "--precision", precision,
-                "--json"]  # fmt: skip
+        args = [
+            "evaluate",
+            "--checkpoint",
+            str(run),
+            "--data",
+            str(data),
+            "--views",
+            "10",
+            "--device",
+            DEVICE,
+            "--backend",
+            "torch",
+            "--precision",
+            precision,
+            "--json",
+        ]
         capsys.readouterr()
         assert main(args) == 0
         out[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -154,12 +167,23 @@ def _paper_config(data: Path, out: Path, per_epoch: int, **extra) -> C.TrainConf
     save_every = max(2, epochs * per_epoch // 4)
     return C.preset(
         "paper",
-        **{"data.root": str(data), "run.out_dir": str(out), "run.name": "run",
-           "optim.batch_size": 64, "schedule.kind": "steps", "schedule.epochs": epochs,
-           "schedule.milestones": (1,), "run.deterministic": True, "run.device": DEVICE,
-           "run.save_every_steps": save_every, "run.log_every": 4, "run.export": False,
-           "data.num_workers": 4, **extra},
-    )  # fmt: skip
+        **{
+            "data.root": str(data),
+            "run.out_dir": str(out),
+            "run.name": "run",
+            "optim.batch_size": 64,
+            "schedule.kind": "steps",
+            "schedule.epochs": epochs,
+            "schedule.milestones": (1,),
+            "run.deterministic": True,
+            "run.device": DEVICE,
+            "run.save_every_steps": save_every,
+            "run.log_every": 4,
+            "run.export": False,
+            "data.num_workers": 4,
+            **extra,
+        },
+    )
 
 
 def _train_cli(args: list[str], wait: bool = True):
@@ -233,8 +257,12 @@ def test_two_towers_on_one_device_compute_the_grouped_model():
 
 
 def test_two_towers_on_one_device_train(gpu_data, tmp_path):
-    towers = {"run.tower_devices": ",".join(_two(DEVICE)), "run.max_steps": 3,
-              "run.deterministic": False, "data.num_workers": 2}  # fmt: skip
+    towers = {
+        "run.tower_devices": ",".join(_two(DEVICE)),
+        "run.max_steps": 3,
+        "run.deterministic": False,
+        "data.num_workers": 2,
+    }
     result = train(_paper_config(gpu_data, tmp_path, 8, **towers))
     assert result["status"] == "stopped" and result["step"] == 3
     ckpt = load_checkpoint(Path(result["run_dir"]) / "checkpoints" / "last.pt")

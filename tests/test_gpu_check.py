@@ -57,10 +57,13 @@ def test_pytest_report_is_read_per_test(tmp_path):
 
 def test_targets_take_the_best_figure():
     s = {
-        "bench": {"128": {"result": {"train_ips": 30_000.0}}, "256": {"result": None},
-                  "512": {"result": {"train_ips": 41_000.0}}},
+        "bench": {
+            "128": {"result": {"train_ips": 30_000.0}},
+            "256": {"result": None},
+            "512": {"result": {"train_ips": 41_000.0}},
+        },
         "end_to_end": {"cpu_workers": {"end_to_end_ips": 12_000.0}, "nvjpeg": {"error": "x"}},
-    }  # fmt: skip
+    }
     t = gpu_check._targets(s)
     assert t["model_only_train_ips"] == {"target": 40_000, "best": 41_000.0, "met": True}
     assert t["end_to_end_ips"] == {"target": 20_000, "best": 12_000.0, "met": False}

@@ -120,8 +120,10 @@ def test_groups_normalise_each_block_alone():
     x = activations((2, 16, 6, 6))
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     y, gx = grads_of(lambda t: local_response_norm(t, groups=2), x, g)
-    chunks = [grads_of(local_response_norm, t.contiguous(), h.contiguous()) for t, h in
-              zip(x.chunk(2, 1), g.chunk(2, 1))]  # fmt: skip
+    chunks = [
+        grads_of(local_response_norm, t.contiguous(), h.contiguous())
+        for t, h in zip(x.chunk(2, 1), g.chunk(2, 1))
+    ]
     torch.testing.assert_close(y, torch.cat([c[0] for c in chunks], 1))
     torch.testing.assert_close(gx, torch.cat([c[1] for c in chunks], 1))
 

@@ -44,8 +44,20 @@ def _write_images(folder, rng) -> list:
 def test_every_kind_of_file_gets_the_known_top5(tmp_path, capsys):
     ckpt = evalkit.known_checkpoint(tmp_path / "known.pt", BIAS)
     paths = _write_images(tmp_path / "images", np.random.default_rng(0))
-    assert main(["predict", *map(str, paths), "--checkpoint", str(ckpt), "--json",
-                 "--precision", "fp32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                *map(str, paths),
+                "--checkpoint",
+                str(ckpt),
+                "--json",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     probs = torch.softmax(torch.tensor(BIAS), 0)
     want = probs.argsort(descending=True)[:5].tolist()
@@ -54,8 +66,7 @@ def test_every_kind_of_file_gets_the_known_top5(tmp_path, capsys):
         got = r["predictions"]
         assert [p["class_index"] for p in got] == want
         assert [p["name"] for p in got] == [evalkit.NAMES[i] for i in want]
-        np.testing.assert_allclose([p["probability"] for p in got], probs[want].numpy(),
-                                   rtol=1e-5)  # fmt: skip
+        np.testing.assert_allclose([p["probability"] for p in got], probs[want].numpy(), rtol=1e-5)
 
 
 def test_bad_files_are_named_and_the_rest_still_printed(tmp_path, capsys):
@@ -69,8 +80,19 @@ def test_bad_files_are_named_and_the_rest_still_printed(tmp_path, capsys):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     missing = tmp_path / "missing.png"
-    status = main(["predict", str(truncated), str(good), str(text), str(missing),
-                   "--checkpoint", str(ckpt), "--precision", "fp32"])  # fmt: skip
+    status = main(
+        [
+            "predict",
+            str(truncated),
+            str(good),
+            str(text),
+            str(missing),
+            "--checkpoint",
+            str(ckpt),
+            "--precision",
+            "fp32",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2
     for bad in (truncated, text, missing):
@@ -92,8 +114,24 @@ def test_a_stored_image_as_a_file_gets_the_evaluation_probabilities(tmp_path, ca
     path = tmp_path / "val3.png"
     Image.fromarray(record[0].permute(1, 2, 0).numpy()).save(path)
     capsys.readouterr()
-    assert main(["predict", str(path), "--checkpoint", str(run), "--views", str(views),
-                 "--top", "8", "--json", "--precision", "fp32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                str(path),
+                "--checkpoint",
+                str(run),
+                "--views",
+                str(views),
+                "--top",
+                "8",
+                "--json",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)[0]["predictions"]
     aug = view_augment(ckpt)
     with torch.no_grad():

@@ -69,9 +69,15 @@ def test_run_directory_and_result(data, tmp_path):
 
 def test_it_learns(data, tmp_path):
     cfg = tiny_config(
-        data, tmp_path, **{"schedule.epochs": 12, "schedule.milestones": (10,),
-                           "model.dropout": 0.0, "data.pca_std": 0.0}
-    )  # fmt: skip
+        data,
+        tmp_path,
+        **{
+            "schedule.epochs": 12,
+            "schedule.milestones": (10,),
+            "model.dropout": 0.0,
+            "data.pca_std": 0.0,
+        },
+    )
     result = train(cfg)
     assert result["val_top1_error"] < 0.5 and result["train_loss"] < 0.8, result  # chance: 0.75
 
@@ -150,9 +156,21 @@ def test_cli_flags_and_overrides():
     parser = argparse.ArgumentParser()
     T.add_arguments(parser)
     args = parser.parse_args(
-        ["--preset", "paper-steps", "--lr", "0.02", "--epochs", "5", "--set", "bias_lr_mult=2",
-         "--set", "optim.bias_decay=false", "--compile", "--no-channels-last"]
-    )  # fmt: skip
+        [
+            "--preset",
+            "paper-steps",
+            "--lr",
+            "0.02",
+            "--epochs",
+            "5",
+            "--set",
+            "bias_lr_mult=2",
+            "--set",
+            "optim.bias_decay=false",
+            "--compile",
+            "--no-channels-last",
+        ]
+    )
     cfg = T.from_args(args)
     assert cfg.preset == "paper-steps" and cfg.schedule.kind == "steps"
     assert cfg.optim.lr == 0.02 and cfg.schedule.epochs == 5

@@ -111,10 +111,14 @@ def test_predict_refuses_a_missing_device_and_a_zero_batch_in_one_line(tmp_path,
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --device cuda is valid here")
     ckpt = tmp_path / "none.pt"
-    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt),
-                 "--device", "cuda"]) == 2  # fmt: skip
-    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt),
-                 "--batch-size", "0"]) == 2  # fmt: skip
+    assert (
+        main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--device", "cuda"])
+        == 2
+    )
+    assert (
+        main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--batch-size", "0"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "--device cuda: CUDA is not available" in err

@@ -112,8 +112,19 @@ def _torchvision_file(server, sd=None) -> bytes:
 
 def _tv_entry(data: bytes, name: str = "test-owt", sha256: str | None = None) -> WeightSet:
     d = Download(TV_URL, sha256=sha256 or hashlib.sha256(data).hexdigest(), size=len(data))
-    base = {f: getattr(BUILTIN[0], f) for f in ("layout", "preprocessing", "classes",
-            "license", "top1", "top5", "protocol", "accuracy_source")}  # fmt: skip
+    base = {
+        f: getattr(BUILTIN[0], f)
+        for f in (
+            "layout",
+            "preprocessing",
+            "classes",
+            "license",
+            "top1",
+            "top5",
+            "protocol",
+            "accuracy_source",
+        )
+    }
     return WeightSet(name=name, format="torchvision", weights=d, **base)
 
 
@@ -133,8 +144,11 @@ def registered():
 
 def _cache_files(home: Path) -> list[str]:
     """Every file in the cache that is not a lock."""
-    return sorted(str(p.relative_to(home)) for p in home.rglob("*")
-                  if p.is_file() and not p.name.endswith(".lock"))  # fmt: skip
+    return sorted(
+        str(p.relative_to(home))
+        for p in home.rglob("*")
+        if p.is_file() and not p.name.endswith(".lock")
+    )
 
 
 def _image(seed: int) -> torch.Tensor:
@@ -143,8 +157,7 @@ def _image(seed: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ torchvision
-def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered, tmp_path,
-                                                               capsys):  # fmt: skip
+def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered, tmp_path, capsys):
     sd = _owt_state()
     registered(_tv_entry(_torchvision_file(server, sd)))
     model = AlexNet.from_pretrained("test-owt")
@@ -158,24 +171,39 @@ def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered
     torch.testing.assert_close(from01, ref, rtol=1e-4, atol=1e-4)
     assert model.meta["classes"][:2] == ["n01440764", "n01443537"]
     home = tmp_path / "home"
-    assert _cache_files(home) == ["converted/test-owt.json", "converted/test-owt.pt",
-                                  "downloads/alexnet-owt-test.pth"]  # fmt: skip
+    assert _cache_files(home) == [
+        "converted/test-owt.json",
+        "converted/test-owt.pt",
+        "downloads/alexnet-owt-test.pth",
+    ]
 
     # predict prints the class names of the weight set; a second run needs no network.
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
     server.shutdown()
     server.server_close()
-    assert main(["predict", str(tmp_path / "a.png"), "--weights", "test-owt", "--json",
-                 "--precision", "fp32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "a.png"),
+                "--weights",
+                "test-owt",
+                "--json",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     preds = json.loads(capsys.readouterr().out)[0]["predictions"]
     best = int(ref[0].argmax())
     assert preds[0]["class_id"] == SYNSETS[best][0] and preds[0]["name"] == SYNSETS[best][1]
 
 
-@pytest.mark.parametrize("damage", ["flipped-byte", "short-file", "cut-connection",
-                                    "wrong-checksum"])  # fmt: skip
-def test_damaged_download_is_refused_and_nothing_kept(server, registered, tmp_path, capsys,
-                                                      damage):  # fmt: skip
+@pytest.mark.parametrize(
+    "damage", ["flipped-byte", "short-file", "cut-connection", "wrong-checksum"]
+)
+def test_damaged_download_is_refused_and_nothing_kept(server, registered, tmp_path, capsys, damage):
     good = _torchvision_file(server)
     entry = _tv_entry(good)
     served = received = good
@@ -236,8 +264,10 @@ def test_killed_download_leaves_nothing_complete_and_is_cleaned(server, register
     # What a run killed mid-download leaves: our temporary name and torch.hub's inside it,
     # named after a process that no longer exists.
     dead = 2**22 + 12345
-    stale = [downloads / f".alexnet-owt-test.pth.{dead}.download",
-             downloads / f".alexnet-owt-test.pth.{dead}.download.0a1b.partial"]  # fmt: skip
+    stale = [
+        downloads / f".alexnet-owt-test.pth.{dead}.download",
+        downloads / f".alexnet-owt-test.pth.{dead}.download.0a1b.partial",
+    ]
     for p in stale:
         p.write_bytes(data[:100])
     assert not (downloads / "alexnet-owt-test.pth").exists()
@@ -281,8 +311,9 @@ def caffe_files(server, tmp_path):
     mean_bgr = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1)) * 40 + 100
     mean = caffe_blob(caffe_pb.messages(), mean_bgr[None].numpy(), legacy=True).SerializeToString()
     words = "".join(f"n0000000{i} class {i}, thing\n" for i in range(CLASSES)).encode()
-    aux = _aux_tar({"imagenet_mean.binaryproto": mean, "synset_words.txt": words,
-                    "train.txt": b"unused\n"})  # fmt: skip
+    aux = _aux_tar(
+        {"imagenet_mean.binaryproto": mean, "synset_words.txt": words, "train.txt": b"unused\n"}
+    )
     _serve(server, CAFFE_URL, model)
     _serve(server, AUX_URL, aux)
     entry = _caffe_entry(model, mean, aux)
@@ -290,19 +321,35 @@ def caffe_files(server, tmp_path):
 
 
 def _caffe_entry(model: bytes, mean: bytes, aux: bytes) -> WeightSet:
-    base = {f: getattr(BUILTIN[1], f) for f in ("layout", "preprocessing", "classes", "license",
-            "top1", "top5", "protocol", "accuracy_source", "mean", "synsets")}  # fmt: skip
+    base = {
+        f: getattr(BUILTIN[1], f)
+        for f in (
+            "layout",
+            "preprocessing",
+            "classes",
+            "license",
+            "top1",
+            "top5",
+            "protocol",
+            "accuracy_source",
+            "mean",
+            "synsets",
+        )
+    }
     return WeightSet(
-        name="test-caffe", format="caffe",
+        name="test-caffe",
+        format="caffe",
         weights=Download(CAFFE_URL, sha1=hashlib.sha1(model).hexdigest()),
         aux=Download(AUX_URL),  # like Caffe's aux data: no published checksum or size
-        members={"imagenet_mean.binaryproto": hashlib.sha1(mean).hexdigest(),
-                 "synset_words.txt": None}, **base,
-    )  # fmt: skip
+        members={
+            "imagenet_mean.binaryproto": hashlib.sha1(mean).hexdigest(),
+            "synset_words.txt": None,
+        },
+        **base,
+    )
 
 
-def test_caffe_weights_take_rgb_and_apply_bgr_and_the_mean_image(caffe_files, registered,
-                                                                 tmp_path):  # fmt: skip
+def test_caffe_weights_take_rgb_and_apply_bgr_and_the_mean_image(caffe_files, registered, tmp_path):
     registered(caffe_files["entry"])
     model = AlexNet.from_pretrained("test-caffe", progress=False)
     rgb = torch.stack([_image(3), _image(4)])
@@ -352,17 +399,51 @@ def test_evaluate_and_features_take_weights_by_name(caffe_files, registered, tmp
     labels = np.array([int(ref[0].argmax()), 0, 1, 2, 3, 4])  # the first is right, by design
     classes = [f"n0000000{i}" for i in range(CLASSES)]
     hwc = rgb.permute(0, 2, 3, 1).numpy()
-    data = prepare_arrays(tmp_path / "data", {"train": (hwc, labels), "val": (hwc, labels)},
-                          classes)  # fmt: skip
-    assert main(["evaluate", "--weights", "test-caffe", "--data", str(data), "--json",
-                 "--batch-size", "4", "--precision", "fp32"]) == 0  # fmt: skip
+    data = prepare_arrays(
+        tmp_path / "data", {"train": (hwc, labels), "val": (hwc, labels)}, classes
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                "test-caffe",
+                "--data",
+                str(data),
+                "--json",
+                "--batch-size",
+                "4",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = float((ref.argmax(1).numpy() != labels).mean())
     assert result["top1_error"] == pytest.approx(want)
     out = tmp_path / "fc8.npy"
-    assert main(["features", "extract", "--weights", "test-caffe", "--data", str(data),
-                 "--split", "val", "--layer", "fc8", "--out", str(out),
-                 "--precision", "fp32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "features",
+                "extract",
+                "--weights",
+                "test-caffe",
+                "--data",
+                str(data),
+                "--split",
+                "val",
+                "--layer",
+                "fc8",
+                "--out",
+                str(out),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(np.load(out), ref.numpy(), rtol=1e-4, atol=1e-4)
     assert json.loads(out.with_suffix(".json").read_text())["weights"] == "test-caffe"
 
@@ -372,8 +453,7 @@ def test_torch_hub_loads_weights_from_a_local_clone(server, registered):
     sd = _owt_state(seed=5)
     registered(_tv_entry(_torchvision_file(server, sd)))
     root = Path(__file__).resolve().parents[1]
-    model = torch.hub.load(str(root), "alexnet", source="local", weights="test-owt",
-                           progress=False)  # fmt: skip
+    model = torch.hub.load(str(root), "alexnet", source="local", weights="test-owt", progress=False)
     img = _image(7)[None]
     with torch.no_grad():
         got = model(model.transforms(img)).double()
@@ -391,9 +471,24 @@ def test_registry_names_are_protected_and_mistakes_named():
 
 
 def test_registry_file_from_the_environment(tmp_path, monkeypatch):
-    entry = {"name": "mine", "format": "torchvision", "weights": {"url": TV_URL, "size": 3},
-             **{f: getattr(BUILTIN[0], f) for f in ("layout", "preprocessing", "classes",
-                "license", "top1", "top5", "protocol", "accuracy_source")}}  # fmt: skip
+    entry = {
+        "name": "mine",
+        "format": "torchvision",
+        "weights": {"url": TV_URL, "size": 3},
+        **{
+            f: getattr(BUILTIN[0], f)
+            for f in (
+                "layout",
+                "preprocessing",
+                "classes",
+                "license",
+                "top1",
+                "top5",
+                "protocol",
+                "accuracy_source",
+            )
+        },
+    }
     (tmp_path / "reg.json").write_text(json.dumps([entry]))
     monkeypatch.setenv("ALEXNET_WEIGHTS_REGISTRY", str(tmp_path / "reg.json"))
     assert weights.lookup("mine").weights.size == 3

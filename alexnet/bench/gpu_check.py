@@ -74,8 +74,13 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = "timeout", _text(e.stdout), _text(e.stderr)
-    return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
-            "stdout": out, "stderr_tail": err[-3000:]}  # fmt: skip
+    return {
+        "cmd": " ".join(cmd),
+        "rc": rc,
+        "seconds": round(time.monotonic() - t0, 1),
+        "stdout": out,
+        "stderr_tail": err[-3000:],
+    }
 
 
 def _text(b) -> str:
@@ -96,16 +101,30 @@ def _junit(path: Path) -> dict:
                 outcome = {"failure": "failed"}.get(kind, kind)
                 detail = (node.get("message") or "")[:500]
         tests[name] = {"outcome": outcome, "seconds": float(case.get("time", 0)), "detail": detail}
-    counts = {k: sum(t["outcome"] == k for t in tests.values())
-              for k in ("passed", "failed", "error", "skipped")}  # fmt: skip
+    counts = {
+        k: sum(t["outcome"] == k for t in tests.values())
+        for k in ("passed", "failed", "error", "skipped")
+    }
     return {**counts, "tests": tests}
 
 
 def run_pytest(data: Path, work: Path, timeout: float) -> dict:
     xml = work / "pytest-gpu.xml"
     env = {**os.environ, "ALEXNET_GPU_DATA": str(data)}
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "-n", "0", f"--junitxml={xml}", str(ROOT / "tests")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-n",
+        "0",
+        f"--junitxml={xml}",
+        str(ROOT / "tests"),
+    ]
     r = _run(cmd, timeout, env)
     r["stdout"] = r["stdout"][-3000:]
     return {**r, **_junit(xml)}
@@ -122,18 +141,55 @@ def _run_json(cmd: list[str], timeout: float) -> dict:
 
 
 def run_bench(batch: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "alexnet", "bench", "--device", "cuda", "--model", "paper",
-           "--batch-size", str(batch), "--rounds", "5", "--steps", "10", "--warmup", "3",
-           "--no-end-to-end", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "alexnet",
+        "bench",
+        "--device",
+        "cuda",
+        "--model",
+        "paper",
+        "--batch-size",
+        str(batch),
+        "--rounds",
+        "5",
+        "--steps",
+        "10",
+        "--warmup",
+        "3",
+        "--no-end-to-end",
+        "--json",
+    ]
     return _run_json(cmd, timeout)
 
 
 def run_bench_loader(data: Path, workers: int, timeout: float) -> dict:
     from alexnet.data import decode
 
-    cmd = [sys.executable, "-m", "alexnet", "bench-loader", "--data", str(data), "--decoders",
-           *decode.available(), "nvjpeg", "--workers", "1", str(workers), "--batch-size",
-           "128", "--batches", "10", "--repeats", "3", "--crop", "224", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "alexnet",
+        "bench-loader",
+        "--data",
+        str(data),
+        "--decoders",
+        *decode.available(),
+        "nvjpeg",
+        "--workers",
+        "1",
+        str(workers),
+        "--batch-size",
+        "128",
+        "--batches",
+        "10",
+        "--repeats",
+        "3",
+        "--crop",
+        "224",
+        "--json",
+    ]
     return _run_json(cmd, timeout)
 
 
@@ -151,9 +207,15 @@ def _batches(ds, loader, dec):
 
 
 def end_to_end(
-    data: Path, batch: int, workers: int, steps: int, nvjpeg: bool, device: str = "cuda",
-    arch: str = "paper", crop: int = 224,
-) -> dict:  # fmt: skip
+    data: Path,
+    batch: int,
+    workers: int,
+    steps: int,
+    nvjpeg: bool,
+    device: str = "cuda",
+    arch: str = "paper",
+    crop: int = 224,
+) -> dict:
     """Images/s of the paper model's bf16 training step fed from the prepared JPEGs, and of
     the same step alone on a batch already on the device (interleaved, medians of 3).
     ``arch`` and ``crop`` other than the paper's are for testing this on a CPU."""
@@ -178,8 +240,14 @@ def end_to_end(
     train_model, _, train_batch, _ = steps_of
     aug = DeviceAugment(ds.stats, crop, train=True, channels_last=True)
     gen = torch.Generator(device=device).manual_seed(0)
-    loader = make_loader(ds, batch, shuffle=True, drop_last=True, pin_memory=cuda,
-                         num_workers=0 if nvjpeg else workers)  # fmt: skip
+    loader = make_loader(
+        ds,
+        batch,
+        shuffle=True,
+        drop_last=True,
+        pin_memory=cuda,
+        num_workers=0 if nvjpeg else workers,
+    )
 
     it = _batches(ds, loader, dec)
 
@@ -201,8 +269,14 @@ def end_to_end(
             rates[name].append(batch * steps / (time.perf_counter() - t0))
     loader.close()
     e2e, alone = statistics.median(rates["e2e"]), statistics.median(rates["model"])
-    return {"batch": batch, "workers": loader.num_workers, "decode": dec.backend if dec else "cpu",
-            "end_to_end_ips": e2e, "model_only_ips": alone, "fraction": e2e / alone}  # fmt: skip
+    return {
+        "batch": batch,
+        "workers": loader.num_workers,
+        "decode": dec.backend if dec else "cpu",
+        "end_to_end_ips": e2e,
+        "model_only_ips": alone,
+        "fraction": e2e / alone,
+    }
 
 
 def _environment() -> dict:
@@ -210,10 +284,15 @@ def _environment() -> dict:
 
     from alexnet.data import decode
 
-    env = {"python": sys.version.split()[0], "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cpus": os.cpu_count(),
-           "cuda_available": torch.cuda.is_available(), "jpeg_decoders": decode.available(),
-           "nvjpeg": decode.nvjpeg_unavailable("cuda") or "available"}  # fmt: skip
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+        "jpeg_decoders": decode.available(),
+        "nvjpeg": decode.nvjpeg_unavailable("cuda") or "available",
+    }
     if env["cuda_available"]:
         env["gpu"] = torch.cuda.get_device_name(0)
     rev = _run(["git", "rev-parse", "HEAD"], 10)
@@ -232,21 +311,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _targets(summary: dict) -> dict:
-    train = [b["result"]["train_ips"] for b in summary.get("bench", {}).values()
-             if b.get("result")]  # fmt: skip
-    e2e = [r["end_to_end_ips"] for r in summary.get("end_to_end", {}).values()
-           if "end_to_end_ips" in r]  # fmt: skip
-    best = {"model_only_train_ips": max(train, default=None),
-            "end_to_end_ips": max(e2e, default=None)}  # fmt: skip
-    return {k: {"target": t, "best": best[k], "met": best[k] is not None and best[k] >= t}
-            for k, t in TARGETS.items()}  # fmt: skip
+    train = [b["result"]["train_ips"] for b in summary.get("bench", {}).values() if b.get("result")]
+    e2e = [
+        r["end_to_end_ips"] for r in summary.get("end_to_end", {}).values() if "end_to_end_ips" in r
+    ]
+    best = {
+        "model_only_train_ips": max(train, default=None),
+        "end_to_end_ips": max(e2e, default=None),
+    }
+    return {
+        k: {"target": t, "best": best[k], "met": best[k] is not None and best[k] >= t}
+        for k, t in TARGETS.items()
+    }
 
 
 def _decode_per_core(loader: dict) -> dict:
     """Each CPU decoder's images per core-second (one thread, CPU time) and 16 times that."""
     found = ((loader or {}).get("result") or {}).get("decoders", {})
-    return {name: {"per_core": r["loop_cpu_median"], "16_cores": 16 * r["loop_cpu_median"]}
-            for name, r in found.items() if "loop_cpu_median" in r}  # fmt: skip
+    return {
+        name: {"per_core": r["loop_cpu_median"], "16_cores": 16 * r["loop_cpu_median"]}
+        for name, r in found.items()
+        if "loop_cpu_median" in r
+    }
 
 
 def check(args: argparse.Namespace, work: Path) -> dict:
@@ -286,8 +372,11 @@ def check(args: argparse.Namespace, work: Path) -> dict:
     s["targets"] = _targets(s)
     p = s.get("pytest", {})
     s["ok"] = p.get("rc", 0) == 0 and not p.get("failed") and not p.get("error")
-    runs = [("pytest", p), *((f"bench {k}", v) for k, v in s.get("bench", {}).items()),
-            ("bench-loader", s.get("loader", {}))]  # fmt: skip
+    runs = [
+        ("pytest", p),
+        *((f"bench {k}", v) for k, v in s.get("bench", {}).items()),
+        ("bench-loader", s.get("loader", {})),
+    ]
     s["steps_failed"] = [name for name, r in runs if r and r.get("rc", 0) != 0]
     s["seconds"] = round(time.monotonic() - t0, 1)
     return s

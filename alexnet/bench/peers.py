@@ -68,8 +68,10 @@ def peak_size(args) -> tuple[int, float]:
 
 def peaks(n: int, seconds: float) -> dict[str, float]:
     """``matmul_peak`` in fp32 and in bf16."""
-    return {k: matmul_peak(dt, n, seconds) for k, dt in (("fp32", torch.float32),
-                                                         ("bf16", torch.bfloat16))}  # fmt: skip
+    return {
+        k: matmul_peak(dt, n, seconds)
+        for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
 
 
 def forward_flops(model: nn.Module) -> float:
@@ -113,8 +115,17 @@ def inference_fns(ours, ref, compiled_ref, engine_choices, checkpoint: Path, bat
     return fns, wrapped
 
 
-def measure_inference(ours, ref, compiled_ref, *, batch: int, rounds: int, steps: int,
-                      engines_too: bool = True, stretch: float = 0.25) -> dict:  # fmt: skip
+def measure_inference(
+    ours,
+    ref,
+    compiled_ref,
+    *,
+    batch: int,
+    rounds: int,
+    steps: int,
+    engines_too: bool = True,
+    stretch: float = 0.25,
+) -> dict:
     """Images/s at ``batch`` and latency at batch 1 of each contender, and top-1 agreement."""
     from alexnet.interop import engines
 
@@ -209,8 +220,9 @@ def _peak_fractions(peers: dict, flops: float, peak: dict, our_train: str, our_i
             precision = {"train": our_train, "infer": our_infer}
         p["peak_fraction"] = {
             k: p[f"{k}_ips"] * flops * (3 if k == "train" else 1) / peak[precision[k]]
-            for k in ("train", "infer") if p.get(f"{k}_ips")
-        }  # fmt: skip
+            for k in ("train", "infer")
+            if p.get(f"{k}_ips")
+        }
 
 
 def peer_figures(args, device, batch: int, kept: dict) -> dict:
@@ -228,9 +240,16 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
     copy_weights(ours, ref)
     if compiled_ref is not None:
         copy_weights(ours, compiled_ref._orig_mod)
-    inf = measure_inference(ours, ref, compiled_ref, batch=batch, rounds=args.rounds,
-                            steps=args.steps, engines_too="engines" in names,
-                            stretch=0.02 if args.quick else 0.25)  # fmt: skip
+    inf = measure_inference(
+        ours,
+        ref,
+        compiled_ref,
+        batch=batch,
+        rounds=args.rounds,
+        steps=args.steps,
+        engines_too="engines" in names,
+        stretch=0.02 if args.quick else 0.25,
+    )
     peers = inf["peers"]
     for name, ips in train.items():
         peers.setdefault(name, {})["train_ips"] = ips
@@ -240,8 +259,13 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
     # The best of both: a peak caught while the machine ran slow would flatter every fraction.
     peak = {k: max(early[k], late[k]) for k in late}
     flops = forward_flops(ours)
-    _peak_fractions(peers, flops, peak, kept.get("our_train_precision", "fp32"),
-                    "bf16" if "bf16" in inf["best_infer_backend"] else "fp32")  # fmt: skip
+    _peak_fractions(
+        peers,
+        flops,
+        peak,
+        kept.get("our_train_precision", "fp32"),
+        "bf16" if "bf16" in inf["best_infer_backend"] else "fp32",
+    )
     out = {
         "peers": peers,
         "best_infer_backend": inf["best_infer_backend"],
@@ -261,10 +285,16 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
     if args.allocator:
         x = torch.randn(batch, ours.conv1.in_channels, ours.input_size, ours.input_size)
         usual = _eager(ref, "fp32", False)
-        out["allocator"] = allocator_effect({
-            "usual_train": kept["reference_train"], "ours_train": kept["our_train"],
-            "usual_infer": lambda: usual(x), "ours_infer": lambda: kept["our_infer"](),
-        }, args.rounds, args.steps)  # fmt: skip
+        out["allocator"] = allocator_effect(
+            {
+                "usual_train": kept["reference_train"],
+                "ours_train": kept["our_train"],
+                "usual_infer": lambda: usual(x),
+                "ours_infer": lambda: kept["our_infer"](),
+            },
+            args.rounds,
+            args.steps,
+        )
     return out
 
 

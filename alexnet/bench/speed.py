@@ -123,16 +123,30 @@ def reference_network(model: AlexNet) -> nn.Sequential:
     pool, p = model.pool.kernel_size, cfg["dropout"]
     m = model
     return nn.Sequential(
-        conv(m.conv1), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(pool, 2),
-        conv(m.conv2), nn.ReLU(inplace=True), lrn(), nn.MaxPool2d(pool, 2),
-        conv(m.conv3), nn.ReLU(inplace=True),
-        conv(m.conv4), nn.ReLU(inplace=True),
-        conv(m.conv5), nn.ReLU(inplace=True), nn.MaxPool2d(pool, 2),
+        conv(m.conv1),
+        nn.ReLU(inplace=True),
+        lrn(),
+        nn.MaxPool2d(pool, 2),
+        conv(m.conv2),
+        nn.ReLU(inplace=True),
+        lrn(),
+        nn.MaxPool2d(pool, 2),
+        conv(m.conv3),
+        nn.ReLU(inplace=True),
+        conv(m.conv4),
+        nn.ReLU(inplace=True),
+        conv(m.conv5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(pool, 2),
         nn.Flatten(),
-        nn.Linear(m.fc6.in_features, m.fc6.out_features), nn.ReLU(inplace=True), nn.Dropout(p),
-        nn.Linear(m.fc7.in_features, m.fc7.out_features), nn.ReLU(inplace=True), nn.Dropout(p),
+        nn.Linear(m.fc6.in_features, m.fc6.out_features),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p),
+        nn.Linear(m.fc7.in_features, m.fc7.out_features),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p),
         nn.Linear(m.fc8.in_features, m.fc8.out_features),
-    )  # fmt: skip
+    )
 
 
 def build_pair(arch: str, num_classes: int, in_channels: int = 3, image_size: int | None = None):
@@ -296,8 +310,14 @@ def model_only(args, device, settings: RunSettings, batch: int, kept: dict | Non
     warm = time.perf_counter() - t0
     trains = {"reference": ref_train, "ours": our_train}
     if kept is not None:
-        kept.update(ours=ours, ref=ref, our_train=our_train, reference_train=ref_train,
-                    our_infer=our_infer, our_train_precision=settings.precision)  # fmt: skip
+        kept.update(
+            ours=ours,
+            ref=ref,
+            our_train=our_train,
+            reference_train=ref_train,
+            our_infer=our_infer,
+            our_train_precision=settings.precision,
+        )
         if kept.get("compiled"):  # the compiled reference peer (alexnet.bench.peers)
             trains["compiled"] = _compiled_reference_train(ref, device, batch, size, classes)
     if kept is not None and device.type == "cpu":  # the peers' matmul peak (again later)

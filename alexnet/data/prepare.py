@@ -273,10 +273,12 @@ def run_folder(args, after_chunk=None) -> int:
     return _prepare_items(args, "folder", splits, classes, list(classes), notes, after_chunk)
 
 
-def _write_small(args: argparse.Namespace, dataset: str, splits, classes: list[str],
-                 source: str) -> int:  # fmt: skip
-    small.prepare_small(args.out, dataset, splits, classes, source, val_size=args.val_size,
-                        val_seed=args.val_seed)  # fmt: skip
+def _write_small(
+    args: argparse.Namespace, dataset: str, splits, classes: list[str], source: str
+) -> int:
+    small.prepare_small(
+        args.out, dataset, splits, classes, source, val_size=args.val_size, val_seed=args.val_seed
+    )
     return 0
 
 

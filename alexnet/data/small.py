@@ -28,9 +28,17 @@ FASHION_MNIST_FILES = {
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 # Training images held out as the validation split: 1/12 of Fashion-MNIST's, 1/10 of CIFAR's.
 VAL_SIZE = 5000
@@ -185,14 +193,25 @@ def carve_validation(splits: dict, size: int, seed: int) -> tuple[dict, dict]:
         raise UserError(f"--val-size {size}: must be between 1 and {len(labels) - 1}")
     held = stratified_holdout(labels, size, seed)
     keep = np.setdiff1d(np.arange(len(labels)), held)
-    out = {"train": (images[keep], labels[keep]), "val": (images[held], labels[held]),
-           "test": splits["test"]}  # fmt: skip
+    out = {
+        "train": (images[keep], labels[keep]),
+        "val": (images[held], labels[held]),
+        "test": splits["test"],
+    }
     note = {"size": int(size), "seed": int(seed), "stratified": True, "from": "train"}
     return out, note
 
 
-def prepare_small(out: Path, dataset: str, splits: dict, classes: list[str], source: str, *,
-                  val_size: int = VAL_SIZE, val_seed: int = 0) -> Path:  # fmt: skip
+def prepare_small(
+    out: Path,
+    dataset: str,
+    splits: dict,
+    classes: list[str],
+    source: str,
+    *,
+    val_size: int = VAL_SIZE,
+    val_seed: int = 0,
+) -> Path:
     """Write ``splits`` (``{"train", "test"}`` as loaded) as a prepared directory with a
     validation split carved from the training images (PAPER D4 steers by validation error;
     the test set must steer nothing)."""
@@ -202,6 +221,8 @@ def prepare_small(out: Path, dataset: str, splits: dict, classes: list[str], sou
     meta = {"source": source, "validation": note, "test_split": "test"}
     store.prepare_arrays(out, carved, classes, classes, dataset=dataset, extra_meta=meta)
     counts = ", ".join(f"{k} {len(v[1])}" for k, v in carved.items())
-    print(f"{out}: {dataset} prepared ({counts}; val: {val_size} training images held out, "
-          f"stratified, seed {val_seed}; test: the official test set)")  # fmt: skip
+    print(
+        f"{out}: {dataset} prepared ({counts}; val: {val_size} training images held out, "
+        f"stratified, seed {val_seed}; test: the official test set)"
+    )
     return out

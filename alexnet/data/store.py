@@ -203,8 +203,10 @@ def report_split(meta: dict) -> tuple[str, str]:
     if meta.get("test_split"):
         return meta["test_split"], "the official test set"
     if meta.get("val_is_official_test_set"):
-        return "val", ("the official test set, which this older preparation also used for "
-                       "validation: choices were made on it; prepare the data again")  # fmt: skip
+        return "val", (
+            "the official test set, which this older preparation also used for "
+            "validation: choices were made on it; prepare the data again"
+        )
     return "val", "the validation set"
 
 

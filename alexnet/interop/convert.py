@@ -269,8 +269,13 @@ def import_torchvision(path: Path, synsets: Path | None = None) -> dict:
         fc_width = sd["classifier.4.weight"].shape[0]
     except (KeyError, AttributeError) as e:
         raise UserError(f"{path}: not a torchvision alexnet state dict (no {e})") from None
-    model = AlexNet(sd["classifier.6.weight"].shape[0], arch="owt", widths=widths,
-                    fc_width=fc_width, init="none")  # fmt: skip
+    model = AlexNet(
+        sd["classifier.6.weight"].shape[0],
+        arch="owt",
+        widths=widths,
+        fc_width=fc_width,
+        init="none",
+    )
     try:
         model.load_torchvision_state_dict(sd)
     except (KeyError, RuntimeError) as e:

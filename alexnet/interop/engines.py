@@ -132,8 +132,12 @@ def candidates(backend: str, precision: str = "auto") -> list[Choice]:
             precisions = (precision,)
         # torch's bf16 only in channels_last: NCHW bf16 measured 0.62x (small model, batch
         # 128) and 0.77x (paper, batch 16) of it on an AVX512-BF16 CPU
-        out += [Choice(name, p, cl) for p in precisions for cl in layouts
-                if p == "fp32" or cl or name != "torch"]  # fmt: skip
+        out += [
+            Choice(name, p, cl)
+            for p in precisions
+            for cl in layouts
+            if p == "fp32" or cl or name != "torch"
+        ]
     return out
 
 
@@ -186,8 +190,12 @@ class EngineCache:
         """The ONNX graph fed to ``backend``, exported once per model and settings."""
         from alexnet.interop.onnx import export_onnx
 
-        settings = {"lrn_graph": LRN_GRAPH[backend], "layer": layer, "version": GRAPH_VERSION,
-                    "torch": torch.__version__}  # fmt: skip
+        settings = {
+            "lrn_graph": LRN_GRAPH[backend],
+            "layer": layer,
+            "version": GRAPH_VERSION,
+            "torch": torch.__version__,
+        }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         path = self.dir / f"{LRN_GRAPH[backend]}-{layer or 'logits'}-{key}.onnx"
         written = self.manifest.setdefault("graphs", {})  # file name -> SHA-256 as exported
@@ -219,8 +227,9 @@ def open_cache(checkpoint: Path, digest: str) -> EngineCache:
 
 
 # --------------------------------------------------------------------------------- runners
-def make_runner(model, ckpt, choice: Choice, layer: str | None, cache: EngineCache | None,
-                *, peer: bool = False):  # fmt: skip
+def make_runner(
+    model, ckpt, choice: Choice, layer: str | None, cache: EngineCache | None, *, peer: bool = False
+):
     """The runner of ``choice``; ``peer``: the engine with its own defaults, as the bench's
     peers run (only ONNX Runtime's thread spinning differs)."""
     threads = torch.get_num_threads()
@@ -259,8 +268,9 @@ class InferenceModel(nn.Module):
     ``fc8``, ``conv1``), run by the chosen backend. ``max_batch`` tells ``view_probs`` how many
     views to forward at once: all of them for an engine (large batches are where they gain)."""
 
-    def __init__(self, model, ckpt, choice: Choice, layer, cache, batch_size: int, *,
-                 fallback: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, model, ckpt, choice: Choice, layer, cache, batch_size: int, *, fallback: bool = True
+    ) -> None:
         super().__init__()
         self.fallback = fallback  # bf16 that agrees too little is replaced by fp32
         self.model, self.ckpt, self.choice = model, ckpt, choice
@@ -313,17 +323,20 @@ class InferenceModel(nn.Module):
         if self.choice == Choice("torch", "fp32"):
             return line + " (the torch fp32 reference itself)" + self.note
         what = "probabilities" if self.layer is None else f"{self.layer} activations"
-        top1 = "" if c["top1_agreement"] is None else (
-            f"top-1 agreement {100 * c['top1_agreement']:.2f}%, "
-        )  # fmt: skip
+        top1 = (
+            ""
+            if c["top1_agreement"] is None
+            else (f"top-1 agreement {100 * c['top1_agreement']:.2f}%, ")
+        )
         return (
             f"{line}: against torch fp32 on {c['images']} inputs, {top1}largest relative "
             f"error of the {what} {c['max_rel_error']:.2g}{self.note}"
         )
 
 
-def choose(model, ckpt, cache: EngineCache, backend: str, batch: int, layer,
-           precision: str = "auto") -> Choice:  # fmt: skip
+def choose(
+    model, ckpt, cache: EngineCache, backend: str, batch: int, layer, precision: str = "auto"
+) -> Choice:
     """The fastest candidate at this batch size, timed once and remembered in the cache."""
     # features have no top-1 to check bf16 against (InferenceModel), so auto keeps them fp32
     options = candidates(backend, "fp32" if layer and precision == "auto" else precision)
@@ -343,9 +356,16 @@ def choose(model, ckpt, cache: EngineCache, backend: str, batch: int, layer,
     return best
 
 
-def for_inference(model, ckpt: dict, checkpoint: Path, backend: str = "auto", *,
-                  batch_size: int = 64, layer: str | None = None,
-                  precision: str = "auto") -> nn.Module:  # fmt: skip
+def for_inference(
+    model,
+    ckpt: dict,
+    checkpoint: Path,
+    backend: str = "auto",
+    *,
+    batch_size: int = 64,
+    layer: str | None = None,
+    precision: str = "auto",
+) -> nn.Module:
     """``model`` run by ``backend`` in ``precision`` (see the module docstring);
     ``batch_size``: the number of inputs per forward pass the command will make (images times
     views). Under ``precision="auto"`` a bf16 choice that agrees too little falls back to fp32;
@@ -365,8 +385,9 @@ def for_inference(model, ckpt: dict, checkpoint: Path, backend: str = "auto", *,
     with exclusive_lock(checkpoint):
         cache = open_cache(checkpoint, model_digest(model, ckpt))
         choice = choose(model, ckpt, cache, backend, batch_size, layer, precision)
-        return InferenceModel(model, ckpt, choice, layer, cache, batch_size,
-                              fallback=precision == "auto")  # fmt: skip
+        return InferenceModel(
+            model, ckpt, choice, layer, cache, batch_size, fallback=precision == "auto"
+        )
 
 
 def report(model: nn.Module) -> str | None:

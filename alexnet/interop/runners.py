@@ -28,8 +28,9 @@ class TorchRunner:
             # a bf16 copy of the weights, not autocast, which recasts them on every call;
             # assigned, not converted in place (so fake CUDA tensors can stand in, in tests)
             net = copy.deepcopy(model)
-            net.load_state_dict({k: self._cast(v) for k, v in model.state_dict().items()},
-                                assign=True)  # fmt: skip
+            net.load_state_dict(
+                {k: self._cast(v) for k, v in model.state_dict().items()}, assign=True
+            )
         self.fn = torch_fn(net, layer)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:

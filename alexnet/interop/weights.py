@@ -133,8 +133,13 @@ def check(d: Download, path: Path, label: str) -> None:
         raise UserError(f"{label}: {'; '.join(problems)}")
 
 
-def fetch(d: Download, directory: Path, *, validate: Callable[[Path, str], None] | None = None,
-          progress: bool = True) -> Path:  # fmt: skip
+def fetch(
+    d: Download,
+    directory: Path,
+    *,
+    validate: Callable[[Path, str], None] | None = None,
+    progress: bool = True,
+) -> Path:
     """``directory/<filename>``, downloaded if absent, checked before it is returned."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / d.filename
@@ -199,8 +204,7 @@ def _read_members(path: Path, names: list[str], label: str) -> dict[str, bytes]:
 
 def _aux_files(entry: WeightSet, directory: Path, progress: bool) -> dict[str, Path]:
     """The members ``entry`` uses from its archive, extracted once beside it."""
-    archive = fetch(entry.aux, directory, validate=_archive_check(entry.members),
-                    progress=progress)  # fmt: skip
+    archive = fetch(entry.aux, directory, validate=_archive_check(entry.members), progress=progress)
     out_dir = archive.with_name(archive.name + ".d")
     files = {name: out_dir / name for name in entry.members}
     todo = [n for n, p in files.items() if not p.is_file()]
@@ -258,9 +262,12 @@ def _convert(entry: WeightSet, directory: Path, progress: bool) -> dict:
         ckpt = import_torchvision(weights, synsets)
     else:
         raise UserError(f"weights {entry.name!r}: unknown format {entry.format!r}")
-    ckpt["source"].update(weights=entry.name, url=entry.weights.url, license=entry.license,
-                          published_accuracy={"top1": entry.top1, "top5": entry.top5,
-                                              "protocol": entry.protocol})  # fmt: skip
+    ckpt["source"].update(
+        weights=entry.name,
+        url=entry.weights.url,
+        license=entry.license,
+        published_accuracy={"top1": entry.top1, "top5": entry.top5, "protocol": entry.protocol},
+    )
     return ckpt
 
 
@@ -288,8 +295,9 @@ class Preprocess:
         s = min(h, w)
         x = x[..., (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
         if s != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic",
-                              antialias=True, align_corners=False).clamp(0, 255)  # fmt: skip
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False
+            ).clamp(0, 255)
         return self.aug.views(x, views)  # on the input's device
 
 
@@ -300,8 +308,11 @@ def load_pretrained(name: str, *, map_location="cpu", progress: bool = True):
 
     model, ckpt = load_model(checkpoint_path(name, progress=progress), map_location)
     model.transforms = Preprocess(ckpt)
-    model.meta = {"classes": ckpt.get("classes"), "class_names": ckpt.get("class_names"),
-                  "source": ckpt.get("source")}  # fmt: skip
+    model.meta = {
+        "classes": ckpt.get("classes"),
+        "class_names": ckpt.get("class_names"),
+        "source": ckpt.get("source"),
+    }
     return model
 
 
@@ -309,10 +320,12 @@ def load_pretrained(name: str, *, map_location="cpu", progress: bool = True):
 def add_weights_argument(parser, *, repeat: bool = False) -> None:
     names = ", ".join(e.name for e in BUILTIN)
     parser.add_argument(
-        "--weights", metavar="NAME", action="append" if repeat else "store",
+        "--weights",
+        metavar="NAME",
+        action="append" if repeat else "store",
         help=f"published weights by name ({names}; docs/EVALUATION.md): downloaded once "
         f"into ${ENV_HOME} (default ~/.cache/alexnet), verified and converted",
-    )  # fmt: skip
+    )
 
 
 def resolve(checkpoints, weights) -> list[Path]:

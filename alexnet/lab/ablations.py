@@ -46,33 +46,78 @@ def variants(widths: tuple[int, ...]) -> list[Variant]:
     """The baseline and the ablations; ``widths`` are the small net's conv widths."""
     half = tuple(w // 2 for w in widths[:4]) + (widths[4],)
     return [
-        Variant("baseline", "", "the small net as the paper: LRN, 3x3/2 pooling, dropout 0.5, "
-                "colour noise, two towers; centre crop at test"),
-        Variant("no-lrn", "E3", "no local response normalisation (A8)", {"model.lrn": False},
-                1.4, "LRN: -1.4 top-1 (ImageNet)"),
-        Variant("pool-2x2", "E3", "non-overlapping 2x2/2 max pooling instead of 3x3/2 (A9)",
-                {"model.pool_kernel": 2}, 0.4, "overlapping pooling: -0.4 top-1"),
-        Variant("no-dropout", "C1", "no dropout on fc6, fc7", {"model.dropout": 0.0}, None,
-                "without dropout the net overfits substantially (no figure given)"),
-        Variant("no-colour-noise", "B4", "no PCA colour noise (a brightness noise on grey images)",
-                {"data.pca_std": 0.0}, 1.0, "colour noise: over 1% lower top-1"),
+        Variant(
+            "baseline",
+            "",
+            "the small net as the paper: LRN, 3x3/2 pooling, dropout 0.5, "
+            "colour noise, two towers; centre crop at test",
+        ),
+        Variant(
+            "no-lrn",
+            "E3",
+            "no local response normalisation (A8)",
+            {"model.lrn": False},
+            1.4,
+            "LRN: -1.4 top-1 (ImageNet)",
+        ),
+        Variant(
+            "pool-2x2",
+            "E3",
+            "non-overlapping 2x2/2 max pooling instead of 3x3/2 (A9)",
+            {"model.pool_kernel": 2},
+            0.4,
+            "overlapping pooling: -0.4 top-1",
+        ),
+        Variant(
+            "no-dropout",
+            "C1",
+            "no dropout on fc6, fc7",
+            {"model.dropout": 0.0},
+            None,
+            "without dropout the net overfits substantially (no figure given)",
+        ),
+        Variant(
+            "no-colour-noise",
+            "B4",
+            "no PCA colour noise (a brightness noise on grey images)",
+            {"data.pca_std": 0.0},
+            1.0,
+            "colour noise: over 1% lower top-1",
+        ),
         # The paper's one-GPU net keeps conv5 and the FC layers at full size (its footnote).
-        Variant("one-tower", "A12", f"one tower with half the kernels in conv1-4 {half}",
-                {"model.towers": False, "model.widths": half}, 1.7,
-                "two GPUs vs one with half the kernels: -1.7 top-1"),
-        Variant("ten-views", "B5", "the baseline scored on ten views instead of the centre crop",
-                {}, None, "ten-view averaging (no separate figure given)", views=10),
-    ]  # fmt: skip
+        Variant(
+            "one-tower",
+            "A12",
+            f"one tower with half the kernels in conv1-4 {half}",
+            {"model.towers": False, "model.widths": half},
+            1.7,
+            "two GPUs vs one with half the kernels: -1.7 top-1",
+        ),
+        Variant(
+            "ten-views",
+            "B5",
+            "the baseline scored on ten views instead of the centre crop",
+            {},
+            None,
+            "ten-view averaging (no separate figure given)",
+            views=10,
+        ),
+    ]
 
 
 def base_config(data: Path, image_size: int, epochs: int):
     """The baseline: the ``ablations`` preset (alexnet/recipes.py), its crops at 0.875 of the
     image size (B3: 224 of 256, so the ten views of B5 differ), for ``epochs``."""
     crop = int(round(image_size * 0.875 / 2) * 2)
-    return C.preset("ablations", **{
-        "data.root": str(data), "data.crop_size": crop, "schedule.epochs": epochs,
-        "schedule.milestones": schedule_for(epochs),
-    })  # fmt: skip
+    return C.preset(
+        "ablations",
+        **{
+            "data.root": str(data),
+            "data.crop_size": crop,
+            "schedule.epochs": epochs,
+            "schedule.milestones": schedule_for(epochs),
+        },
+    )
 
 
 MONITOR_IMAGES = 1000  # validation images scored after every epoch (curves only)
@@ -105,18 +150,29 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
         "test": arrays(test, np.arange(len(test))),
     }
     meta = train.meta
-    store.prepare_arrays(target, splits, meta["classes"], meta["class_names"],
-                         dataset=meta.get("dataset", "arrays"),
-                         extra_meta={"subset_of": str(data), "subset_seed": seed,
-                                     "test_split": "test"})  # fmt: skip
+    store.prepare_arrays(
+        target,
+        splits,
+        meta["classes"],
+        meta["class_names"],
+        dataset=meta.get("dataset", "arrays"),
+        extra_meta={"subset_of": str(data), "subset_seed": seed, "test_split": "test"},
+    )
     return target
 
 
 def score(checkpoint: Path, data: Path, views: int) -> dict:
     models, ckpts, augs = E.load_ensemble([checkpoint], torch.device("cpu"))
     models = [m.to(memory_format=torch.channels_last) for m in models]
-    counts = E.evaluate(models, augs, PreparedDataset(data, "test"), views=views, batch_size=100,
-                        device=torch.device("cpu"), env=D.DistEnv.from_environ())  # fmt: skip
+    counts = E.evaluate(
+        models,
+        augs,
+        PreparedDataset(data, "test"),
+        views=views,
+        batch_size=100,
+        device=torch.device("cpu"),
+        env=D.DistEnv.from_environ(),
+    )
     return E.summary(counts, views, [checkpoint], "test")
 
 
@@ -126,18 +182,33 @@ def run_variant(v: Variant, base, seeds: int, data: Path, out: Path) -> list[dic
     for seed in range(seeds):
         cfg = C.from_dict(base.to_dict())
         run_name = f"{'baseline' if v.views != 1 else v.name}-seed{seed}"
-        C.apply_overrides(cfg, {**v.overrides, "run.seed": seed, "run.out_dir": str(out / "runs"),
-                                "run.name": run_name}, source=v.name)  # fmt: skip
+        C.apply_overrides(
+            cfg,
+            {
+                **v.overrides,
+                "run.seed": seed,
+                "run.out_dir": str(out / "runs"),
+                "run.name": run_name,
+            },
+            source=v.name,
+        )
         print(f"\n== ablation {v.name}, seed {seed}: {v.change}", flush=True)
         result = train_one(cfg, retrain=False, argv=["alexnet", "experiment", "ablations"])
         ckpt = Path(result["checkpoint"])  # the last checkpoint: the schedule is fixed
         key = f"{run_name}@{result['step']}/views{v.views}"
         s = cached(out / "scores.json", key, lambda c=ckpt: score(c, data, v.views))
         last = read_metrics(Path(result["run_dir"]))[-1]
-        rows.append({"seed": seed, "top1_error": s["top1_error"], "top5_error": s["top5_error"],
-                     "train_error": last["train_error"], "train_loss": last["train_loss"],
-                     "train_seconds": sum(r["seconds"] for r in read_metrics(
-                         Path(result["run_dir"]))), "run_dir": result["run_dir"]})  # fmt: skip
+        rows.append(
+            {
+                "seed": seed,
+                "top1_error": s["top1_error"],
+                "top5_error": s["top5_error"],
+                "train_error": last["train_error"],
+                "train_loss": last["train_loss"],
+                "train_seconds": sum(r["seconds"] for r in read_metrics(Path(result["run_dir"]))),
+                "run_dir": result["run_dir"],
+            }
+        )
         print(f"   test top-1 error {100 * s['top1_error']:.2f}% ({v.views} view(s))")
     return rows
 
@@ -149,12 +220,20 @@ def summarise(vs: list[Variant], rows: dict[str, list[dict]]) -> list[dict]:
     for v in vs:
         errs = [r["top1_error"] for r in rows[v.name]]
         deltas = [r["top1_error"] - base[r["seed"]] for r in rows[v.name] if r["seed"] in base]
-        out.append({
-            "variant": v.name, "fact": v.fact, "change": v.change, "views": v.views,
-            "top1_error": mean_std(errs), "delta": mean_std(deltas) if v.name != "baseline"
-            else (0.0, 0.0), "train_error": mean_std([r["train_error"] for r in rows[v.name]]),
-            "paper_delta": v.paper_delta, "paper_note": v.paper_note, "runs": rows[v.name],
-        })  # fmt: skip
+        out.append(
+            {
+                "variant": v.name,
+                "fact": v.fact,
+                "change": v.change,
+                "views": v.views,
+                "top1_error": mean_std(errs),
+                "delta": mean_std(deltas) if v.name != "baseline" else (0.0, 0.0),
+                "train_error": mean_std([r["train_error"] for r in rows[v.name]]),
+                "paper_delta": v.paper_delta,
+                "paper_note": v.paper_note,
+                "runs": rows[v.name],
+            }
+        )
     return out
 
 
@@ -164,14 +243,20 @@ def _pm(ms, scale: float = 100.0) -> str:
 
 
 def table(summary: list[dict], info: str) -> list[str]:
-    lines = [info, "",
-             "| variant | paper | test top-1 error % | change vs baseline (points) | "
-             "paper's change | final train error % |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        info,
+        "",
+        "| variant | paper | test top-1 error % | change vs baseline (points) | "
+        "paper's change | final train error % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for s in summary:
         m, sd = s["top1_error"]
-        paper = f"{s['paper_delta']:+.1f} ({s['paper_note']})" if s["paper_delta"] is not None \
-            else s["paper_note"] or "-"  # fmt: skip
+        paper = (
+            f"{s['paper_delta']:+.1f} ({s['paper_note']})"
+            if s["paper_delta"] is not None
+            else s["paper_note"] or "-"
+        )
         delta = "-" if s["variant"] == "baseline" else _pm(s["delta"])
         lines.append(
             f"| {s['variant']}: {s['change']} | {s['fact'] or '-'} | {100 * m:.2f} ± "
@@ -218,13 +303,22 @@ def run_ablations(args) -> int:
     base = base_config(sub, train.image_size[0], args.epochs)
     rows = {v.name: run_variant(v, base, args.seeds, sub, args.out) for v in vs}
     summary = summarise(vs, rows)
-    info = (f"Ablations on {meta.get('dataset')}: the small net, {len(train)} training images, "
-            f"{args.epochs} epochs, {args.seeds} seed(s); test top-1 error on all "
-            f"{meta['splits']['test']['count']} test images (last checkpoint); change = paired "
-            "difference to the baseline of the same seed.")  # fmt: skip
-    results = {"data": str(data), "train_data": str(sub), "dataset": meta.get("dataset"),
-               "train_images": len(train), "epochs": args.epochs, "seeds": args.seeds,
-               "base_config": base.to_dict(), "variants": summary}  # fmt: skip
+    info = (
+        f"Ablations on {meta.get('dataset')}: the small net, {len(train)} training images, "
+        f"{args.epochs} epochs, {args.seeds} seed(s); test top-1 error on all "
+        f"{meta['splits']['test']['count']} test images (last checkpoint); change = paired "
+        "difference to the baseline of the same seed."
+    )
+    results = {
+        "data": str(data),
+        "train_data": str(sub),
+        "dataset": meta.get("dataset"),
+        "train_images": len(train),
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "base_config": base.to_dict(),
+        "variants": summary,
+    }
     plot(
         summary,
         args.out / "ablations.png",

@@ -58,17 +58,23 @@ def demo_config(data: Path, out: Path, *, epochs: int, seed: int, name: str = "t
     milestones = schedule_for(epochs)
     kept = _milestones_of(run_dir)
     if kept is not None and kept != milestones:
-        print(f"demo: {run_dir} was started with rate cuts after epochs {list(kept)}: "
-              f"keeping them for {epochs} epochs", flush=True)  # fmt: skip
+        print(
+            f"demo: {run_dir} was started with rate cuts after epochs {list(kept)}: "
+            f"keeping them for {epochs} epochs",
+            flush=True,
+        )
         milestones = kept
-    return C.preset("demo", **{
-        "data.root": str(data),
-        "schedule.epochs": epochs,
-        "schedule.milestones": milestones,
-        "run.seed": seed,
-        "run.out_dir": str(out),
-        "run.name": name,
-    })  # fmt: skip
+    return C.preset(
+        "demo",
+        **{
+            "data.root": str(data),
+            "schedule.epochs": epochs,
+            "schedule.milestones": milestones,
+            "run.seed": seed,
+            "run.out_dir": str(out),
+            "run.name": name,
+        },
+    )
 
 
 def _milestones_of(run_dir: Path) -> tuple[int, ...] | None:
@@ -111,11 +117,16 @@ def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
     jobs = min(jobs, len(cfgs))
     threads = max(1, torch.get_num_threads() // jobs)
     logs = [None] + [Path(c.run.out_dir) / f"{c.run.name}.log" for c in cfgs[1:]]
-    print(f"demo: training {len(cfgs)} models, {jobs} at once with {threads} thread(s) each; "
-          f"the others' output: {', '.join(str(g) for g in logs[1:])}", flush=True)  # fmt: skip
+    print(
+        f"demo: training {len(cfgs)} models, {jobs} at once with {threads} thread(s) each; "
+        f"the others' output: {', '.join(str(g) for g in logs[1:])}",
+        flush=True,
+    )
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_child, c, retrain, threads, log)
-                   for c, log in zip(cfgs, logs, strict=True)]  # fmt: skip
+        futures = [
+            pool.submit(_train_child, c, retrain, threads, log)
+            for c, log in zip(cfgs, logs, strict=True)
+        ]
         try:
             for n, f in enumerate(as_completed(futures), 1):
                 r = f.result()  # the first failed run raises here
@@ -145,8 +156,16 @@ def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     for views in (1, 10):
         # one pass scores the first model and the ensemble: each model runs once
         t0 = time.perf_counter()
-        counts = E.evaluate(models, augs, ds, views=views, batch_size=100, device=device,
-                            env=env, sizes=[k for _, k in groups])  # fmt: skip
+        counts = E.evaluate(
+            models,
+            augs,
+            ds,
+            views=views,
+            batch_size=100,
+            device=device,
+            env=env,
+            sizes=[k for _, k in groups],
+        )
         seconds = round(time.perf_counter() - t0, 2)
         for (what, k), c in zip(groups, counts, strict=True):
             res = E.summary(c, views, checkpoints[:k], "test")
@@ -199,8 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epoch: a smoke run")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train again even where a finished run is there")  # fmt: skip
+    parser.add_argument(
+        "--retrain", action="store_true", help="train again even where a finished run is there"
+    )
 
 
 def _stage(n: int, title: str) -> float:
@@ -208,13 +228,22 @@ def _stage(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def _results(args, cfg: C.TrainConfig, jobs: int, meta: dict, evaluation: dict, run_dir: Path,
-             written: dict, stages: dict) -> dict:  # fmt: skip
+def _results(
+    args,
+    cfg: C.TrainConfig,
+    jobs: int,
+    meta: dict,
+    evaluation: dict,
+    run_dir: Path,
+    written: dict,
+    stages: dict,
+) -> dict:
     """results.json: the numbers, the first model's training records, the recipe, where and
     how long (the wall time and load average are added at the end)."""
     records = read_metrics(run_dir)
     return {
-        "command": "alexnet demo" + (" --quick" if args.quick else "")
+        "command": "alexnet demo"
+        + (" --quick" if args.quick else "")
         + (f" --epochs {args.epochs}" if args.epochs else "")
         + (f" --models {args.models}" if args.models > 1 else ""),
         "test_accuracy": 1 - evaluation["single_10view"]["top1_error"],
@@ -227,17 +256,23 @@ def _results(args, cfg: C.TrainConfig, jobs: int, meta: dict, evaluation: dict, 
             "mean_images_per_sec": sum(r["images_per_sec"] for r in records) / len(records),
             "train_seconds": sum(r["seconds"] for r in records),
         },
-        "data": {"root": str(args.data), "dataset": meta.get("dataset"),
-                 **{split: meta["splits"][split]["count"] for split in ("train", "val", "test")},
-                 "validation": meta.get("validation")},
-        "recipe": {k: v for k, v in C.flatten(cfg.to_dict()).items()
-                   if k.split(".")[0] in ("data", "model", "optim", "schedule")},
+        "data": {
+            "root": str(args.data),
+            "dataset": meta.get("dataset"),
+            **{split: meta["splits"][split]["count"] for split in ("train", "val", "test")},
+            "validation": meta.get("validation"),
+        },
+        "recipe": {
+            k: v
+            for k, v in C.flatten(cfg.to_dict()).items()
+            if k.split(".")[0] in ("data", "model", "optim", "schedule")
+        },
         "seed": args.seed,
         "models_trained_at_once": min(jobs, args.models),
         "figures": written,
         "environment": environment(torch.device("cpu"), 1, None),
         "stages": stages,
-    }  # fmt: skip
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,16 +280,24 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEMO_EPOCHS)
     jobs = default_jobs(args.models) if args.jobs is None else args.jobs
     if epochs < 1 or args.models < 1 or jobs < 1:
-        raise UserError(f"--epochs {epochs}, --models {args.models} and --jobs {jobs}: "
-                        "each must be >= 1")  # fmt: skip
+        raise UserError(
+            f"--epochs {epochs}, --models {args.models} and --jobs {jobs}: each must be >= 1"
+        )
     stages: dict[str, float] = {}
     t = _stage(1, f"data and preparation ({args.data})")
     meta = ensure_prepared(args.data, args.source)
     stages["data + prepare"] = time.perf_counter() - t
     t = _stage(2, f"train {args.models} small model(s), {epochs} epochs each")
-    cfgs = [demo_config(args.data, args.out, epochs=epochs, seed=args.seed + i,
-                        name="train" if i == 0 else f"train-{i + 1}")
-            for i in range(args.models)]  # fmt: skip
+    cfgs = [
+        demo_config(
+            args.data,
+            args.out,
+            epochs=epochs,
+            seed=args.seed + i,
+            name="train" if i == 0 else f"train-{i + 1}",
+        )
+        for i in range(args.models)
+    ]
     trained = train_all(cfgs, retrain=args.retrain, jobs=jobs)
     reused = all(r.get("reused") for r in trained)
     stages["train (reused: already finished)" if reused else "train"] = time.perf_counter() - t
@@ -278,6 +321,8 @@ def run(args: argparse.Namespace) -> int:
         f"test accuracy: {pct(results['test_accuracy'])} (ten views), "
         f"{pct(results['test_accuracy_centre'])} (centre crop)"
     )
-    print(f"wall time: {results['wall_seconds']:.0f} s "
-          f"({results['wall_seconds'] / 60:.1f} min) for the whole demo")  # fmt: skip
+    print(
+        f"wall time: {results['wall_seconds']:.0f} s "
+        f"({results['wall_seconds'] / 60:.1f} min) for the whole demo"
+    )
     return 0

@@ -29,23 +29,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help=f"prepared dataset (default {DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=Path("runs/experiments/fig1"))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--threshold", type=float,
-                   help=f"training error to reach (default: 0.25 on CIFAR-10, as the paper; "
-                        f"{FMNIST_THRESHOLD} otherwise)")  # fmt: skip
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help=f"training error to reach (default: 0.25 on CIFAR-10, as the paper; "
+        f"{FMNIST_THRESHOLD} otherwise)",
+    )
     p.add_argument("--epochs", type=int, default=3, help="epochs per run")
-    p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1],
-                   help="learning rates tried for each activation (seed 0)")  # fmt: skip
-    p.add_argument("--train-images", type=int, default=20000,
-                   help="random training subset (0: all); the time budget default")  # fmt: skip
+    p.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.03, 0.1],
+        help="learning rates tried for each activation (seed 0)",
+    )
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=20000,
+        help="random training subset (0: all); the time budget default",
+    )
     p = sub.add_parser("ablations", help="LRN, pooling, dropout, colour noise, views, towers")
     p.add_argument("--data", type=Path, help=f"prepared dataset (default {DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=Path("runs/experiments/ablations"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--train-images", type=int, default=10000,
-                   help="random training subset (0: all); the time budget default")  # fmt: skip
-    p.add_argument("--only", nargs="+", metavar="VARIANT",
-                   help="run these variants (and the baseline) only")  # fmt: skip
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=10000,
+        help="random training subset (0: all); the time budget default",
+    )
+    p.add_argument(
+        "--only", nargs="+", metavar="VARIANT", help="run these variants (and the baseline) only"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

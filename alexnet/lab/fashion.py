@@ -17,8 +17,12 @@ from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
-IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # fmt: skip
+IDX_STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 DEFAULT_DATA = Path("data/fashion-mnist")  # where the experiments prepare it by default
 
 
@@ -51,8 +55,11 @@ def fetch_fashion_mnist(source: Path | None, download_dir: Path) -> Path:
         if ok and _has_idx(debian):
             return debian
         print(f"demo: apt-get could not provide {DEBIAN_PACKAGE}; downloading instead")
-    print(f"demo: downloading Fashion-MNIST from {small.FASHION_MNIST_URL} into {download_dir} "
-          "(MD5-checked)", flush=True)  # fmt: skip
+    print(
+        f"demo: downloading Fashion-MNIST from {small.FASHION_MNIST_URL} into {download_dir} "
+        "(MD5-checked)",
+        flush=True,
+    )
     return small.download_fashion_mnist(download_dir)
 
 
@@ -67,8 +74,11 @@ def ensure_prepared(data: Path, source: Path | None) -> dict:
     Returns its meta.json."""
     if (data / "meta.json").is_file() and store.read_meta(data).get("val_is_official_test_set"):
         # Prepared before the validation split was held out: its val split is the test set.
-        print(f"demo: {data} uses the test set as its validation split (an older preparation): "
-              "preparing it again with a held-out validation split", flush=True)  # fmt: skip
+        print(
+            f"demo: {data} uses the test set as its validation split (an older preparation): "
+            "preparing it again with a held-out validation split",
+            flush=True,
+        )
     elif (data / "meta.json").is_file():
         try:
             verify(data, quick=True)
@@ -80,8 +90,14 @@ def ensure_prepared(data: Path, source: Path | None) -> dict:
         return store.read_meta(data)
     folder = fetch_fashion_mnist(source, data / "source")
     splits = small.load_fashion_mnist(folder)
-    small.prepare_small(data, "fashion-mnist", splits, small.FASHION_MNIST_CLASSES, str(folder),
-                        val_size=validation_size(len(splits["train"][1])))  # fmt: skip
+    small.prepare_small(
+        data,
+        "fashion-mnist",
+        splits,
+        small.FASHION_MNIST_CLASSES,
+        str(folder),
+        val_size=validation_size(len(splits["train"][1])),
+    )
     return store.read_meta(data)
 
 

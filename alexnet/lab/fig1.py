@@ -91,10 +91,19 @@ class Curve:
 
 
 def train_curve(
-    images: torch.Tensor, labels: torch.Tensor, aug, *, activation: str, lr: float, seed: int,
-    epochs: int, classes: int, batch_size: int = 128, points_per_epoch: int = 10,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    aug,
+    *,
+    activation: str,
+    lr: float,
+    seed: int,
+    epochs: int,
+    classes: int,
+    batch_size: int = 128,
+    points_per_epoch: int = 10,
     desc: str = "",
-) -> Curve:  # fmt: skip
+) -> Curve:
     """Plain SGD with momentum 0.9 (PAPER D1 without weight decay), constant rate, no
     dropout, no data augmentation: the paper's "no regularisation of any kind"."""
     torch.manual_seed(seed)
@@ -155,8 +164,15 @@ def plot(curves: dict[str, list[Curve]], threshold: float, out, title: str) -> N
         ls, colour, name = styles[act]
         for i, c in enumerate(runs):
             label = f"{name} (lr {c.lr:g})" if i == 0 else None
-            ax.plot(c.epochs, [100 * e for e in c.errors], ls, color=colour, lw=1.4,
-                    alpha=0.9 if i == 0 else 0.45, label=label)  # fmt: skip
+            ax.plot(
+                c.epochs,
+                [100 * e for e in c.errors],
+                ls,
+                color=colour,
+                lw=1.4,
+                alpha=0.9 if i == 0 else 0.45,
+                label=label,
+            )
     ax.axhline(100 * threshold, color="grey", lw=1, ls=":", label=f"{100 * threshold:g}% threshold")
     ax.set(xlabel="epochs", ylabel="training error (%)", title=title)
     ax.set_ylim(0, None)
@@ -173,14 +189,21 @@ def _load(data, n: int | None, seed: int):
     images, labels = ds.get_batch(idx).contiguous(), ds.labels[idx]
     # The whole image, minus the mean image, at unit pixel variance: no augmentation.
     std = float(ds.stats["eigvals"].mean().sqrt())
-    aug = DeviceAugment(ds.stats, ds.image_size[0], train=False, scale=1.0 / std,
-                        channels_last=True)  # fmt: skip
+    aug = DeviceAugment(
+        ds.stats, ds.image_size[0], train=False, scale=1.0 / std, channels_last=True
+    )
     return images, labels, aug, len(ds.classes)
 
 
-def _summary(args, data: Path, meta: dict, n_images: int, threshold: float,
-             grid: dict[str, list[Curve]],
-             runs: dict[str, list[Curve]]) -> tuple[dict, list[str]]:  # fmt: skip
+def _summary(
+    args,
+    data: Path,
+    meta: dict,
+    n_images: int,
+    threshold: float,
+    grid: dict[str, list[Curve]],
+    runs: dict[str, list[Curve]],
+) -> tuple[dict, list[str]]:
     """fig1.json's content and fig1.md's table."""
     best = {act: cs[0] for act, cs in runs.items()}  # seed 0 at the best rate
     reach = {act: [c.reach(threshold) for c in cs] for act, cs in runs.items()}
@@ -190,16 +213,38 @@ def _summary(args, data: Path, meta: dict, n_images: int, threshold: float,
     ratio_s = [t / r for t, r in zip(sec["tanh"], sec["relu"], strict=True) if t and r]
     results = {
         "claim": "PAPER E4: ReLU reaches 25% training error on CIFAR-10 six times faster than tanh",
-        "data": str(data), "dataset": meta.get("dataset"), "train_images": n_images,
-        "threshold": threshold, "epochs": args.epochs, "seeds": args.seeds, "lrs": args.lrs,
+        "data": str(data),
+        "dataset": meta.get("dataset"),
+        "train_images": n_images,
+        "threshold": threshold,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "lrs": args.lrs,
         "best_lr": {a: best[a].lr for a in best},
-        "epochs_to_threshold": ep, "seconds_to_threshold": sec,
-        "speedup_epochs": mean_std(ratio), "speedup_seconds": mean_std(ratio_s),
-        "grid": {a: [{"lr": c.lr, "reach": c.reach(threshold), "final_error": c.errors[-1],
-                      "diverged": c.diverged} for c in cs] for a, cs in grid.items()},
-        "curves": {a: [dict(seed=c.seed, lr=c.lr, epochs=c.epochs, errors=c.errors,
-                            seconds=c.seconds) for c in cs] for a, cs in runs.items()},
-    }  # fmt: skip
+        "epochs_to_threshold": ep,
+        "seconds_to_threshold": sec,
+        "speedup_epochs": mean_std(ratio),
+        "speedup_seconds": mean_std(ratio_s),
+        "grid": {
+            a: [
+                {
+                    "lr": c.lr,
+                    "reach": c.reach(threshold),
+                    "final_error": c.errors[-1],
+                    "diverged": c.diverged,
+                }
+                for c in cs
+            ]
+            for a, cs in grid.items()
+        },
+        "curves": {
+            a: [
+                dict(seed=c.seed, lr=c.lr, epochs=c.epochs, errors=c.errors, seconds=c.seconds)
+                for c in cs
+            ]
+            for a, cs in runs.items()
+        },
+    }
     never = {a: sum(e is None for e in ep[a]) for a in ep}
     table = [
         f"Figure 1 (PAPER E4) on {meta.get('dataset')}: {n_images} training images, "
@@ -208,12 +253,14 @@ def _summary(args, data: Path, meta: dict, n_images: int, threshold: float,
         "",
         "| units | best lr | epochs to threshold | seconds to threshold | runs not reaching it |",
         "| --- | --- | --- | --- | --- |",
-        *[f"| {a} | {best[a].lr:g} | {fmt_ms(ep[a])} | {fmt_ms(sec[a], digits=1)} | {never[a]} |"
-          for a in ("relu", "tanh")],
+        *[
+            f"| {a} | {best[a].lr:g} | {fmt_ms(ep[a])} | {fmt_ms(sec[a], digits=1)} | {never[a]} |"
+            for a in ("relu", "tanh")
+        ],
         "",
         f"Speed-up of ReLU over tanh: {fmt_ms(ratio)}x in epochs, {fmt_ms(ratio_s)}x in "
         f"seconds (paper: 6x in epochs on CIFAR-10).",
-    ]  # fmt: skip
+    ]
     return results, table
 
 
@@ -225,23 +272,43 @@ def run_fig1(args) -> int:
 
     def curve(act: str, lr: float, seed: int) -> Curve:
         """Trained once with these settings; kept in curves.json, so a rerun resumes."""
-        key = {"data": str(data), "images": len(images), "act": act, "lr": lr, "seed": seed,
-               "epochs": args.epochs}  # fmt: skip
+        key = {
+            "data": str(data),
+            "images": len(images),
+            "act": act,
+            "lr": lr,
+            "seed": seed,
+            "epochs": args.epochs,
+        }
 
         def compute() -> dict:
-            c = train_curve(images, labels, aug, activation=act, lr=lr, seed=seed,
-                            epochs=args.epochs, classes=classes,
-                            desc=f"fig1 {act} lr={lr:g} seed {seed}")  # fmt: skip
+            c = train_curve(
+                images,
+                labels,
+                aug,
+                activation=act,
+                lr=lr,
+                seed=seed,
+                epochs=args.epochs,
+                classes=classes,
+                desc=f"fig1 {act} lr={lr:g} seed {seed}",
+            )
             return dataclasses.asdict(c)
 
         return Curve(**cached(args.out / "curves.json", json.dumps(key), compute))
 
     grid = {act: [curve(act, lr, 0) for lr in args.lrs] for act in ("relu", "tanh")}
     best = {act: best_rate(curves, threshold) for act, curves in grid.items()}
-    runs = {act: [best[act]] + [curve(act, best[act].lr, s) for s in range(1, args.seeds)]
-            for act in best}  # fmt: skip
+    runs = {
+        act: [best[act]] + [curve(act, best[act].lr, s) for s in range(1, args.seeds)]
+        for act in best
+    }
     results, table = _summary(args, data, meta, len(images), threshold, grid, runs)
-    plot(runs, threshold, args.out / "fig1.png",
-         f"{meta.get('dataset')}: four-layer CNN, ReLU vs tanh (PAPER Figure 1)")  # fmt: skip
+    plot(
+        runs,
+        threshold,
+        args.out / "fig1.png",
+        f"{meta.get('dataset')}: four-layer CNN, ReLU vs tanh (PAPER Figure 1)",
+    )
     write_outputs(args.out, "fig1", results, table)
     return 0

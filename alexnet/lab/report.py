@@ -27,9 +27,16 @@ def neighbours(checkpoint: Path, data: Path, out: Path, seed: int, queries: int 
     train = PreparedDataset(data, "train")
     pool = subset_indices(train.labels, NEIGHBOUR_POOL, seed)
     q = subset_indices(test.labels, queries, seed + 1)
-    figures.nearest_figure(test, q, features_of(model, aug, test, q, batch=250), train,
-                           features_of(model, aug, train, pool, batch=250), out, k=6,
-                           pool=pool)  # fmt: skip
+    figures.nearest_figure(
+        test,
+        q,
+        features_of(model, aug, test, q, batch=250),
+        train,
+        features_of(model, aug, train, pool, batch=250),
+        out,
+        k=6,
+        pool=pool,
+    )
 
 
 def make_figures(run_dirs: list[Path], checkpoint: Path, data: Path, out: Path, seed: int):
@@ -42,8 +49,9 @@ def make_figures(run_dirs: list[Path], checkpoint: Path, data: Path, out: Path, 
         written[name] = "loss, error and learning rate per epoch"
     figures.filters_figure(checkpoint, out / "filters.png")
     written["filters.png"] = "the conv1 kernels, each tower in its own rows (PAPER F1)"
-    figures.predictions_figure(checkpoint, data, out / "predictions.png", split="test", n=8,
-                               views=10, seed=seed)  # fmt: skip
+    figures.predictions_figure(
+        checkpoint, data, out / "predictions.png", split="test", n=8, views=10, seed=seed
+    )
     written["predictions.png"] = "test images and their five most probable classes (F2)"
     neighbours(checkpoint, data, out / "neighbours.png", seed)
     written["neighbours.png"] = (
@@ -58,23 +66,31 @@ def pct(x: float) -> str:
 
 
 def _results_table(ev: dict) -> list[str]:
-    rows = ["| model | test views | top-1 accuracy | top-1 error | top-5 error | seconds |",
-            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        "| model | test views | top-1 accuracy | top-1 error | top-5 error | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for key, r in ev.items():
         what = "1 model" if key.startswith("single") else f"ensemble of {r['models']} (F4)"
         views = "centre crop" if r["views"] == 1 else "10 views (B5)"
-        rows.append(f"| {what} | {views} | {pct(1 - r['top1_error'])} | {pct(r['top1_error'])} "
-                    f"| {pct(r['top5_error'])} | {r['seconds']:.0f} |")  # fmt: skip
+        rows.append(
+            f"| {what} | {views} | {pct(1 - r['top1_error'])} | {pct(r['top1_error'])} "
+            f"| {pct(r['top5_error'])} | {r['seconds']:.0f} |"
+        )
     return rows
 
 
 def _epoch_table(records: list[dict]) -> list[str]:
-    rows = ["| epoch | lr | train loss | train error | val top-1 error (centre) | images/s | s |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        "| epoch | lr | train loss | train error | val top-1 error (centre) | images/s | s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in records:
-        rows.append(f"| {r['epoch']} | {r['lr']:.3g} | {r['train_loss']:.4f} | "
-                    f"{pct(r['train_error'])} | {pct(r['val_top1_error'])} | "
-                    f"{r['images_per_sec']:.0f} | {r['seconds']:.0f} |")  # fmt: skip
+        rows.append(
+            f"| {r['epoch']} | {r['lr']:.3g} | {r['train_loss']:.4f} | "
+            f"{pct(r['train_error'])} | {pct(r['val_top1_error'])} | "
+            f"{r['images_per_sec']:.0f} | {r['seconds']:.0f} |"
+        )
     return rows
 
 
@@ -92,9 +108,15 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         "",
         *_results_table(ev),
         "",
-        *(["The single model and the ensemble are scored in one pass per number of views "
-           "(each model runs once); the seconds are that pass's.", ""]
-          if "ensemble_1view" in ev else []),
+        *(
+            [
+                "The single model and the ensemble are scored in one pass per number of views "
+                "(each model runs once); the seconds are that pass's.",
+                "",
+            ]
+            if "ensemble_1view" in ev
+            else []
+        ),
         f"Data ({results['data']['root']}): {results['data']['train']} training images, "
         f"{results['data']['val']} validation images held out of the official training set "
         "(stratified; the per-epoch column below), and the "
@@ -126,12 +148,16 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         "",
         "| class | accuracy |",
         "| --- | --- |",
-        *[f"| {n} | {pct(a)} |" for n, a in
-          zip(class_names, ev["single_10view"]["per_class_top1_accuracy"], strict=True)],
+        *[
+            f"| {n} | {pct(a)} |"
+            for n, a in zip(
+                class_names, ev["single_10view"]["per_class_top1_accuracy"], strict=True
+            )
+        ],
         "",
         "## Figures",
         "",
-    ]  # fmt: skip
+    ]
     for name, caption in results["figures"].items():
         lines += [f"{caption}:", "", f"![{caption}](figures/{name})", ""]
     atomic_write_json(out / "results.json", results)

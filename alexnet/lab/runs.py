@@ -25,10 +25,14 @@ def train_one(cfg, *, retrain: bool, argv: list[str] | None = None) -> dict:
     steps_before = None
     if last.is_file():
         steps_before = checkpoint_step(last)
-        print(f"{run_dir} holds a run: continuing it (reused as it is if finished; "
-              "--retrain starts again)", flush=True)  # fmt: skip
-    result = train(cfg, resume=run_dir if last.is_file() else None,
-                   argv=argv or ["alexnet", "demo"])  # fmt: skip
+        print(
+            f"{run_dir} holds a run: continuing it (reused as it is if finished; "
+            "--retrain starts again)",
+            flush=True,
+        )
+    result = train(
+        cfg, resume=run_dir if last.is_file() else None, argv=argv or ["alexnet", "demo"]
+    )
     if result["status"] != "finished":
         raise UserError(f"{run_dir}: training stopped ({result['status']}); run again to resume")
     return {**result, "reused": steps_before == result["step"]}

@@ -63,9 +63,12 @@ def setup(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
-            backend, rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
-        )  # fmt: skip
+            backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
 
 
 def teardown() -> None:

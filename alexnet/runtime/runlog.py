@@ -41,8 +41,11 @@ def new_run_dir(out_dir: str | Path, name: str, preset: str) -> Path:
         if (path / "checkpoints" / "last.pt").exists():
             raise UserError(f"{path}: a run is already there; resume it with --resume {path}")
         if path.exists():
-            print(f"train: {path} holds no checkpoint (its run stopped before the first save): "
-                  "starting it afresh", flush=True)  # fmt: skip
+            print(
+                f"train: {path} holds no checkpoint (its run stopped before the first save): "
+                "starting it afresh",
+                flush=True,
+            )
             shutil.rmtree(path / "tb", ignore_errors=True)
             (path / "metrics.jsonl").unlink(missing_ok=True)
         return path
@@ -65,8 +68,11 @@ def git_revision() -> dict[str, Any]:
             return {"commit": None, "dirty": None}
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

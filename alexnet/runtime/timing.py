@@ -63,8 +63,13 @@ def stretch_steps(fns: dict[str, Callable[[], object]], stretch: float, steps: i
     return max(steps, math.ceil(stretch / max(fastest, 1e-9)))
 
 
-def alternating_on(fns: dict[str, Callable[[object], object]], arg: object, rounds: int,
-                   stretch: float, steps: int = 1) -> tuple[dict[str, float], int]:  # fmt: skip
+def alternating_on(
+    fns: dict[str, Callable[[object], object]],
+    arg: object,
+    rounds: int,
+    stretch: float,
+    steps: int = 1,
+) -> tuple[dict[str, float], int]:
     """``alternating`` of each fn called on ``arg``, in stretches of ``stretch_steps`` calls;
     also the calls per stretch."""
     calls = {k: functools.partial(fn, arg) for k, fn in fns.items()}
