@@ -130,14 +130,17 @@ def resolve(path: str | os.PathLike, which: str = "last") -> Path:
     return best if which == "best" and best.is_file() else path / "checkpoints" / "last.pt"
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (a file, or a run directory's last
-    checkpoint); a clear error for anything else."""
+    checkpoint); a clear error for anything else. ``mmap``: tensors are read from the file
+    when first used (for a look at its config, say)."""
     path = resolve(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, not a torch file, foreign pickle
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
@@ -149,19 +152,63 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 TRAINING_KEYS = ("config", "optimizer", "schedule", "epoch", "step", "rng", "sampler", "metrics")
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """``(file, checkpoint)`` of a run to resume: a run directory's last checkpoint or a
-    file, which must hold a training state, not only weights (an imported or exported
-    checkpoint has no optimizer, schedule or position to continue from)."""
-    path = resolve(path)
-    ckpt = load_checkpoint(path)
+def resume_target(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(run directory, checkpoint)`` that ``--resume PATH`` continues: a run directory goes
+    on from its last checkpoint. A checkpoint file must be one of a run directory's
+    (``<run>/checkpoints/*.pt``, the run's ``config.json`` beside them): a file elsewhere has
+    no run to continue, and writing the run's files beside it would overwrite whatever is
+    there. A run's best checkpoint is taken only where it is as new as its last one:
+    continuing from an older step would overwrite the newer ``last.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"{path}: no checkpoints/last.pt, so no run here to resume")
+        return path, last
+    if not path.is_file():
+        raise UserError(f"{path}: no such run directory or checkpoint")
+    run = path.parent.parent
+    if path.parent.name != "checkpoints" or not (run / "config.json").is_file():
+        raise UserError(
+            f"{path}: not inside a run directory (<run>/checkpoints/{path.name}); --resume "
+            f"continues a run, so give the run's directory. To start a new run from these "
+            f"weights: --init {path}"
+        )
+    last = run / "checkpoints" / "last.pt"
+    if last.is_file() and not path.samefile(last):
+        mine, newest = checkpoint_step(path), checkpoint_step(last)
+        if newest is not None and (mine is None or mine < newest):
+            raise UserError(
+                f"{path}: step {mine}, older than the run's last checkpoint (step {newest}); "
+                f"resuming from it would overwrite the newer one. Resume {run} to go on from "
+                f"step {newest}, or start a new run from these weights with --init {path}"
+            )
+    return run, path
+
+
+def load_training_checkpoint(
+    path: str | os.PathLike, *, mmap: bool = False
+) -> tuple[Path, dict[str, Any]]:
+    """``(file, checkpoint)`` of a run to resume (see ``resume_target``), which must hold a
+    training state, not only weights (an imported or exported checkpoint has no optimizer,
+    schedule or position to continue from)."""
+    path = Path(path)
+    if path.is_file() and path.parent.name != "checkpoints":
+        ckpt = load_checkpoint(path, mmap=True)  # weights only? say that, not where it lies
+        _require_training_state(path, ckpt)
+    _, path = resume_target(path)
+    ckpt = load_checkpoint(path, mmap=mmap)
+    _require_training_state(path, ckpt)
+    return path, ckpt
+
+
+def _require_training_state(path: Path, ckpt: dict) -> None:
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise UserError(
             f"{path}: not a training checkpoint (no {', '.join(missing)}): it holds weights "
-            "only, so there is no run to resume; start a new run instead"
+            f"only, so there is no run to resume; start a new run from it with --init {path}"
         )
-    return path, ckpt
 
 
 def load_model(
@@ -254,5 +301,9 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step a checkpoint file was written at (for messages)."""
-    return torch.load(path, map_location="cpu", weights_only=True).get("step")
+    """The step a checkpoint file was written at (memory-mapped: no tensor is read)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an unreadable file has no step to tell
+        return None
+    return ckpt.get("step") if isinstance(ckpt, dict) else None

@@ -356,8 +356,17 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         meta = json.loads(meta_path.read_text())
         h, w = meta["image_size"]
         channels = int(meta.get("channels", 3))
+        counts = {name: int(split["count"]) for name, split in meta["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{meta_path}: unreadable ({type(e).__name__}: {e}); prepare the data again"]
+    missing = [s for s in (d.train_split, d.val_split) if s not in counts]
+    if missing:
+        return [f"{d.root}: no split {', '.join(map(repr, missing))} (has {', '.join(counts)})"]
+    if counts[d.train_split] < cfg.optim.batch_size:
+        return [
+            f"{d.root}: {counts[d.train_split]} training images, fewer than one batch of "
+            f"{cfg.optim.batch_size} (optim.batch_size)"
+        ]
     crop = d.crop_size or min(h, w)
     if crop > min(h, w):
         # Training crops may reach into the padding, but the validation and test views (the

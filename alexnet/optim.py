@@ -50,6 +50,18 @@ class PaperSGD(torch.optim.Optimizer):
             lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused
         )
         super().__init__(params, defaults)
+        self._scales: dict[torch.device, torch.Tensor] = {}  # the fused step's 1/lr per device
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, then each velocity in its parameter's layout: a run saved with
+        channels_last weights may resume with NCHW ones (``run.channels_last`` may change),
+        and the fused step needs the two alike (``_fused_ok``)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                v = self.state.get(p, {}).get("velocity")
+                if v is not None and v.stride() != p.stride():
+                    self.state[p]["velocity"] = torch.empty_like(p).copy_(v)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -71,7 +83,8 @@ class PaperSGD(torch.optim.Optimizer):
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
             if group["foreach"]:
                 # groups saved before ``fused`` existed resume as they ran: unfused
-                _step_foreach(params, grads, vel, lr, m, wd, group.get("fused", False))
+                scales = self._scales if group.get("fused", False) else None
+                _step_foreach(params, grads, vel, lr, m, wd, scales)
             else:
                 _step_loop(params, grads, vel, lr, m, wd)
         return loss
@@ -89,17 +102,34 @@ def _step_loop(params, grads, vel, lr: float, m: float, wd: float) -> None:
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused_ok(device: torch.device, dtype: torch.dtype, lr: float) -> bool:
-    fusable = device.type in ("cpu", "cuda") and dtype in _FUSED_DTYPES
-    return fusable and lr > 0 and hasattr(torch, "_fused_sgd_")
+def _fused_ok(ps, gs, vs, lr: float, m: float) -> bool:
+    """Whether torch's fused kernel computes D1 exactly for these tensors: it walks each
+    parameter, its gradient and its velocity as one flat array, so their layouts (strides)
+    must agree (a velocity saved in channels_last and a parameter now NCHW would be mixed
+    up element by element); and it keeps no buffer at momentum 0 (then the velocity is
+    the plain foreach form's)."""
+    device, dtype = ps[0].device, ps[0].dtype
+    fusable = device.type in ("cpu", "cuda") and dtype in _FUSED_DTYPES and m > 0
+    if not (fusable and lr > 0 and hasattr(torch, "_fused_sgd_")):
+        return False
+    return all(g.stride() == p.stride() == v.stride() for p, g, v in zip(ps, gs, vs, strict=True))
 
 
-def _fused_step(ps, gs, vs, lr: float, m: float, wd: float) -> None:
+def _grad_scale(scales: dict, device: torch.device, lr: float) -> torch.Tensor:
+    """1/lr as a float32 tensor on ``device``, made once and refilled: ``fill_`` with a
+    Python number is a kernel launch, where ``torch.tensor(1 / lr, device="cuda")`` would
+    copy from the host and wait for the copy, every step."""
+    scale = scales.get(device)
+    if scale is None:
+        scale = scales[device] = torch.empty((), dtype=torch.float32, device=device)
+    return scale.fill_(1.0 / lr)
+
+
+def _fused_step(ps, gs, vs, lr: float, m: float, wd: float, scale: torch.Tensor) -> None:
     """PAPER D1 through torch's fused SGD, which per element computes g <- -g / s (maximize,
     grad_scale s), g <- g + wd' * w, b <- m * b + g, w <- w - lr' * b. With b = v, s = 1/lr,
     wd' = -wd * lr and lr' = -1 that is v <- m*v - wd*lr*w - lr*grad, w <- w + v. s is a
     float32, so lr * grad carries one float32 rounding more (tests: within float32)."""
-    scale = torch.tensor(1.0 / lr, dtype=torch.float32, device=ps[0].device)
     torch._fused_sgd_(
         ps,
         gs,
@@ -115,16 +145,16 @@ def _fused_step(ps, gs, vs, lr: float, m: float, wd: float) -> None:
     )
 
 
-def _step_foreach(params, grads, vel, lr: float, m: float, wd: float, fused: bool) -> None:
+def _step_foreach(params, grads, vel, lr: float, m: float, wd: float, scales: dict | None):
     # One fused kernel per op per (device, dtype) bucket: the towers layout puts the
     # parameters on two devices.
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)
-    for (device, dtype), idx in buckets.items():
+    for (device, _), idx in buckets.items():
         ps, gs, vs = [params[i] for i in idx], [grads[i] for i in idx], [vel[i] for i in idx]
-        if fused and _fused_ok(device, dtype, lr):
-            _fused_step(ps, gs, vs, lr, m, wd)
+        if scales is not None and _fused_ok(ps, gs, vs, lr, m):
+            _fused_step(ps, gs, vs, lr, m, wd, _grad_scale(scales, device, lr))
             continue
         torch._foreach_mul_(vs, m)
         if wd:

@@ -43,7 +43,7 @@ class Session:
     aug_val: Any
     generator: torch.Generator  # every augmentation draw (crop, flip, colour noise)
     log: RunLog
-    meta: dict[str, Any]  # classes, class_names, data_stats, augment, model_config
+    meta: dict[str, Any]  # data, classes, class_names, data_stats, augment, model_config
     epoch: int = 0
     step: int = 0
     best: float = math.inf
@@ -235,7 +235,7 @@ def _augment_settings(cfg: C.TrainConfig, crop: int, scale: float) -> dict[str, 
 def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     """Data, model, optimizer and schedule, seeded so every rank builds the same network."""
     from alexnet.data import DeviceAugment
-    from alexnet.data.store import pixel_std
+    from alexnet.data.store import identity, pixel_std
     from alexnet.model import AlexNet
 
     train_ds, train_loader, val_loader = _loaders(cfg, env, device)
@@ -272,6 +272,7 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
     if cfg.run.compile:
         net = torch.compile(net)
     meta = {
+        "data": identity(train_ds.meta, cfg.data.train_split),
         "model_config": model_config,
         "classes": train_ds.classes,
         "class_names": train_ds.class_names,

@@ -9,9 +9,11 @@ reference scripts: ``build`` (data, model, optimizer, schedule), ``train_one_epo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,9 @@ from alexnet.optim import set_lr, warmup_factor
 from alexnet.runtime import devices
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
+from alexnet.runtime.owner import owned
 from alexnet.runtime.progress import Progress
-from alexnet.runtime.runlog import RunLog, environment, epoch_line, new_run_dir
+from alexnet.runtime.runlog import RunLog, claim_run_dir, environment, epoch_line, start_fresh
 from alexnet.session import Session, TrainingDiverged, build
 
 
@@ -219,7 +222,23 @@ def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, di
             f"{path}: cannot resume with a different config ({'; '.join(diffs)}); drop the "
             "changed settings, or start a new run"
         )
+    _check_resume_data(path, ck, cfg)
     return path, ck
+
+
+def _check_resume_data(path: Path, ck: dict[str, Any], cfg: C.TrainConfig) -> None:
+    """A run resumes only onto the data it was trained on (data.root may move): other
+    classes would relabel the model silently, other images would not continue the run."""
+    from alexnet.data.store import identity, identity_differences, read_meta
+
+    saved = ck.get("data") or {"classes": ck.get("classes")}
+    now = identity(read_meta(cfg.data.root), cfg.data.train_split)
+    diffs = identity_differences(saved, now)
+    if diffs:
+        raise UserError(
+            f"{cfg.data.root}: not the data {path} was trained on ({'; '.join(diffs)}); resume "
+            "with that data, or start a new run from these weights with --init"
+        )
 
 
 def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
@@ -247,46 +266,65 @@ def train(
 ) -> dict[str, Any]:
     """Run training; returns the final metrics and where everything was written.
 
-    ``resume``: a run directory or checkpoint to continue (its config must match, apart
-    from ``config.RESUMABLE_CHANGES``). Under torchrun every process calls this."""
+    ``resume``: a run directory (or one of its checkpoints, ``ckpt_io.resume_target``) to
+    continue; its config must match, apart from ``config.RESUMABLE_CHANGES``, and its data
+    must be the data it was trained on. Under torchrun every process calls this."""
     cfg = copy.deepcopy(config)
     C.validate(cfg)
     env = D.DistEnv.from_environ()
     device = _check_setup(cfg, env)
-    ck_path, ck = _resume_checkpoint(resume, cfg) if resume else (None, None)
+    target = ckpt_io.resume_target(resume) if resume else None
     with devices.determinism(cfg.run.deterministic, device):
-        return _train(cfg, env, device, ck_path, ck, argv)
+        return _train(cfg, env, device, target, argv)
+
+
+@contextlib.contextmanager
+def _owned_run(cfg: C.TrainConfig, env: D.DistEnv, resume_dir: Path | None) -> Iterator[Path]:
+    """The run directory, owned by rank 0 for the whole block (runtime/owner.py): another
+    process training or resuming the same run is refused in one line, on every rank."""
+    with contextlib.ExitStack() as stack:
+        run_dir, error = None, None
+        if env.is_main:
+            try:
+                run_dir = resume_dir or claim_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset)
+                hint = "one process trains a run at a time (--name gives a new run another name)"
+                stack.enter_context(owned(run_dir, what="run", hint=hint))
+                if resume_dir is None:
+                    start_fresh(run_dir)
+            except UserError as e:
+                error = str(e)
+        run_dir, error = D.broadcast_object((run_dir, error))
+        if error:
+            raise UserError(error)
+        yield run_dir
 
 
 def _train(
     cfg: C.TrainConfig,
     env: D.DistEnv,
     device: torch.device,
-    ck_path: Path | None,
-    ck: dict | None,
+    target: tuple[Path, Path] | None,
     argv: list[str] | None,
 ) -> dict[str, Any]:
     D.setup(env, device, timeout_s=cfg.run.dist_timeout_s)
     log = s = None
     try:
-        if ck_path is not None:
-            run_dir = ck_path.parent.parent
-        else:
-            run_dir = (
-                new_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset) if env.is_main else None
-            )
-            run_dir = D.broadcast_object(run_dir)
-        s = build(cfg, env, device)
-        s.stop = D.StopRequest(announce=env.is_main)
-        log = s.log = RunLog(run_dir, enabled=env.is_main, resume_epoch=ck["epoch"] if ck else None)
-        if ck is not None:
-            s.load_state_dict(ck, ck_path)
-        log.write_config(cfg.to_dict())
-        log.write_env(environment(device, env.world_size, argv))
-        log.open_tensorboard(s.step)
-        _banner(s)
-        status = "finished" if _already_finished(cfg, ck, s.epoch) else run_epochs(s)
-        return _result(s, status)
+        with _owned_run(cfg, env, target and target[0]) as run_dir:
+            # read under ownership: a run that another process finished meanwhile is read
+            # as it now is, never an older state of it
+            ck_path, ck = _resume_checkpoint(target[1], cfg) if target else (None, None)
+            s = build(cfg, env, device)
+            s.stop = D.StopRequest(announce=env.is_main)
+            resume_epoch = ck["epoch"] if ck else None
+            log = s.log = RunLog(run_dir, enabled=env.is_main, resume_epoch=resume_epoch)
+            if ck is not None:
+                s.load_state_dict(ck, ck_path)
+            log.write_config(cfg.to_dict())
+            log.write_env(environment(device, env.world_size, argv))
+            log.open_tensorboard(s.step)
+            _banner(s)
+            status = "finished" if _already_finished(cfg, ck, s.epoch) else run_epochs(s)
+            return _result(s, status)
     finally:
         if log is not None:
             log.close()
@@ -419,7 +457,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
 
     base = None
     if args.resume and not (args.preset or args.config):
-        _, ck = ckpt_io.load_training_checkpoint(args.resume)
+        _, ck = ckpt_io.load_training_checkpoint(args.resume, mmap=True)  # for its config
         base = C.from_dict(ck["config"], source=f"{args.resume} (its config)")
     cfg = from_args(args, base)
     if args.print_config:

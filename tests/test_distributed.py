@@ -112,6 +112,7 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["run"]
     run = tmp_path / "two" / "run"
     assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",  # rank 0's ownership of the run (empty now that it ended)
         "checkpoints",
         "config.json",
         "env.json",
@@ -119,6 +120,7 @@ def test_two_cpu_processes_match_one(tmp_path):
         "tb",
     ]
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert (run / ".lock").read_text() == ""
 
     a = load_checkpoint(Path(one["run_dir"]) / "checkpoints" / "last.pt")
     b = load_checkpoint(run / "checkpoints" / "last.pt")

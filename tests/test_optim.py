@@ -71,6 +71,56 @@ def test_fused_step_is_d1_within_float32_and_leaves_lr_times_grad():
     assert (ref - _reference(w0, grads, LRS, wd=-wd)).abs().max() > 1e-3  # the check can fail
 
 
+def test_momentum_zero_is_d1():
+    """m = 0 is a valid D1 setting (plain SGD with decay): the fused kernel keeps no buffer
+    then, so the step must not hand it one (it raised inside torch at the first step)."""
+    w0, _, grads = _problem(3)
+    w = torch.nn.Parameter(w0.float())
+    opt = PaperSGD([w], lr=LRS[0], momentum=0.0, weight_decay=0.0005)
+    for (g, _), lr in zip(grads, LRS, strict=True):
+        set_lr(opt, lr)
+        w.grad = g.float()
+        opt.step()
+    ref = _reference(w0, grads, LRS, m=0.0)
+    torch.testing.assert_close(w.detach().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def _d1_by_hand(w, v, g, lr, m=0.9, wd=0.0005):
+    """One D1 step in float64 tensor arithmetic (no optimizer code)."""
+    v = m * v - wd * lr * w - lr * g
+    return w + v, v
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_a_velocity_saved_in_another_layout_resumes_exactly(saved_channels_last):
+    """A run may resume with run.channels_last switched: the velocity comes back in the
+    layout it was saved in while the weights take the new one. The fused kernel walks both
+    as flat arrays: unless the optimizer re-lays the velocity out, elements of different
+    weights are mixed (max |w - exact| was 4.4 after one step)."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64)
+    grads = [torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+    before = torch.channels_last if saved_channels_last else torch.contiguous_format
+    after = torch.contiguous_format if saved_channels_last else torch.channels_last
+    w = torch.nn.Parameter(w0.float().contiguous(memory_format=before))
+    opt = PaperSGD([w], lr=0.01)
+    for grad in grads[:2]:
+        w.grad = grad.float().contiguous(memory_format=before)
+        opt.step()
+    state = opt.state_dict()
+    w2 = torch.nn.Parameter(w.detach().clone().contiguous(memory_format=after))
+    opt2 = PaperSGD([w2], lr=0.01)
+    opt2.load_state_dict(state)
+    for grad in grads[2:]:
+        w2.grad = grad.float().contiguous(memory_format=after)
+        opt2.step()
+    ref, v = w0, torch.zeros_like(w0)
+    for grad in grads:
+        ref, v = _d1_by_hand(ref, v, grad, 0.01)
+    torch.testing.assert_close(w2.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w2.grad, 0.01 * grads[3].float())  # the fused path ran
+
+
 def test_unfused_step_leaves_the_gradient_alone():
     w = torch.nn.Parameter(torch.ones(4))
     opt = PaperSGD([w], lr=0.01, fused=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from trainkit import tiny_config, tiny_data
@@ -123,3 +124,84 @@ def test_predict_refuses_a_missing_device_and_a_zero_batch_in_one_line(tmp_path,
     assert "Traceback" not in err
     assert "--device cuda: CUDA is not available" in err
     assert "argument --batch-size: must be at least 1" in err
+
+
+# -- resume only onto what a run was trained on ----------------------------------------------
+@pytest.fixture
+def trained(data, tmp_path) -> Path:
+    """A run of two epochs (8 steps) with a best.pt from epoch 1 older than its last.pt."""
+    T.train(tiny_config(data, tmp_path, **{"schedule.epochs": 2, "run.save_every_steps": 2}))
+    return tmp_path / "run"
+
+
+def _error_line(capsys, command: str = "train") -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"alexnet {command}: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_resuming_a_checkpoint_outside_a_run_directory_touches_nothing(trained, tmp_path, capsys):
+    """`--resume ~/Downloads/last.pt` took ~ for the run directory: it overwrote ~/config.json
+    and deleted another program's temp file there."""
+    home = tmp_path / "home"
+    (home / "Downloads").mkdir(parents=True)
+    copied = home / "Downloads" / "last.pt"
+    copied.write_bytes((trained / "checkpoints" / "last.pt").read_bytes())
+    (home / "config.json").write_text("mine")
+    (home / ".notes.txt.1234.tmp").write_text("another program's")
+    assert main(["train", "--resume", str(copied), "--epochs", "3"]) == 2
+    assert "not inside a run directory" in _error_line(capsys)
+    assert (home / "config.json").read_text() == "mine"
+    assert sorted(p.name for p in home.rglob("*")) == [
+        ".notes.txt.1234.tmp",
+        "Downloads",
+        "config.json",
+        "last.pt",
+    ]
+
+
+def test_resuming_from_an_older_best_checkpoint_is_refused(trained, capsys):
+    ckdir = trained / "checkpoints"
+    best, last = load_checkpoint(ckdir / "best.pt"), load_checkpoint(ckdir / "last.pt")
+    assert best["step"] < last["step"]  # epoch 2 did not improve on epoch 1 here
+    before = (ckdir / "last.pt").read_bytes()
+    assert main(["train", "--resume", str(ckdir / "best.pt"), "--epochs", "3"]) == 2
+    line = _error_line(capsys)
+    assert (
+        f"step {best['step']}, older than the run's last checkpoint (step {last['step']})" in line
+    )
+    assert (ckdir / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("classes", [list("abdc"), list("abcde")])
+def test_resuming_onto_other_data_is_refused(trained, tmp_path, classes, capsys):
+    """Other classes of the same count relabelled the model silently; another count ended
+    in a state_dict traceback."""
+    from alexnet.data import prepare_arrays
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(40) % len(classes)
+    other = prepare_arrays(
+        tmp_path / "other", {"train": (images, labels), "val": (images, labels)}, classes
+    )
+    before = (trained / "checkpoints" / "last.pt").read_bytes()
+    argv = ["train", "--resume", str(trained), "--data", str(other), "--epochs", "3"]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "not the data" in line and ("class 2 is 'd'" in line or "5 classes" in line), line
+    assert (trained / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_switching_channels_last_on_resume_continues_the_same_run(data, tmp_path):
+    """run.channels_last may change on resume; the velocity saved in the old layout used to
+    be mixed up element by element by the fused step (max |w - exact| 4.4 after a step)."""
+    cfg = tiny_config(data, tmp_path / "a", **{"schedule.epochs": 2, "run.deterministic": False})
+    whole = load_checkpoint(T.train(cfg)["checkpoint"])["model"]
+    cfg = tiny_config(data, tmp_path / "b", **{"schedule.epochs": 1, "run.deterministic": False})
+    T.train(cfg)
+    cfg.schedule.epochs, cfg.run.channels_last = 2, False
+    resumed = load_checkpoint(T.train(cfg, resume=tmp_path / "b" / "run")["checkpoint"])["model"]
+    for name, w in whole.items():
+        torch.testing.assert_close(resumed[name], w, rtol=1e-4, atol=1e-5, msg=name)

@@ -23,6 +23,7 @@ from alexnet.data import pipeline, small, sources, store
 from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_text, remove_stale_temps
+from alexnet.runtime.owner import owned
 
 
 def _image_options(p: argparse.ArgumentParser) -> None:
@@ -120,8 +121,6 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _already_done(out: Path) -> bool:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder (the prepared dataset's folder)")
     _clean_leftovers(out)
     if (out / "meta.json").is_file():
         meta = store.read_meta(out)
@@ -240,7 +239,7 @@ def _check_options(args) -> None:
 
 def run_imagenet(args, after_chunk=None) -> int:
     _check_options(args)
-    if _already_done(args.out):
+    if _finished(args.out):
         return 0
     devkit = sources.read_devkit(args.devkit) if args.devkit else None
     wnids, train, ignored = sources.imagenet_train(args.train)
@@ -254,23 +253,32 @@ def run_imagenet(args, after_chunk=None) -> int:
         splits["val"], ignored_val, excluded = sources.imagenet_val(args.val, wnids, devkit)
         ignored += ignored_val
     names = [devkit.words.get(w, w) for w in wnids] if devkit else list(wnids)
-    args.out.mkdir(parents=True, exist_ok=True)
-    notes = _report_ignored(args.out, ignored, excluded)
-    return _prepare_items(args, "imagenet", splits, wnids, names, notes, after_chunk)
+    with _own(args.out):
+        if _already_done(args.out):
+            return 0
+        notes = _report_ignored(args.out, ignored, excluded)
+        return _prepare_items(args, "imagenet", splits, wnids, names, notes, after_chunk)
 
 
 def run_folder(args, after_chunk=None) -> int:
     _check_options(args)
-    if _already_done(args.out):
+    if _finished(args.out):
         return 0
     classes, train, ignored = sources.folder_tree(args.train)
     splits = {"train": train}
     if args.val is not None:
         _, splits["val"], ignored_val = sources.folder_tree(args.val, classes)
         ignored += ignored_val
-    args.out.mkdir(parents=True, exist_ok=True)
-    notes = _report_ignored(args.out, ignored, [])
-    return _prepare_items(args, "folder", splits, classes, list(classes), notes, after_chunk)
+    with _own(args.out):
+        if _already_done(args.out):
+            return 0
+        notes = _report_ignored(args.out, ignored, [])
+        return _prepare_items(args, "folder", splits, classes, list(classes), notes, after_chunk)
+
+
+def _finished(out: Path) -> bool:
+    """Already prepared (checked before the sources are scanned: minutes for ImageNet)."""
+    return (out / "meta.json").is_file() and _already_done(out)
 
 
 def _write_small(
@@ -293,6 +301,30 @@ def _validation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-seed", type=int, default=0, help="seed of the held-out draw")
 
 
+def _own(out: Path):
+    """``out`` for this process alone, for the whole preparation (runtime/owner.py)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (the prepared dataset's folder)")
+    hint = "one process prepares a directory at a time: wait for it to end, or use another"
+    return owned(out, what="prepared dataset", hint=hint)
+
+
+def run_small(args: argparse.Namespace) -> int:
+    with _own(args.out):
+        if _already_done(args.out):
+            return 0
+        if args.kind == "fashion-mnist":
+            source = args.source
+            if args.download:
+                source = small.download_fashion_mnist(source or args.out / "source")
+            source = source or Path(small.FASHION_MNIST_DIR)
+            splits = small.load_fashion_mnist(source)
+            classes = small.FASHION_MNIST_CLASSES
+            return _write_small(args, "fashion-mnist", splits, classes, str(source))
+        splits, names = small.load_cifar10(args.source)
+        return _write_small(args, "cifar10", splits, names, str(args.source))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.kind == "verify":
         return verify(args.out, quick=args.quick)
@@ -300,14 +332,4 @@ def run(args: argparse.Namespace) -> int:
         return run_imagenet(args)
     if args.kind == "folder":
         return run_folder(args)
-    if _already_done(args.out):
-        return 0
-    if args.kind == "fashion-mnist":
-        source = args.source
-        if args.download:
-            source = small.download_fashion_mnist(source or args.out / "source")
-        source = source or Path(small.FASHION_MNIST_DIR)
-        splits = small.load_fashion_mnist(source)
-        return _write_small(args, "fashion-mnist", splits, small.FASHION_MNIST_CLASSES, str(source))
-    splits, names = small.load_cifar10(args.source)
-    return _write_small(args, "cifar10", splits, names, str(args.source))
+    return run_small(args)

@@ -34,6 +34,7 @@ from PIL import Image
 from alexnet.data import decode
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.owner import owned
 
 FORMAT = "alexnet-prepared"
 VERSION = 2  # 2: a CRC-32 per record in the index; version 1 (no checksums) is still read
@@ -179,6 +180,44 @@ def write_meta(root: Path, meta: dict) -> None:
     crcs = {n: f"{file_crc(root / n):08x}" for n in small_files(root, meta["splits"])}
     meta = {"format": FORMAT, "version": VERSION, **meta, "file_crc32": crcs}
     atomic_write_json(root / "meta.json", meta)
+
+
+def identity(meta: dict, train_split: str = "train") -> dict:
+    """What makes a prepared dataset the one a run was trained on: its classes, image size
+    and channels, and its training split's record count and index CRC-32 (the same images
+    prepared again, or the directory moved, keep them)."""
+    crcs = meta.get("file_crc32") or {}
+    return {
+        "classes": list(meta["classes"]),
+        "image_size": list(meta["image_size"]),
+        "channels": int(meta.get("channels", 3)),
+        "train_split": train_split,
+        "train_images": int(meta["splits"].get(train_split, {}).get("count", -1)),
+        "train_index_crc32": crcs.get(f"{train_split}.index.npy"),
+    }
+
+
+def identity_differences(saved: dict, now: dict) -> list[str]:
+    """How ``now`` (``identity`` of a dataset) differs from ``saved``, in words; keys that
+    ``saved`` lacks (checkpoints from before they were recorded) are not compared."""
+    out = []
+    if saved.get("classes") is not None and list(saved["classes"]) != list(now["classes"]):
+        a, b = list(saved["classes"]), list(now["classes"])
+        if len(a) != len(b):
+            out.append(f"{len(b)} classes, the run was trained on {len(a)}")
+        else:
+            i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+            out.append(f"class {i} is {b[i]!r}, the run's class {i} is {a[i]!r}")
+    for key, what in (("image_size", "image size"), ("channels", "channels")):
+        if saved.get(key) is not None and list(np.atleast_1d(saved[key])) != list(
+            np.atleast_1d(now[key])
+        ):
+            out.append(f"{what} {now[key]}, the run's {saved[key]}")
+    if saved.get("train_images") is not None and saved["train_images"] != now["train_images"]:
+        out.append(f"{now['train_images']} training images, the run's {saved['train_images']}")
+    elif saved.get("train_index_crc32") and saved["train_index_crc32"] != now["train_index_crc32"]:
+        out.append("other training images (its index differs from the run's)")
+    return out
 
 
 def pixel_std(stats: dict) -> float:
@@ -328,7 +367,12 @@ def prepare_arrays(
     root = Path(root)
     if "train" not in splits:
         raise UserError(f"{root}: prepare_arrays needs a 'train' split for the statistics")
-    root.mkdir(parents=True, exist_ok=True)
+    with owned(root, what="prepared dataset", hint="wait for it to end, or use another"):
+        _write_arrays(root, splits, classes, class_names, dataset, extra_meta)
+    return root
+
+
+def _write_arrays(root, splits, classes, class_names, dataset, extra_meta) -> None:
     (root / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
     shape = None
     split_meta = {}
@@ -359,4 +403,3 @@ def prepare_arrays(
             **(extra_meta or {}),
         },
     )
-    return root

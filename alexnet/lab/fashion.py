@@ -15,6 +15,7 @@ from pathlib import Path
 from alexnet.data import small, store
 from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
+from alexnet.runtime.owner import owned
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 IDX_STEMS = (
@@ -71,7 +72,13 @@ def validation_size(train_images: int) -> int:
 
 def ensure_prepared(data: Path, source: Path | None) -> dict:
     """Prepare Fashion-MNIST into ``data`` unless a prepared dataset is there and verifies.
-    Returns its meta.json."""
+    Returns its meta.json. A second process (two demos at once) waits for the first's
+    preparation and then reuses it."""
+    with owned(data, what="prepared dataset", wait=True):
+        return _ensure_prepared(data, source)
+
+
+def _ensure_prepared(data: Path, source: Path | None) -> dict:
     if (data / "meta.json").is_file() and store.read_meta(data).get("val_is_official_test_set"):
         # Prepared before the validation split was held out: its val split is the test set.
         print(

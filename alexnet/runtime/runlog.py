@@ -7,8 +7,10 @@
     runs/<name>/checkpoints/    last.pt, best.pt
     runs/<name>/weights.safetensors
 
-Only rank 0 writes (``enabled=False`` elsewhere). ``metrics.jsonl`` is rewritten atomically
-after each epoch, so a resumed run drops any record newer than its checkpoint.
+Only rank 0 writes (``enabled=False`` elsewhere), and only while it owns the directory
+(``alexnet.runtime.owner``: ``runs/<name>/.lock`` names the process training it; a second
+``alexnet train`` on the same run is refused in one line). ``metrics.jsonl`` is rewritten
+atomically after each epoch, so a resumed run drops any record newer than its checkpoint.
 """
 
 from __future__ import annotations
@@ -30,31 +32,40 @@ from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json, atomic_write_text, remove_stale_temps
 
 
-def new_run_dir(out_dir: str | Path, name: str, preset: str) -> Path:
-    """``out_dir/name``, or ``out_dir/<preset>-<date>-<time>`` (suffixed if taken). A named
-    directory that already holds a checkpoint is an error: resume it or choose another name.
-    One that holds none (its run was killed or diverged before the first save) is started
-    afresh: there is nothing to resume, and what it logged belongs to no checkpoint."""
+def claim_run_dir(out_dir: str | Path, name: str, preset: str) -> Path:
+    """``out_dir/name``, or a new ``out_dir/<preset>-<date>-<time>`` (suffixed ``-2``, ``-3``...
+    if taken). An unnamed run's directory is created here, atomically (``mkdir`` fails for
+    every process but one), so two runs started in the same second never share one."""
     out = Path(out_dir)
     if name:
-        path = out / name
-        if (path / "checkpoints" / "last.pt").exists():
-            raise UserError(f"{path}: a run is already there; resume it with --resume {path}")
-        if path.exists():
-            print(
-                f"train: {path} holds no checkpoint (its run stopped before the first save): "
-                "starting it afresh",
-                flush=True,
-            )
-            shutil.rmtree(path / "tb", ignore_errors=True)
-            (path / "metrics.jsonl").unlink(missing_ok=True)
-        return path
+        return out / name
+    out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, k = out / f"{preset}-{stamp}", 1
-    while path.exists():
-        k += 1
-        path = out / f"{preset}-{stamp}-{k}"
-    return path
+    for k in range(1, 10_000):
+        path = out / (f"{preset}-{stamp}" + (f"-{k}" if k > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"{out}: no free run name for {preset}-{stamp}")
+
+
+def start_fresh(path: Path) -> None:
+    """Make ``path`` (owned by this process) ready for a new run. One that already holds a
+    checkpoint is an error: resume it or choose another name. One that holds none (its run
+    was killed or diverged before the first save) is started afresh: there is nothing to
+    resume, and what it logged belongs to no checkpoint."""
+    if (path / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{path}: a run is already there; resume it with --resume {path}")
+    if (path / "metrics.jsonl").exists() or (path / "tb").exists():
+        print(
+            f"train: {path} holds no checkpoint (its run stopped before the first save): "
+            "starting it afresh",
+            flush=True,
+        )
+        shutil.rmtree(path / "tb", ignore_errors=True)
+        (path / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def git_revision() -> dict[str, Any]:
