@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from alexnet.runtime.errors import UserError
+from alexnet.runtime.errors import UserError, os_error_line
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # a full disk, a read-only or missing folder: the file named
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"alexnet {name}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"alexnet {name}: interrupted", file=sys.stderr)
         return 130

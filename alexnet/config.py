@@ -294,6 +294,7 @@ def _setting_problems(cfg: TrainConfig) -> list[str]:
     checks = [
         (d.crop_size >= 0 and d.pad >= 0, "data.crop_size and data.pad must be >= 0"),
         (d.pca_std >= 0, f"data.pca_std={d.pca_std}: must be >= 0"),
+        (d.scale > 0, f"data.scale={d.scale}: must be > 0 (it multiplies the input pixels)"),
         (d.pca_scale in ("unit", "std"), f"data.pca_scale={d.pca_scale!r}: unit or std"),
         (d.num_workers >= 0 and d.val_batch_size >= 0, "data.num_workers/val_batch_size >= 0"),
         (o.batch_size > 0, f"optim.batch_size={o.batch_size}: must be > 0"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from alexnet.runtime import devices
-from alexnet.runtime.args import natural_int, positive_int
+from alexnet.runtime.args import natural_int, output_file, positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 from alexnet.runtime.progress import Progress
@@ -209,8 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=natural_int, default=0, help="loader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
-    parser.add_argument("--results", type=Path, help="also write the result JSON here")
-    parser.add_argument("--per-class", type=Path, help="write per-class accuracy CSV here")
+    parser.add_argument("--results", type=output_file, help="also write the result JSON here")
+    parser.add_argument("--per-class", type=output_file, help="write per-class accuracy CSV here")
     from alexnet.interop.engines import add_backend_argument
 
     add_backend_argument(parser)

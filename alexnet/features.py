@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.runtime.args import positive_int
+from alexnet.runtime.args import output_file, positive_int
 from alexnet.runtime.devices import pick_device
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open, atomic_write_json
@@ -334,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="features averaged over the centre view or the ten views of PAPER B5",
     )
-    p.add_argument("--out", type=Path, required=True, help="the .npy to write")
+    p.add_argument("--out", type=output_file, required=True, help="the .npy to write")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--device", default="cpu")
@@ -346,7 +346,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--query", type=Path, required=True, help="features of the queries (.npy)")
     p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
     p.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto")
-    p.add_argument("--out", type=Path, required=True, help=".npz with indices and distances")
+    p.add_argument("--out", type=output_file, required=True, help=".npz with indices and distances")
     p = sub.add_parser("codes", help="binary codes: Hamming recall@k against exact search")
     p.add_argument("--index", type=Path, required=True)
     p.add_argument("--query", type=Path, required=True)
@@ -360,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="re-rank this many Hamming candidates by exact distance",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="also write the table here")
+    p.add_argument("--json", type=output_file, help="also write the table here")
 
 
 def _load(path: Path) -> np.ndarray:

@@ -24,7 +24,7 @@ from alexnet.data.subset import subset_indices
 from alexnet.evaluate import check_data
 from alexnet.features import features_of, knn
 from alexnet.predict import predict, top_k
-from alexnet.runtime.args import positive_int
+from alexnet.runtime.args import output_file, positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open
 from alexnet.runtime.runlog import read_metrics
@@ -327,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = sub.add_parser("filters", help="conv1's kernels, each tower in its own rows (PAPER F1)")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
     for name, help_text in (
         ("predictions", "images with their top-5 bars (PAPER F2)"),
         ("neighbours", "queries and their nearest images in fc7 (F3)"),
@@ -351,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=10 if name == "predictions" else 1,
             help="test views (PAPER B5)",
         )
-        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--out", type=output_file, required=True)
     p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
     p.add_argument(
         "--index-features",
@@ -362,7 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
     p = sub.add_parser("curves", help="loss, error and learning rate from metrics.jsonl")
     p.add_argument("--run", type=Path, required=True, help="a run directory or metrics.jsonl")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
 
 
 def run(args: argparse.Namespace) -> int:

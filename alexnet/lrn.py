@@ -25,6 +25,8 @@ See docs/PERFORMANCE.md for the alternatives that were measured.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -182,6 +184,14 @@ def _window_summer(
     return summed
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off for the block, on devices that have it (the meta device, which shape
+    inference and the device tests use, has none)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _LRNFunction(torch.autograd.Function):
     """Forward computes the window sum once and saves p = d^-beta and r = b / d (d = k + c*S,
     b the output), so that the backward pass is three element-wise steps and one window sum:
@@ -198,7 +208,7 @@ class _LRNFunction(torch.autograd.Function):
         p = torch.empty_like(x, dtype=acc_dtype)
         r = torch.empty_like(x, dtype=acc_dtype)
         # Autocast would run the window-sum GEMM in bf16; the sums stay in float32.
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device):
             for sl in _batch_slices(x):
                 a = x[sl].to(acc_dtype)
                 sq = a * a
@@ -222,7 +232,7 @@ class _LRNFunction(torch.autograd.Function):
             fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
             g = g.contiguous(memory_format=fmt)
         grad = torch.empty_like(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device):
             for sl in _batch_slices(x):
                 gf = g[sl].to(p.dtype)
                 u = gf * r[sl]

@@ -100,6 +100,7 @@ def _step_loop(params, grads, vel, lr: float, m: float, wd: float) -> None:
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused SGD kernel exists
 
 
 def _fused_ok(ps, gs, vs, lr: float, m: float) -> bool:
@@ -109,7 +110,7 @@ def _fused_ok(ps, gs, vs, lr: float, m: float) -> bool:
     up element by element); and it keeps no buffer at momentum 0 (then the velocity is
     the plain foreach form's)."""
     device, dtype = ps[0].device, ps[0].dtype
-    fusable = device.type in ("cpu", "cuda") and dtype in _FUSED_DTYPES and m > 0
+    fusable = device.type in FUSED_DEVICES and dtype in _FUSED_DTYPES and m > 0
     if not (fusable and lr > 0 and hasattr(torch, "_fused_sgd_")):
         return False
     return all(g.stride() == p.stride() == v.stride() for p, g, v in zip(ps, gs, vs, strict=True))

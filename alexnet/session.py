@@ -151,21 +151,26 @@ class Session:
                 f"(now {self.cfg.optim.lr}) or run.precision=fp32."
             )
         ranks = D.gather_objects(self.rank_state())
-        path, error = self.log.checkpoints / "last.pt", ""
+        path, error, failure = self.log.checkpoints / "last.pt", "", None
         if self.env.is_main:
             try:
                 ckpt_io.save_checkpoint(path, self.state_dict(ranks, finished))
                 if best:
                     ckpt_io.link_or_copy(path, self.log.checkpoints / "best.pt")
-            except OSError as e:  # a full disk, a quota: the previous file is still whole
+            except Exception as e:  # noqa: BLE001 - every rank must hear of any failure
+                failure = e
                 kept = f"{path} (step {ckpt_io.checkpoint_step(path)})" if path.exists() else "none"
                 error = (
                     f"{path}: could not save the checkpoint at step {self.step} ({e}); the last "
                     f"good checkpoint is intact: {kept}. Free space and resume with --resume "
                     f"{self.log.path}"
                 )
+        # Every rank waits here for rank 0's save: a failure must reach them all, or they
+        # would wait in their next collective until run.dist_timeout_s.
         if D.any_rank(bool(error), self.device):
-            raise UserError(error or "rank 0 could not save the checkpoint")
+            if failure is not None and not isinstance(failure, OSError):
+                raise failure  # not the disk: a bug, with its traceback (the others stop)
+            raise UserError(error or "rank 0 could not save the checkpoint: the run stops")
         self.last_good = path
 
 

@@ -11,3 +11,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kib)``: a real filesystem of that size (a tmpfs, which needs root to
+    mount: skipped where mounting is not allowed); ``small_disk.resize(path, kib)`` grows it,
+    as a user freeing space would. Unmounted at the end."""
+    import subprocess
+
+    mounts = []
+
+    def make(kib: int):
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    def resize(path, kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(path)], check=True)
+
+    make.resize = resize
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -10,6 +10,9 @@ torchvision's 0-1 normalisation).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -239,3 +242,46 @@ def test_safetensors_export_round_trips(tmp_path, small_checkpoint):
         torch.testing.assert_close(again(x), model(x))
     assert ckpt["class_names"] == ["ant", "bee", "cat", "dog"]
     assert set(model.state_dict()) <= set(load_file(out))
+
+
+def test_a_killed_onnx_export_leaves_the_whole_file_or_none(tmp_path, small_checkpoint):
+    """`convert onnx` wrote the graph under its final name and then added its metadata:
+    killed between the two, model.onnx had no classes or model config. SIGKILL at moments
+    spread over the export: each time the file is either absent or whole with its
+    metadata, and no temp file is left once the command runs again."""
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    cmd = [sys.executable, "-m", "alexnet", "convert", "onnx", "--no-check"]
+    cmd += ["--checkpoint", str(small_checkpoint), "--out", str(out)]
+    seen = set()
+    for delay in (1.5, 3.0, 4.5):
+        out.unlink(missing_ok=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        seen.add(out.exists())
+        if out.exists():
+            keys = {p.key for p in onnx.load(str(out)).metadata_props}
+            assert {"model_config", "classes", "augment"} <= keys
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert seen, "no kill landed"
+
+
+def test_an_onnx_export_stopped_before_its_metadata_leaves_no_file(
+    tmp_path, small_checkpoint, monkeypatch
+):
+    """The worst moment for a kill, made certain: the graph exists, its metadata is being
+    added. The old export had written the graph under the final name by then."""
+    import onnx
+
+    def killed(proto):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx.checker, "check_model", killed)
+    out = tmp_path / "m.onnx"
+    argv = ["convert", "onnx", "--no-check", "--checkpoint", str(small_checkpoint)]
+    assert main([*argv, "--out", str(out)]) == 130
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -16,6 +16,7 @@ from datagen import make_folder_tree, make_imagenet_tars
 from datagen import one_error_line as _one_error
 from datagen import prepare_cli as _cli
 
+from alexnet.cli import main
 from alexnet.data import PreparedDataset, prepare
 
 WNIDS = ["n01440764", "n01443537"]
@@ -159,3 +160,63 @@ def test_bad_options_and_outputs_are_one_error(tmp_path, capsys):
     for extra, out, message in cases:
         rc, _, err = _cli(capsys, "folder", "--train", tmp_path / "src", tmp_path / out, *extra)
         assert rc == 2 and message in _one_error(err)
+
+
+def test_links_that_loop_or_lead_nowhere_are_noted_and_read_once(tmp_path, capsys):
+    """A folder link back up the tree was followed ~40 levels (328 records from 8 images, and
+    verify said OK); a file link to itself was a traceback. Each real folder is now read
+    once per class, and a link that leads nowhere is an ignored file with its reason."""
+    make_folder_tree(tmp_path / "tree", ["cat", "dog"], per_class=4)
+    cat = tmp_path / "tree" / "cat"
+    (cat / "loop").symlink_to("..", target_is_directory=True)  # tree/cat/loop -> tree
+    (cat / "again").symlink_to(".", target_is_directory=True)  # cat/again -> cat
+    (cat / "self.jpg").symlink_to("self.jpg")  # a link to itself
+    (cat / "gone.jpg").symlink_to("nowhere.jpg")  # broken
+    (tmp_path / "tree" / "dog" / "cat").symlink_to(cat, target_is_directory=True)
+    rc, out, err = _cli(
+        capsys,
+        "folder",
+        "--train",
+        tmp_path / "tree",
+        tmp_path / "out",
+        "--size",
+        "16",
+        "--workers",
+        "1",
+    )
+    assert rc == 0, err
+    ds = PreparedDataset(tmp_path / "out", "train")
+    # cat: its own 4 images once (loop -> the tree above it and again -> itself are not
+    # followed); dog: its own 4 and, through its link to cat's folder (a second way in from
+    # another class: the tree as its user made it, as ImageFolder reads it), cat's 4.
+    assert np.bincount(ds.labels.numpy()).tolist() == [4, 8]
+    ignored = (tmp_path / "out" / "ignored_files.txt").read_text()
+    assert "self.jpg\tcannot be read\tToo many levels of symbolic links" in ignored
+    assert "gone.jpg\tcannot be read\tNo such file or directory" in ignored
+    assert "a link to a folder already read" in ignored
+    assert "linked folder(s) already read" in out and "unreadable file(s)" in out
+    assert main(["prepare", "verify", str(tmp_path / "out")]) == 0
+
+
+def test_an_empty_class_folder_is_refused_for_training_and_noted_for_validation(tmp_path, capsys):
+    make_folder_tree(tmp_path / "train", ["cat", "dog", "emu"], per_class=2)
+    make_folder_tree(tmp_path / "val", ["cat", "dog"], per_class=1, seed=1)
+    (tmp_path / "val" / "emu").mkdir()
+    (tmp_path / "train" / "owl").mkdir()  # a class of 0 images, trained on without a word
+    rc, _, err = _cli(capsys, "folder", "--train", tmp_path / "train", tmp_path / "out")
+    assert rc == 2 and "class folder(s) owl hold no images" in _one_error(err)
+    shutil.rmtree(tmp_path / "train" / "owl")
+    rc, out, err = _cli(
+        capsys,
+        "folder",
+        "--train",
+        tmp_path / "train",
+        "--val",
+        tmp_path / "val",
+        tmp_path / "out",
+        "--size",
+        "16",
+    )
+    assert rc == 0, err
+    assert "1 empty class folder(s) of this split" in out
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["empty_class_folders"] == 1

@@ -234,3 +234,23 @@ def test_a_damaged_chunk_is_redone_by_the_rerun(tmp_path, capsys, monkeypatch):
     assert "chunk_000001.bin: did not match its index" in line
     assert main(["prepare", *map(str, argv)]) == 0
     assert main(["prepare", "verify", str(tmp_path / "out")]) == 0
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_the_rerun_finishes(
+    tmp_path, small_disk, capsys
+):
+    """On a real full filesystem (no mock): the error was a 70-line traceback."""
+    make_folder_tree(tmp_path / "tree", ["a", "b", "c"], per_class=20)
+    disk = small_disk(200)
+    out = disk / "ds"
+    argv = ["prepare", "folder", "--train", str(tmp_path / "tree"), str(out)]
+    argv += ["--size", "64", "--chunk", "4", "--workers", "2"]
+    assert main(argv) == 2
+    line = _one_error(capsys.readouterr().err, "prepare")
+    assert "No space left on device" in line and "run the same command again" in line, line
+    assert not list(disk.rglob("*.tmp"))  # no half-written file left behind
+    small_disk.resize(disk, 8192)  # space freed
+    assert main(argv) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert main(["prepare", "verify", str(out)]) == 0
+    assert len(PreparedDataset(out, "train")) == 60

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import (
-    FakeTensorDeviceMismatchError,
-    FakeTensorMode,
-    unset_fake_temporarily,
-)
+from devicekit import META, DeviceAudit
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from trainkit import tiny_config, tiny_data
 
 from alexnet import checkpoint as ckpt_io
@@ -31,14 +28,6 @@ from alexnet.runtime import devices
 from alexnet.runtime.distributed import DistEnv
 
 CUDA = torch.device("cuda", 0)
-
-
-def test_fake_tensors_catch_the_mismatch_we_guard_against():
-    """The premise: adding a (fake) CUDA tensor into a CPU accumulator raises."""
-    with FakeTensorMode():
-        step_loss = torch.randn((), device=CUDA)
-        with pytest.raises(FakeTensorDeviceMismatchError):
-            torch.zeros(4, dtype=torch.float64)[:1].add_(step_loss)
 
 
 @pytest.fixture
@@ -93,8 +82,6 @@ def test_evaluation_counts_on_the_device():
     counts = Counts.zeros(4, meta)
     counts.add(torch.empty(5, 4, device=meta), torch.empty(5, dtype=torch.int64, device=meta))
     assert {t.device for t in counts.tensors()} == {meta}
-    with pytest.raises(RuntimeError, match="device"):  # labels left on the CPU
-        counts.add(torch.empty(5, 4, device=meta), torch.zeros(5, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -109,8 +96,6 @@ def test_augmentation_follows_its_images_off_the_cpu(fake_cuda_session, train):
     images = torch.empty(5, 3, 16, 16, dtype=torch.uint8, device=meta)
     out = aug(images, torch.Generator().manual_seed(0)) if train else aug.views(images, 10)
     assert out.device == meta and out.shape == (5 if train else 50, 3, 16, 16)
-    with pytest.raises(RuntimeError, match="device"):  # what a CPU leftover would do
-        torch.zeros(3) + torch.zeros(3, device=meta)
 
 
 def test_restored_state_lands_on_the_device(fake_cuda_session, tmp_path, monkeypatch):
@@ -174,3 +159,71 @@ def test_the_fused_optimizer_step_gets_its_arguments_on_the_device(fake_cuda_ses
     assert seen, "the fused kernel was not called"
     for lists, scale in seen:
         assert {t.device for ts in lists for t in ts} | {scale.device} == {CUDA}
+
+
+# -- the step and the validation loop on a device, op by op ----------------------------------
+@pytest.fixture
+def meta_session(tmp_path: Path, monkeypatch):
+    """``build`` on the meta device (tests/devicekit.py): the real network runs forward and
+    backward there. The augmentation draws on the device itself (generator None), as a
+    CUDA generator would; the fused optimizer step is recorded (no meta kernel)."""
+    from alexnet import optim
+
+    monkeypatch.setattr(devices, "generator", lambda device, seed: torch.Generator())
+    monkeypatch.setattr(optim, "FUSED_DEVICES", ("cpu", "cuda", "meta"))
+    fused = []
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **kw: fused.append(kw["grad_scale"]))
+    data = tiny_data(tmp_path / "data")
+    s = S.build(tiny_config(data, tmp_path / "runs"), DistEnv(), META)
+    s.generator = None
+    return s, fused
+
+
+def test_the_training_step_stays_on_the_device_without_waiting_for_it(meta_session):
+    """One D1 step (PAPER B2-B4 augmentation, forward, loss, backward, the fused update)
+    and its bookkeeping: the batch is the only thing copied up, nothing host-side mixes in
+    (labels left on the host would), no value is read back, and no Python number is copied
+    up (the fused step's 1/lr once was, twice a step)."""
+    s, fused = meta_session
+    images = torch.randint(0, 255, (16, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 4, (16,))
+    first_bad = torch.full((), T.NO_BAD_STEP, dtype=torch.int64, device=META)
+    T.train_step(s, images, labels, 0.01)  # the first step copies the mean image etc. up once
+    for lr in (0.01, 0.001):
+        with DeviceAudit(allowed_uploads=2) as audit:
+            loss, wrong = T.train_step(s, images, labels, lr)
+            first_bad = T.account(s, loss, wrong, 16, first_bad)
+        assert (audit.mixed, audit.uploads, audit.syncs) == ([], [], [])
+    assert len(fused) == 6 and {t.device for t in fused} == {META}  # 2 groups x 3 steps
+    assert loss.device == META and s.epoch_sums.device == META
+
+
+def test_validation_stays_on_the_device_until_its_result(meta_session):
+    """The validation loop (centre views, loss, top-1/top-5 counts): each batch copied up,
+    the views' places made once (they were copied up every batch), the loss summed on the
+    device (a host accumulator would read it back every batch), and the four numbers read
+    back once, after the last batch."""
+    s, _ = meta_session
+    batches = len(s.val_loader)
+    assert batches == 2
+    with DeviceAudit(allowed_uploads=99):  # answers the final read-backs (meta has no data)
+        T.validate(s)  # the first copies the mean image and the views' places up, once
+    with DeviceAudit(allowed_uploads=2 * batches) as audit:
+        T.validate(s)
+    assert audit.mixed == [] and audit.uploads == []
+    assert len(audit.syncs) == 4, audit.syncs
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch, tmp_path, local_rank):
+    """Under torchrun, process LOCAL_RANK of each node uses GPU LOCAL_RANK: a run that took
+    GPU 0 in every process would put a node's processes on one GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    env = DistEnv(rank=4 + local_rank, world_size=8, local_rank=local_rank)
+    cfg = tiny_config(tiny_data(tmp_path / "data"), tmp_path / "runs", **{"run.device": "cuda"})
+    assert T._check_setup(cfg, env) == torch.device("cuda", local_rank)
+    cfg.run.device = "auto"
+    assert T._check_setup(cfg, env) == torch.device("cuda", local_rank)
+    cfg.run.device = "cuda:2"  # named: that one, whatever the rank
+    assert T._check_setup(cfg, env) == torch.device("cuda", 2)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,49 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
     for native, want in ((False, None), (True, torch.bfloat16)):
         monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda n=native: n)
         assert devices.precision_dtype("auto", cpu) is want
+
+
+# Rank 0's second checkpoint save fails: with the disk's OSError (a full disk) or with another
+# exception (a bug in what is saved).
+FAILING_SAVE = """
+import errno, os, sys
+import alexnet.checkpoint as ckpt_io
+from alexnet.cli import main
+real, calls = ckpt_io.save_checkpoint, []
+def failing(path, checkpoint):
+    calls.append(path)
+    if len(calls) == 2:
+        if sys.argv[1] == "disk":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise RuntimeError("cannot pickle the checkpoint")
+    return real(path, checkpoint)
+if os.environ["RANK"] == "0":
+    ckpt_io.save_checkpoint = failing
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["disk", "bug"])
+def test_a_failed_save_on_rank_0_ends_every_rank_promptly(tmp_path, how):
+    """Rank 1 waits for rank 0's save in a collective; a failure that never reached it left
+    it waiting for run.dist_timeout_s (600 s by default, 120 here) before the run ended."""
+    data = tiny_data(tmp_path / "data")
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(FAILING_SAVE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += ["2", str(launcher), how, *_cli_args(data, tmp_path / "out")]
+    cmd += ["--set", "run.dist_timeout_s=120"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert time.monotonic() - t0 < 60, proc.stderr[-3000:]
+    assert proc.returncode != 0
+    if how == "disk":  # both ranks: one line each, no traceback
+        assert proc.stderr.count("alexnet train: error:") == 2, proc.stderr[-3000:]
+        assert "could not save the checkpoint at step 8" in proc.stderr
+        assert "rank 0 could not save the checkpoint" in proc.stderr
+    else:  # rank 0 shows the bug with its traceback; rank 1 stops with one line
+        assert "RuntimeError: cannot pickle the checkpoint" in proc.stderr
+        assert "rank 0 could not save the checkpoint" in proc.stderr
+    last = load_checkpoint(tmp_path / "out" / "run" / "checkpoints" / "last.pt")
+    assert last["step"] == 4  # the first save, intact

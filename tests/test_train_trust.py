@@ -205,3 +205,24 @@ def test_switching_channels_last_on_resume_continues_the_same_run(data, tmp_path
     resumed = load_checkpoint(T.train(cfg, resume=tmp_path / "b" / "run")["checkpoint"])["model"]
     for name, w in whole.items():
         torch.testing.assert_close(resumed[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_full_disk_while_training_keeps_the_last_checkpoint(data, small_disk, capsys):
+    """On a real full filesystem: torch.save's failed write is a RuntimeError of torch's,
+    which the save turns back into the disk's OSError: one line, the last good checkpoint
+    kept, and the run resumes once there is space."""
+    disk = small_disk(180)  # room for one checkpoint (~100 KB) but not its replacement
+    argv = ["train", "--preset", "quick", "--data", str(data), "--out", str(disk)]
+    argv += ["--name", "run", "--batch-size", "16", "--precision", "fp32"]
+    argv += ["--set", "model.widths=8,16,16,16,16", "--set", "model.fc_width=32"]
+    argv += ["--set", "run.export=false"]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "could not save the checkpoint at step" in line and "No space left" in line, line
+    kept = load_checkpoint(disk / "run" / "checkpoints" / "last.pt")
+    assert 0 < kept["step"] < 12
+    assert not list(disk.rglob("*.tmp"))
+    small_disk.resize(disk, 4096)
+    assert main(["train", "--resume", str(disk / "run")]) == 0
+    done = load_checkpoint(disk / "run" / "checkpoints" / "last.pt")
+    assert done["step"] == 12 and done["finished"]

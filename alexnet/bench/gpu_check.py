@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet.runtime.args import output_file
 from alexnet.runtime.fileio import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the clone: tests/ lives here
@@ -301,7 +302,7 @@ def _environment() -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("gpu-check.json"))
+    p.add_argument("--out", type=output_file, default=Path("gpu-check.json"))
     p.add_argument("--images", type=int, default=4096, help="synthetic training JPEGs")
     p.add_argument("--workdir", type=Path, help="keep the dataset here (default: a temp dir)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pytest", "bench", "e2e", "loader"])

@@ -97,7 +97,8 @@ class DeviceAugment:
         # PAPER B4: per-component magnitude l_i (pixels in [0, 1]) or sqrt(l_i), in 0-255 units.
         lam = self.eigvals.clamp(min=0)
         self.pca_magnitude = lam / 255.0 if pca_scale == "unit" else lam.sqrt()
-        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        # per device: the buffers (``_buffers``), and per view shape the views' places
+        self._on: dict[object, tuple[torch.Tensor, ...]] = {}
 
     def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self._on:
@@ -215,8 +216,16 @@ class DeviceAugment:
             for k, (y, x, f) in enumerate(self.view_offsets(h, w, n)):
                 self._crop_minus_mean(images, mean, y, x, f, out[:, k])
             return self._finish(out.view(b * n, channels, c, c))
-        offsets = torch.tensor(self.view_offsets(h, w, n), device=device)  # (n, 3)
-        ys, xs = offsets[:, 0].repeat(b), offsets[:, 1].repeat(b)
-        flips = offsets[:, 2].bool().repeat(b)
+        ys, xs, flips = self._view_places(device, h, w, n)
+        ys, xs, flips = ys.repeat(b), xs.repeat(b), flips.repeat(b)
         batch = torch.arange(b, device=device).repeat_interleave(n)
         return self._finish(self._crops(images, None, mean, ys, xs, flips, batch))
+
+    def _view_places(self, device: torch.device, h: int, w: int, n: int):
+        """Rows, columns and flips of the ``n`` views, on ``device``, made once per shape: a
+        host-to-device copy of them in every batch would wait for the device each time."""
+        key = (device, h, w, n)
+        if key not in self._on:
+            offsets = torch.tensor(self.view_offsets(h, w, n), device=device)  # (n, 3)
+            self._on[key] = (offsets[:, 0], offsets[:, 1], offsets[:, 2].bool())
+        return self._on[key]

@@ -207,6 +207,9 @@ _IGNORED = {
     sources.NOT_IMAGE: ("ignored_non_images", "non-image file(s)"),
     sources.HIDDEN: ("ignored_hidden", "hidden file(s) or folder(s) (names starting with '.')"),
     sources.OUTSIDE: ("ignored_outside_class_folders", "file(s) outside the class folders"),
+    sources.LOOP: ("ignored_repeated_folders", "linked folder(s) already read (loops)"),
+    sources.CANNOT_READ: ("ignored_unreadable", "unreadable file(s) or folder(s)"),
+    sources.EMPTY: ("empty_class_folders", "empty class folder(s) of this split"),
 }
 
 
@@ -214,7 +217,7 @@ def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     notes = {}
     if ignored:
         atomic_write_text(out / "ignored_files.txt", "".join(n + "\n" for n in ignored))
-        reasons = Counter(line.split("\t")[-1] for line in ignored)
+        reasons = Counter(line.split("\t")[1] for line in ignored)
         notes.update({_IGNORED[why][0]: n for why, n in reasons.items()})
         what = ", ".join(f"{n} {_IGNORED[why][1]}" for why, n in reasons.items())
         print(f"ignored {what}, listed in {out / 'ignored_files.txt'}")

@@ -85,10 +85,14 @@ def tar_members(path: str | Path, start: int = 0, size: int | None = None):
         raise UserError(f"{where}: not a readable uncompressed tar ({e})") from None
 
 
-# What is skipped is returned as "name\treason" lines, so the report can say why.
+# What is skipped is returned as "name\treason" lines (with "\tdetail" where there is one,
+# e.g. the system's words for an unreadable file), so the report can say why.
 NOT_IMAGE = "not an image file (by its extension)"
 HIDDEN = "hidden (name starts with '.')"
 OUTSIDE = "not inside a class folder"
+LOOP = "a link to a folder already read (a loop, or a second way in): not read again"
+CANNOT_READ = "cannot be read"
+EMPTY = "an empty class folder: no images of this class"
 # Folder names that are the splits of a dataset, not classes (the parent passed as --train).
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "devkit"}
 
@@ -110,9 +114,22 @@ def _skip(name: str) -> str | None:
 
 
 def _files_under(folder: Path, skipped: list[str]) -> list[Path]:
-    """The files below ``folder``, sorted; hidden folders are not entered but noted."""
-    out = []
-    for dirpath, dirs, files in os.walk(folder, followlinks=True):
+    """The files below ``folder``, sorted. Links are followed, but each real folder is read
+    once, and never one that holds ``folder`` itself: a link back up the tree (a loop) or to
+    a folder already read is noted in ``skipped``, not followed. Hidden folders are not
+    entered but noted, and so are folders that cannot be read."""
+    out, seen, top = [], set(), os.path.realpath(folder)
+
+    def unreadable(e: OSError) -> None:
+        skipped.append(f"{e.filename}/\t{CANNOT_READ}\t{e.strerror}")
+
+    for dirpath, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(dirpath)
+        if real in seen or top.startswith(real + os.sep):
+            skipped.append(f"{dirpath}/\t{LOOP}")
+            dirs.clear()
+            continue
+        seen.add(real)
         for d in [d for d in dirs if d.startswith(".")]:
             dirs.remove(d)
             skipped.append(f"{Path(dirpath) / d}/\t{HIDDEN}")
@@ -156,7 +173,8 @@ def folder_tree(root: str | Path, classes: list[str] | None = None, *, wnid: boo
     found = [p.name for p in _subfolders(root)]
     if not found:
         raise UserError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
-    if classes is None:
+    given = classes is not None
+    if not given:
         _refuse_non_classes(root, found, wnid)
         classes = found
     else:
@@ -170,18 +188,30 @@ def folder_tree(root: str | Path, classes: list[str] | None = None, *, wnid: boo
             ignored.append(
                 f"{p}{'/' if p.is_dir() else ''}\t{HIDDEN if _is_hidden(p.name) else OUTSIDE}"
             )
-    items = []
+    items, empty = [], []
     for name in found:
+        taken = len(items)
         for p in _files_under(root / name, ignored):
             why = _skip(p.name)
             if why is None:
-                items.append(Item(str(p), -1, p.stat().st_size, str(p), label_of[name]))
+                try:
+                    items.append(Item(str(p), -1, p.stat().st_size, str(p), label_of[name]))
+                except OSError as e:  # a broken link, a link to itself
+                    ignored.append(f"{p}\t{CANNOT_READ}\t{e.strerror}")
             else:
                 ignored.append(f"{p}\t{why}")
+        if len(items) == taken:
+            empty.append(name)
     if not items:
         raise UserError(
             f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders"
         )
+    if empty and not given:
+        raise UserError(
+            f"{root}: class folder(s) {', '.join(empty[:5])} hold no images: a class without "
+            "training images cannot be learnt; add images or remove the folder(s)"
+        )
+    ignored += [f"{root / name}/\t{EMPTY}" for name in empty]
     return classes, items, ignored
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from alexnet.model import LEARNED
+from alexnet.runtime.args import output_file
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_torch_save
 
@@ -305,14 +306,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="imagenet_mean.binaryproto or a (3,H,W) BGR .npy (default: Caffe's mean pixel)",
     )
     p.add_argument("--synsets", type=Path, help="synset_words.txt: class ids and names")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
     p = sub.add_parser("torchvision", help="torchvision alexnet weights -> owt checkpoint")
     p.add_argument("weights", type=Path)
     p.add_argument("--synsets", type=Path, help="synset_words.txt: class ids and names")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
     p = sub.add_parser("onnx", help="checkpoint -> ONNX, checked with onnxruntime when installed")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
     p.add_argument(
         "--preprocessing",
         action="store_true",
@@ -323,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p = sub.add_parser("safetensors", help="checkpoint -> safetensors (weights, stats, metadata)")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -371,15 +371,15 @@ def for_inference(
     views). Under ``precision="auto"`` a bf16 choice that agrees too little falls back to fp32;
     asked for by name, bf16 is kept and the report says how well it agreed."""
     device = next(model.parameters()).device
-    if backend in ENGINES:
-        require(backend)
     if device.type != "cpu":
-        if backend in ENGINES:
+        if backend in ENGINES:  # said before whether the engine is installed: it is moot
             raise UserError(f"--backend {backend}: the engines run on the CPU, not {device}")
         if precision != "bf16":
             return model  # CUDA: torch, with the settings the model has
         choice = Choice("torch", "bf16")
         return InferenceModel(model, ckpt, choice, layer, None, batch_size, fallback=False)
+    if backend in ENGINES:
+        require(backend)
     # one process at a time (the ranks of one torchrun, two commands): none empties a cache
     # another is writing, and the later ones find the first's timed choice
     with exclusive_lock(checkpoint):

@@ -5,6 +5,7 @@ batch axis, or as a 1x1 convolution of the squared maps, or split per tower."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from alexnet.lrn import LocalResponseNorm
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open
+from alexnet.runtime.fileio import atomic_write_bytes
 
 
 class _LRNAsOnnxOp(torch.autograd.Function):
@@ -133,7 +134,8 @@ def export_onnx(
         example = torch.randn(2, c, crop, crop, generator=gen) * 50.0  # mean-subtracted scale
         names = (["images"], ["logits" if layer is None else layer])
     out = Path(out)
-    with atomic_open(out, "wb") as f, torch.no_grad(), warnings.catch_warnings():
+    graph = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated, but it honours the symbolic that maps our LRN
         # to ONNX's LRN op, and the dynamo exporter needs onnxscript (not a dependency).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -142,24 +144,25 @@ def export_onnx(
         torch.onnx.export(
             net,
             (example,),
-            f,
+            graph,
             dynamo=False,
             opset_version=opset,
             input_names=names[0],
             output_names=names[1],
             dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
         )
-    _add_metadata(out, ckpt)
+    # one write of the whole file, metadata included: a kill leaves the old file or none
+    atomic_write_bytes(out, _with_metadata(graph.getvalue(), ckpt))
     if not check:
         return None
     return _compare_onnxruntime(net, out, example)
 
 
-def _add_metadata(out: Path, ckpt: dict) -> None:
-    """The checkpoint's model config, classes and preprocessing, in the ONNX file."""
+def _with_metadata(graph: bytes, ckpt: dict) -> bytes:
+    """The graph with the checkpoint's model config, classes and preprocessing in it."""
     import onnx
 
-    proto = onnx.load(str(out))
+    proto = onnx.load_from_string(graph)
     for key, value in (
         ("model_config", ckpt["model_config"]),
         ("classes", ckpt.get("classes")),
@@ -168,8 +171,7 @@ def _add_metadata(out: Path, ckpt: dict) -> None:
     ):
         proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(proto)
-    with atomic_open(out, "wb") as f:
-        f.write(proto.SerializeToString())
+    return proto.SerializeToString()
 
 
 def _compare_onnxruntime(net, path: Path, example: torch.Tensor) -> float:
