@@ -13,11 +13,11 @@ def alexnet(weights=None, progress=True, **kwargs):
     """The paper's network (``AlexNet(**kwargs)``, untrained), or with ``weights`` a published
     weight set by name in the layout it was trained in, in eval mode, with ``.transforms``
     (RGB tensors in, its own preprocessing applied) and ``.meta`` (class ids and names)."""
-    from alexnet.model import AlexNet
+    from alexnet import AlexNet, load_pretrained
 
     if weights is None:
         return AlexNet(**kwargs)
     if kwargs:
         raise ValueError(f"weights={weights!r} fixes the model; unexpected {sorted(kwargs)}")
     name = getattr(weights, "name", weights)  # a torchvision-style enum member, or its name
-    return AlexNet.from_pretrained(str(name), progress=progress)
+    return load_pretrained(str(name), progress=progress)

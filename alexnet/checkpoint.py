@@ -3,9 +3,8 @@
 A checkpoint is one ``torch.save``d dict (see docs/ARCHITECTURE.md, "Checkpoints"):
 
     model         the unwrapped state dict (no ``module.`` / ``_orig_mod.`` prefixes)
-    model_config  ``AlexNet(**model_config)`` rebuilds the network
-    classes, class_names, data_stats (mean, eigvals, eigvecs), augment (crop_size, scale, pad,
-                  flip, pca_std): all inference needs, without the dataset
+    the card      model_config, classes, class_names, data_stats, augment, source, init, data:
+                  all inference needs, without the dataset (``alexnet.card.ModelCard``)
     config        the resolved training config (``alexnet.config.TrainConfig.to_dict()``)
     optimizer, schedule, epoch, step, rng, sampler, metrics: all resuming needs
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alexnet.card import ModelCard
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open, atomic_torch_save
 
@@ -130,6 +130,27 @@ def resolve(path: str | os.PathLike, which: str = "last") -> Path:
     return best if which == "best" and best.is_file() else path / "checkpoints" / "last.pt"
 
 
+def weights_of(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """The weights every command that uses a network means by ``path`` (predict, evaluate,
+    features, figures, convert, --init): a file itself; for a run directory its best
+    checkpoint (the lowest validation top-1 error), or its last where it kept no best.
+    Returns the file and, for a run directory, a line saying which was taken."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, None
+    file = resolve(path, "best")
+    if not file.is_file():
+        raise UserError(f"{path}: not a run directory with a checkpoint (no {file})")
+    ckpt = load_checkpoint(file, mmap=True)
+    error = (ckpt.get("metrics") or {}).get("best_val_top1_error")
+    why = (
+        f"the lowest validation top-1 error, {100 * error:.2f}%"
+        if file.name == "best.pt" and isinstance(error, float)
+        else "no best checkpoint was kept"
+    )
+    return file, f"{path}: using {file} (epoch {ckpt.get('epoch')}, step {ckpt.get('step')}: {why})"
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool = False
 ) -> dict[str, Any]:
@@ -211,16 +232,25 @@ def _require_training_state(path: Path, ckpt: dict) -> None:
         )
 
 
-def load_model(
-    path: str | os.PathLike, map_location: Any = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, checkpoint)`` from a ``.pt`` checkpoint, a run directory (its best checkpoint)
-    or a ``weights.safetensors`` export. The model is in eval mode on ``map_location``."""
+def load_card(path: str | os.PathLike) -> ModelCard:
+    """The card of a checkpoint, run directory (its best) or ``.safetensors`` export, without
+    reading its weights (the file is memory-mapped)."""
+    path, _ = weights_of(path)
+    if path.suffix == ".safetensors":
+        return ModelCard.from_dict(_load_safetensors(path), str(path))
+    return ModelCard.from_dict(load_checkpoint(path, mmap=True), str(path))
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, ModelCard]:
+    """``(model, card)`` from a ``.pt`` checkpoint, a run directory (``weights_of``: its best
+    checkpoint) or a ``weights.safetensors`` export. The model is in eval mode on
+    ``map_location``; the card (``alexnet.card``) says how to use it."""
     from alexnet.model import AlexNet
 
-    path = resolve(path, "best")
+    path, _ = weights_of(path)
     ckpt = _load_safetensors(path) if path.suffix == ".safetensors" else load_checkpoint(path)
-    config = dict(ckpt["model_config"])
+    card = ModelCard.from_dict(ckpt, str(path))
+    config = dict(card.model_config)
     if isinstance(config.get("widths"), list):
         config["widths"] = tuple(config["widths"])
     try:
@@ -229,45 +259,29 @@ def load_model(
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: weights do not fit the model it describes ({e})") from None
     model.config["init"] = config.get("init", "paper")
-    return model.to(map_location).eval(), ckpt
-
-
-def view_augment(ckpt: dict):
-    """The checkpoint's test-time views: centre (or ten) crops minus its mean image, times its
-    scale, exactly as its training validated (``augment`` and ``data_stats``, B2, B5)."""
-    from alexnet.data import DeviceAugment
-
-    aug = ckpt.get("augment") or {}
-    stats = ckpt.get("data_stats")
-    if not stats or "mean" not in stats:
-        raise UserError("checkpoint has no data_stats mean image: cannot preprocess inputs")
-    stats = {k: torch.as_tensor(v) for k, v in stats.items()}
-    crop = int(aug.get("crop_size") or stats["mean"].shape[-1])
-    return DeviceAugment(stats, crop, train=False, scale=float(aug.get("scale", 1.0)))
+    return model.to(map_location).eval(), card
 
 
 STATS_PREFIX = "__data_stats__."
 
 
-def export_safetensors(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_safetensors(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Weights only, for sharing: the model's tensors, the data statistics under
-    ``__data_stats__.*``, and the model config, classes and augmentation as JSON metadata.
-    ``load_model`` reads the result."""
+    ``__data_stats__.*``, and the rest of the card as JSON metadata. ``source``: a checkpoint
+    or a run directory (its best checkpoint, as everywhere: ``weights_of``). ``load_model``
+    reads the result."""
     from safetensors.torch import save as st_save
 
-    ckpt = load_checkpoint(checkpoint_path)
+    path, _ = weights_of(source)
+    ckpt = load_checkpoint(path)
+    card = ModelCard.from_dict(ckpt, str(path))
     tensors = {k: v.contiguous() for k, v in ckpt["model"].items()}
-    for k, v in (ckpt.get("data_stats") or {}).items():
+    for k, v in card.data_stats.items():
         tensors[STATS_PREFIX + k] = v.contiguous()
-    meta = {
-        "format": "alexnet-weights/1",
-        "model_config": json.dumps(ckpt["model_config"]),
-        "classes": json.dumps(ckpt.get("classes")),
-        "class_names": json.dumps(ckpt.get("class_names")),
-        "augment": json.dumps(ckpt.get("augment")),
-        "epoch": str(ckpt.get("epoch")),
-        "step": str(ckpt.get("step")),
-    }
+    meta = {"format": "alexnet-weights/1"}
+    for key, value in card.to_dict().items():
+        if key != "data_stats":
+            meta[key] = json.dumps(value)
     out = Path(out)
     with atomic_open(out, "wb") as f:
         f.write(st_save(tensors, metadata=meta))
@@ -288,15 +302,19 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     if "model_config" not in meta:
         raise UserError(f"{path}: no model_config metadata (not written by alexnet)")
     stats = {k[len(STATS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATS_PREFIX)}
+    # every key but the format is JSON (files of the first version wrote epoch and step as
+    # their str(), "None" included)
+    card = {}
+    for key, text in meta.items():
+        if key != "format":
+            try:
+                card[key] = json.loads(text)
+            except ValueError:
+                card[key] = None
     return {
+        **card,
         "model": {k: v for k, v in tensors.items() if not k.startswith(STATS_PREFIX)},
-        "model_config": json.loads(meta["model_config"]),
-        "classes": json.loads(meta.get("classes", "null")),
-        "class_names": json.loads(meta.get("class_names", "null")),
-        "augment": json.loads(meta.get("augment", "null")),
         "data_stats": stats or None,
-        "epoch": int(meta["epoch"]) if meta.get("epoch", "None") != "None" else None,
-        "step": int(meta["step"]) if meta.get("step", "None") != "None" else None,
     }
 
 

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "figures": ("alexnet.figures", "the paper's figures: filters, predictions, neighbours, curves"),
     "convert": (
-        "alexnet.interop.convert",
+        "alexnet.convert",
         "import Caffe / torchvision weights; export ONNX / safetensors",
     ),
     "bench": (

@@ -43,6 +43,11 @@ class DataConfig:
     unit_variance: bool = False
     num_workers: int = 4  # loader worker processes per rank
     val_batch_size: int = 0  # images per rank per validation batch; 0 = the training batch
+    # Where root is a folder of images rather than a prepared dataset (alexnet.data.folders):
+    # the side its images are stored at (PAPER B1: 256), and the share of each class held out
+    # as the validation split where it has no val/ folder (PAPER D4 steers by validation).
+    image_size: int = 256
+    holdout: float = 0.1
 
 
 @dataclass
@@ -117,6 +122,17 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Where training starts (alexnet/finetune.py). "" for source: from scratch (PAPER D2,
+    D3); else a published weight set by name, a checkpoint, a run directory or a
+    .safetensors export, whose layout and preprocessing the run then takes."""
+
+    source: str = ""
+    freeze_below: str = ""  # a layer name: the layers before it are not trained ("": none)
+    pretrained_lr_mult: float = 1.0  # the pretrained layers' rate, as a multiple of optim.lr
+
+
+@dataclass
 class TrainConfig:
     preset: str = "paper"
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,12 +140,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "run")
+SECTIONS = ("data", "model", "optim", "schedule", "run", "finetune")
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
@@ -317,6 +334,21 @@ def _setting_problems(cfg: TrainConfig) -> list[str]:
         (r.dist_timeout_s > 0, f"run.dist_timeout_s={r.dist_timeout_s}: must be > 0"),
         ("/" not in r.name, f"run.name={r.name!r}: a name, not a path (see run.out_dir)"),
     ]
+    f = cfg.finetune
+    layers = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+    checks += [
+        (d.image_size > 0, f"data.image_size={d.image_size}: must be > 0"),
+        (0.0 <= d.holdout < 1.0, f"data.holdout={d.holdout}: must be in [0, 1)"),
+        (
+            f.freeze_below in ("", *layers),
+            f"finetune.freeze_below={f.freeze_below!r}: a layer, one of {', '.join(layers)}",
+        ),
+        (f.pretrained_lr_mult > 0, f"finetune.pretrained_lr_mult={f.pretrained_lr_mult}: > 0"),
+        (
+            bool(f.source) or not f.freeze_below,
+            "finetune.freeze_below needs finetune.source (--init): nothing is pretrained",
+        ),
+    ]
     if r.tower_devices:
         checks += [
             (
@@ -352,7 +384,10 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         return ["data.root: no dataset given (--data DIR, made by `alexnet prepare`)"]
     meta_path = Path(d.root) / "meta.json"
     if not meta_path.is_file():
-        return [f"{d.root}: not a prepared dataset (no meta.json; run `alexnet prepare` first)"]
+        return [
+            f"{d.root}: neither a prepared dataset (no meta.json) nor a folder of images "
+            "(one folder per class); `alexnet prepare` makes a dataset of other sources"
+        ]
     try:
         meta = json.loads(meta_path.read_text())
         h, w = meta["image_size"]
@@ -383,6 +418,7 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
 RESUMABLE_CHANGES = {
     "preset",
     "data.root",
+    "finetune.source",  # where the weights came from (a moved file); they are in the run now
     "data.num_workers",
     "schedule.epochs",
     "schedule.patience",

@@ -20,93 +20,91 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from alexnet.inference import (
+    add_model_arguments,
+    add_views_argument,
+    card_of,
+    load_from_args,
+    single_source,
+)
 from alexnet.runtime.args import output_file, positive_int
-from alexnet.runtime.devices import pick_device
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open, atomic_write_json
+from alexnet.runtime.owner import owned
 from alexnet.runtime.progress import Progress
 
 # ----------------------------------------------------------------------------- extraction
 
 
-@torch.no_grad()
-def batch_features(model, aug, images: torch.Tensor, layer: str, views: int) -> torch.Tensor:
-    """``layer``'s activations of a uint8 batch, flattened, averaged over the test views."""
-    f = model.forward_features(aug.views(images, views), layer).flatten(1).float()
-    return f.view(images.shape[0], views, f.shape[1]).mean(1)
-
-
-def features_of(
-    model, aug, ds, indices, layer: str = "fc7", *, views: int = 1, batch: int = 64
-) -> np.ndarray:
-    """``batch_features`` of the records ``indices`` of ``ds``, in memory: (len(indices), D)."""
+def features_of(predictor, ds, indices, layer: str = "fc7", *, views: int = 1) -> np.ndarray:
+    """``layer``'s activations of the records ``indices`` of ``ds``, in memory:
+    (len(indices), D), ``predictor.batch_size`` records at a time."""
+    b = predictor.batch_size
     return np.concatenate(
         [
-            batch_features(
-                model, aug, ds.get_batch(indices[s : s + batch]).contiguous(), layer, views
-            ).numpy()
-            for s in range(0, len(indices), batch)
+            predictor.features(ds.get_batch(indices[s : s + b]).contiguous(), layer, views).numpy()
+            for s in range(0, len(indices), b)
         ]
     )
 
 
-@torch.no_grad()
 def extract(
-    model,
-    aug,
+    predictor,
     ds,
     layer: str,
     out: Path,
     *,
-    batch_size: int = 64,
     views: int = 1,
     dtype: str = "float32",
     source: dict | None = None,
 ) -> np.ndarray:
     """Write ``layer``'s activations for every record of ``ds`` to ``out`` (.npy, (N, D)),
-    averaged over the test views; resumes from ``out``'s ``.partial`` files."""
+    averaged over the test views; resumes from ``out``'s ``.partial`` files. One process
+    writes ``out`` at a time (a second is refused, naming the first)."""
     from alexnet.data import make_loader
 
     out = Path(out)
-    device = next(model.parameters()).device
-    sample = aug.views(ds.get_batch(np.array([0])).contiguous().to(device), 1)
-    dim = model.forward_features(sample, layer).flatten(1).shape[1]
-    meta = {
-        **(source or {}),
-        "layer": layer,
-        "views": views,
-        "rows": len(ds),
-        "dim": dim,
-        "dtype": dtype,
-    }
-    partial, state = out.with_suffix(".partial.npy"), out.with_suffix(".partial.json")
-    done = 0
-    if partial.exists() and state.exists() and json.loads(state.read_text())["meta"] == meta:
-        done = json.loads(state.read_text())["rows_done"]
-        feats = np.lib.format.open_memmap(partial, mode="r+")
-    else:
-        feats = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(ds), dim))
-    loader = make_loader(ds, batch_size, shuffle=False, pad=False)
-    loader.start_batch = done // batch_size
-    row = loader.start_batch * batch_size
-    with Progress(len(ds), f"features {layer}", initial=row) as progress:
-        for images, _ in loader:
-            f = batch_features(model, aug, images.to(device), layer, views)
-            feats[row : row + len(f)] = f.cpu().numpy().astype(dtype)
-            row += len(f)
-            feats.flush()
-            atomic_write_json(state, {"meta": meta, "rows_done": row})
-            progress.update(len(f))
-    del feats
-    partial.replace(out)
-    atomic_write_json(out.with_suffix(".json"), meta)
-    state.unlink()
+    with owned(out, directory=False, what="output", hint="wait for it, or use another --out"):
+        first = predictor.features(ds.get_batch(np.array([0])).contiguous(), layer, views)
+        meta = {
+            **(source or {}),
+            "layer": layer,
+            "views": views,
+            "rows": len(ds),
+            "dim": first.shape[1],
+            "dtype": dtype,
+        }
+        partial, state = out.with_suffix(".partial.npy"), out.with_suffix(".partial.json")
+        done = 0
+        if partial.exists() and state.exists() and json.loads(state.read_text())["meta"] == meta:
+            done = json.loads(state.read_text())["rows_done"]
+            feats = np.lib.format.open_memmap(partial, mode="r+")
+        else:
+            shape = (len(ds), first.shape[1])
+            feats = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+        b = predictor.batch_size
+        loader = make_loader(ds, b, shuffle=False, pad=False)
+        loader.start_batch = done // b
+        row = loader.start_batch * b
+        with Progress(len(ds), f"features {layer}", initial=row) as progress:
+            for images, _ in loader:
+                f = predictor.features(images, layer, views)
+                feats[row : row + len(f)] = f.numpy().astype(dtype)
+                row += len(f)
+                feats.flush()
+                atomic_write_json(state, {"meta": meta, "rows_done": row})
+                progress.update(len(f))
+        del feats
+        partial.replace(out)
+        atomic_write_json(out.with_suffix(".json"), meta)
+        state.unlink()
     return np.load(out, mmap_mode="r")
 
 
@@ -318,48 +316,66 @@ def code_table(index, query, bits_list, methods, k: int, rerank: int, seed: int 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    p = sub.add_parser("extract", help="a layer's activations for a prepared split -> .npy")
-    from alexnet.interop.weights import add_weights_argument
-
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path)
-    add_weights_argument(source)
-    p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
-    p.add_argument("--split", default="train")
-    p.add_argument("--layer", default="fc7", help="conv1..conv5, pool5, fc6, fc7 (F3), fc8")
-    p.add_argument(
-        "--views",
-        type=int,
-        choices=(1, 10),
-        default=1,
-        help="features averaged over the centre view or the ten views of PAPER B5",
+    p = sub.add_parser(
+        "extract",
+        help="a layer's activations of a dataset or a folder of images -> .npy",
+        description="A layer's activations (after its ReLU) of every image of a split, "
+        "written batch by batch to an (N, D) .npy with a .json beside it; an interrupted "
+        "extraction resumes where it stopped.",
     )
+    add_model_arguments(p)
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="a prepared dataset, or a folder of images (one folder per class, or train/ val/ "
+        "test/ folders of such), prepared once into $ALEXNET_HOME/datasets",
+    )
+    p.add_argument(
+        "--split",
+        help="default: train where there is one (PAPER F3 searches the training images), "
+        "else the folder's images",
+    )
+    p.add_argument("--layer", default="fc7", help="conv1..conv5, pool5, fc6, fc7 (F3), fc8")
+    add_views_argument(p)
     p.add_argument("--out", type=output_file, required=True, help="the .npy to write")
-    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    p.add_argument("--device", default="cpu")
-    from alexnet.interop.engines import add_backend_argument
-
-    add_backend_argument(p)
     p = sub.add_parser("knn", help="exact Euclidean nearest neighbours (PAPER F3)")
     p.add_argument("--index", type=Path, required=True, help="features searched (.npy)")
     p.add_argument("--query", type=Path, required=True, help="features of the queries (.npy)")
-    p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
-    p.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto")
+    p.add_argument("-k", type=positive_int, default=6, help="neighbours per query (F3 shows six)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "faiss"),
+        default="auto",
+        help="auto: FAISS's exact index for over 100,000 vectors where installed, else torch",
+    )
     p.add_argument("--out", type=output_file, required=True, help=".npz with indices and distances")
     p = sub.add_parser("codes", help="binary codes: Hamming recall@k against exact search")
-    p.add_argument("--index", type=Path, required=True)
-    p.add_argument("--query", type=Path, required=True)
-    p.add_argument("--bits", type=int, nargs="+", default=[32, 64, 128, 256])
-    p.add_argument("--methods", nargs="+", choices=("lsh", "itq"), default=["lsh", "itq"])
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--index", type=Path, required=True, help="features searched (.npy)")
+    p.add_argument("--query", type=Path, required=True, help="features of the queries (.npy)")
+    p.add_argument(
+        "--bits",
+        type=positive_int,
+        nargs="+",
+        default=[32, 64, 128, 256],
+        help="code lengths to try, in bits (default 32 64 128 256)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("lsh", "itq"),
+        default=["lsh", "itq"],
+        help="lsh: signs of random projections; itq: PCA and iterative quantisation",
+    )
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours whose recall is measured")
     p.add_argument(
         "--rerank",
         type=int,
         default=100,
         help="re-rank this many Hamming candidates by exact distance",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random projections")
     p.add_argument("--json", type=output_file, help="also write the table here")
 
 
@@ -373,48 +389,42 @@ def _load(path: Path) -> np.ndarray:
     return x
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from alexnet.data import PreparedDataset
+    from alexnet.data.folders import is_prepared, prepared
+    from alexnet.data.store import read_meta, report_split
+
+    source = single_source(args)
+    card = card_of(source)
+    root = args.data
+    if not is_prepared(root):
+        root = prepared(root, size=card.stored_size, classes=list(card.classes))
+    split = args.split
+    if split is None:
+        meta = read_meta(root)
+        split = "train" if "train" in meta["splits"] else report_split(meta)[0]
+    ds = PreparedDataset(root, split)
+    predictor = load_from_args(args, source, layer=args.layer, inputs=len(ds))
+    predictor.check_data(ds)
+    about = {
+        "checkpoint": str(predictor.path),
+        "data": str(args.data),
+        "split": split,
+        **({"weights": args.weights} if args.weights else {}),
+    }
+    feats = extract(
+        predictor, ds, args.layer, args.out, views=args.views, dtype=args.dtype, source=about
+    )
+    line = predictor.report()
+    if line:
+        print(f"alexnet features: {line}", file=sys.stderr)
+    print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {args.layer} features")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.what == "extract":
-        from alexnet.checkpoint import load_model, view_augment
-        from alexnet.data import PreparedDataset
-        from alexnet.evaluate import check_data
-        from alexnet.interop.weights import resolve
-
-        (path,) = resolve(args.checkpoint and [args.checkpoint], args.weights)
-        model, ckpt = load_model(path, map_location=pick_device(args.device))
-        ds = PreparedDataset(args.data, args.split)
-        check_data(ds, ckpt, model, path)
-        from alexnet.interop import engines
-
-        model = engines.for_inference(
-            model,
-            ckpt,
-            path,
-            args.backend,
-            layer=args.layer,
-            precision=args.precision,
-            batch_size=args.batch_size * args.views,
-        )
-        source = {
-            "checkpoint": str(path),
-            "data": str(args.data),
-            "split": args.split,
-            **({"weights": args.weights} if args.weights else {}),
-        }
-        feats = extract(
-            model,
-            view_augment(ckpt),
-            ds,
-            args.layer,
-            args.out,
-            batch_size=args.batch_size,
-            views=args.views,
-            dtype=args.dtype,
-            source=source,
-        )
-        engines.print_report(model, "features")
-        print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} {args.layer} features")
-        return 0
+        return _extract(args)
     index, query = _load(args.index), _load(args.query)
     if index.shape[1] != query.shape[1]:
         raise UserError(

@@ -18,12 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet.checkpoint import load_model, view_augment
-from alexnet.data import PreparedDataset
 from alexnet.data.subset import subset_indices
-from alexnet.evaluate import check_data
 from alexnet.features import features_of, knn
-from alexnet.predict import predict, top_k
 from alexnet.runtime.args import output_file, positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open
@@ -143,7 +139,18 @@ def _short(text: str, n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- F3
-def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, out: Path):
+def plot_neighbours(
+    queries,
+    neighbours,
+    q_labels,
+    n_labels,
+    distances,
+    names,
+    out: Path,
+    *,
+    layer: str = "fc7",
+    searched: int | None = None,
+):
     """One row per query: the query, then its nearest training images (PAPER F3). A
     neighbour of the query's class is framed green, of another class grey."""
     plt = pyplot()
@@ -162,7 +169,12 @@ def plot_neighbours(queries, neighbours, q_labels, n_labels, distances, names, o
                 f"{_short(names[n_labels[i, j]], 15)}\nd={distances[i, j]:.3g}", fontsize=6
             )
             _frame(ax, "#2ca02c" if same else "#999999", 2 if same else 1)
-    fig.suptitle(f"each query and the {k} training images nearest in fc7 (Euclidean)", fontsize=9)
+    among = f" of {searched:,}" if searched else ""
+    fig.suptitle(
+        f"each query (left, red) and the {k} training images{among} nearest to it in {layer} "
+        "(Euclidean distance d; green frame: same class)",
+        fontsize=9,
+    )
     save_png(fig, out)
 
 
@@ -213,48 +225,39 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
     save_png(fig, out)
 
 
-# ----------------------------------------------------------- from a checkpoint, by name
-def load_for_figures(checkpoint: Path, data: Path, split: str):
-    """The model (on the CPU), its checkpoint, its test views and the split, checked to match."""
-    model, ckpt = load_model(checkpoint, map_location="cpu")
-    ds = PreparedDataset(data, split)
-    check_data(ds, ckpt, model, checkpoint)
-    return model, ckpt, view_augment(ckpt), ds
-
-
-def _chosen(ds, split: str, indices: list[int] | None, n: int, seed: int) -> np.ndarray:
+# ------------------------------------------------------------------- from a network
+def _chosen(ds, indices: list[int] | None, n: int, seed: int) -> np.ndarray:
     if indices:
         bad = [i for i in indices if not 0 <= i < len(ds)]
         if bad:
-            raise UserError(f"--indices {bad}: {split} has {len(ds)} images")
+            raise UserError(f"--indices {bad}: {ds.split} has {len(ds)} images")
         return np.array(indices)
     return subset_indices(ds.labels, n, seed)
 
 
-def filters_figure(checkpoint: Path, out: Path) -> None:
-    """PAPER F1: the checkpoint's conv1 kernels, each tower in its own rows."""
-    model, _ = load_model(checkpoint)
-    towers = 2 if model.config.get("towers") else 1
-    plot_filters(model.conv1.weight.detach(), towers, out)
+def filters_figure(predictor, out: Path) -> None:
+    """PAPER F1: the network's conv1 kernels, each tower in its own rows."""
+    network = predictor.network
+    towers = 2 if network.config.get("towers") else 1
+    plot_filters(network.conv1.weight.detach().float().cpu(), towers, out)
 
 
 def predictions_figure(
-    checkpoint: Path,
-    data: Path,
+    predictor,
+    ds,
     out: Path,
     *,
-    split: str = "val",
     indices: list[int] | None = None,
     n: int = 8,
     seed: int = 0,
     views: int = 10,
 ) -> None:
-    """PAPER F2: ``indices`` (else ``n`` drawn at random with ``seed``) of ``split``, each with
+    """PAPER F2: ``indices`` (else ``n`` drawn at random with ``seed``) of ``ds``, each with
     the five most probable classes over ``views`` test views."""
-    model, ckpt, aug, ds = load_for_figures(checkpoint, data, split)
-    idx = _chosen(ds, split, indices, n, seed)
+    predictor.check_data(ds)
+    idx = _chosen(ds, indices, n, seed)
     images = ds.get_batch(idx).contiguous()
-    top = top_k(predict(model, aug, images, views), ckpt, 5)
+    top = predictor.predict(images, 5, views)
     plot_predictions(images, top, ds.labels[idx].tolist(), ds.class_names, out)
 
 
@@ -268,6 +271,7 @@ def nearest_figure(
     *,
     k: int = 6,
     pool: np.ndarray | None = None,
+    layer: str = "fc7",
 ) -> None:
     """PAPER F3: the records ``query_idx`` of ``query_ds`` (features ``query``) and their ``k``
     nearest records of ``index_ds`` (features ``index``: of every record, or of the records
@@ -285,65 +289,90 @@ def nearest_figure(
         dist,
         query_ds.class_names,
         out,
+        layer=layer,
+        searched=len(index),
     )
 
 
 def neighbours_figure(
-    checkpoint: Path,
-    data: Path,
+    predictor,
+    ds,
+    index_ds,
     out: Path,
     *,
-    split: str = "val",
     indices: list[int] | None = None,
     n: int = 5,
     seed: int = 0,
     views: int = 1,
-    index_split: str = "train",
     index_features: Path | None = None,
     layer: str = "fc7",
     k: int = 6,
 ) -> None:
-    """``nearest_figure`` for queries of ``split`` among all of ``index_split`` in ``layer``,
+    """``nearest_figure`` for queries of ``ds`` among all of ``index_ds`` in ``layer``,
     whose features are read from ``index_features`` if given, else computed here."""
-    model, _, aug, ds = load_for_figures(checkpoint, data, split)
-    index_ds = PreparedDataset(data, index_split)
-    idx = _chosen(ds, split, indices, n, seed)
-    query = features_of(model, aug, ds, idx, layer, views=views)
+    predictor.check_data(ds)
+    predictor.check_data(index_ds)
+    idx = _chosen(ds, indices, n, seed)
+    query = features_of(predictor, ds, idx, layer, views=views)
     if index_features:
         index = np.load(index_features, mmap_mode="r")
         if index.shape != (len(index_ds), query.shape[1]):
             raise UserError(
                 f"{index_features}: shape {index.shape}, expected "
-                f"({len(index_ds)}, {query.shape[1]}) {layer} features of "
-                f"{index_split}"
+                f"({len(index_ds)}, {query.shape[1]}) {layer} features of {index_ds.split}"
             )
     else:
-        index = features_of(model, aug, index_ds, np.arange(len(index_ds)), layer, views=views)
-    nearest_figure(ds, idx, query, index_ds, index, out, k=k)
+        index = features_of(predictor, index_ds, np.arange(len(index_ds)), layer, views=views)
+    nearest_figure(ds, idx, query, index_ds, index, out, k=k, layer=layer)
 
 
 # ------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from alexnet.inference import add_model_arguments
+
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    p = sub.add_parser("filters", help="conv1's kernels, each tower in its own rows (PAPER F1)")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=output_file, required=True)
-    for name, help_text in (
-        ("predictions", "images with their top-5 bars (PAPER F2)"),
-        ("neighbours", "queries and their nearest images in fc7 (F3)"),
+    p = sub.add_parser(
+        "filters",
+        help="conv1's kernels, each tower in its own rows (PAPER F1)",
+        description="The 96 (or any number of) conv1 kernels of a network as an image grid, "
+        "each kernel stretched to the full range, the kernels of each tower in their own rows "
+        "(the paper's Figure 3).",
+    )
+    add_model_arguments(p, running=False)
+    p.add_argument("--out", type=output_file, required=True, help="the PNG to write")
+    for name, help_text, what in (
+        ("predictions", "images with their top-5 bars (PAPER F2)", "the paper's Figure 4, left"),
+        ("neighbours", "queries and their nearest images in fc7 (F3)", "Figure 4, right"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", type=Path, required=True)
-        p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
-        p.add_argument("--split", default="val", help="where the shown / query images come from")
-        p.add_argument("--n", type=positive_int, default=8 if name == "predictions" else 5)
+        p = sub.add_parser(
+            name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}: {what}."
+        )
+        add_model_arguments(p)
+        p.add_argument(
+            "--data",
+            type=Path,
+            required=True,
+            help="a prepared dataset, or a folder of images (one folder per class, or train/ "
+            "val/ test/ folders of such), prepared once into $ALEXNET_HOME/datasets",
+        )
+        p.add_argument(
+            "--split",
+            help="where the shown / query images come from (default: the split results are "
+            "reported on: test, else val, else the folder's images)",
+        )
+        p.add_argument(
+            "--n",
+            type=positive_int,
+            default=8 if name == "predictions" else 5,
+            help="images drawn at random with --seed (one or more of each class first)",
+        )
         p.add_argument(
             "--indices",
             type=int,
             nargs="+",
             help="these images of --split (default: --n drawn at random with --seed)",
         )
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of the random draw")
         p.add_argument(
             "--views",
             type=int,
@@ -351,50 +380,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=10 if name == "predictions" else 1,
             help="test views (PAPER B5)",
         )
-        p.add_argument("--out", type=output_file, required=True)
+        p.add_argument("--out", type=output_file, required=True, help="the PNG to write")
     p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
     p.add_argument(
         "--index-features",
         type=Path,
         help="the index split's features from `alexnet features extract`",
     )
-    p.add_argument("--layer", default="fc7")
-    p.add_argument("-k", type=int, default=6, help="neighbours per query (F3 shows six)")
-    p = sub.add_parser("curves", help="loss, error and learning rate from metrics.jsonl")
+    p.add_argument("--layer", default="fc7", help="the layer whose activations are compared")
+    p.add_argument("-k", type=positive_int, default=6, help="neighbours per query (F3 shows six)")
+    p = sub.add_parser(
+        "curves",
+        help="loss, error and learning rate from metrics.jsonl",
+        description="A run's training curves: loss, top-1/top-5 error and the learning rate "
+        "per epoch, rate cuts marked.",
+    )
     p.add_argument("--run", type=Path, required=True, help="a run directory or metrics.jsonl")
-    p.add_argument("--out", type=output_file, required=True)
+    p.add_argument("--out", type=output_file, required=True, help="the PNG to write")
 
 
 def run(args: argparse.Namespace) -> int:
+    from alexnet.inference import card_of, load_from_args, single_source
+
     if args.what == "curves":
-        plot_curves(read_metrics(args.run), args.out, title=str(args.run))
-    elif args.what == "filters":
-        filters_figure(args.checkpoint, args.out)
-    elif args.what == "predictions":
+        title = f"training curves of {Path(args.run).resolve().name}"
+        plot_curves(read_metrics(args.run), args.out, title=title)
+        print(f"wrote {args.out}")
+        return 0
+    source = single_source(args)
+    if args.what == "filters":
+        filters_figure(load_from_args(args, source), args.out)
+        print(f"wrote {args.out}")
+        return 0
+    card = card_of(source)
+    ds = _split(args.data, args.split, card)
+    if args.what == "predictions":
+        predictor = load_from_args(args, source, inputs=args.n)
         predictions_figure(
-            args.checkpoint,
-            args.data,
+            predictor,
+            ds,
             args.out,
-            split=args.split,
             indices=args.indices,
             n=args.n,
             seed=args.seed,
             views=args.views,
         )
     else:
+        index_ds = _split(args.data, args.index_split, card)
+        predictor = load_from_args(args, source, layer=args.layer, inputs=len(index_ds))
         neighbours_figure(
-            args.checkpoint,
-            args.data,
+            predictor,
+            ds,
+            index_ds,
             args.out,
-            split=args.split,
             indices=args.indices,
             n=args.n,
             seed=args.seed,
             views=args.views,
-            index_split=args.index_split,
             index_features=args.index_features,
             layer=args.layer,
             k=args.k,
         )
     print(f"wrote {args.out}")
     return 0
+
+
+def _split(data: Path, split: str | None, card):
+    from alexnet.data.folders import open_split
+
+    ds, _ = open_split(data, split, size=card.stored_size, classes=list(card.classes))
+    return ds

@@ -24,6 +24,13 @@ LAYERS = (*CONVS, "pool5", "fc6", "fc7", "fc8")  # what ``forward_features`` can
 GROUPED = ("conv2", "conv4", "conv5")  # see only their own tower's maps (PAPER A4, A6)
 
 
+def layer_of(parameter: str) -> str:
+    """The layer a parameter belongs to: "conv1" for "conv1.weight" and "tower0.conv1.bias"
+    (alexnet/towers.py), "" for a module's own "weight"."""
+    parts = parameter.split(".")
+    return parts[-2] if len(parts) > 1 else ""
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     widths: tuple[int, int, int, int, int]  # kernels in conv1..conv5

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from alexnet.config import ScheduleConfig
+from alexnet.model import layer_of
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -165,23 +166,41 @@ def _step_foreach(params, grads, vel, lr: float, m: float, wd: float, scales: di
 
 
 def param_groups(
-    model: nn.Module, *, weight_decay: float, bias_decay: bool = True, bias_lr_mult: float = 1.0
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    bias_decay: bool = True,
+    bias_lr_mult: float = 1.0,
+    pretrained: set[str] | frozenset[str] = frozenset(),
+    pretrained_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Weights and biases as two groups. The text (PAPER D1, D4) decays every parameter at
-    one rate (``bias_decay=True, bias_lr_mult=1``); the authors' code (PAPER H1) gives biases
-    no decay and twice the rate (``bias_decay=False, bias_lr_mult=2``). ``lr_mult`` is read
-    by ``set_lr``."""
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    return [
-        {"params": weights, "weight_decay": weight_decay, "lr_mult": 1.0, "name": "weights"},
-        {
-            "params": biases,
-            "weight_decay": weight_decay if bias_decay else 0.0,
-            "lr_mult": bias_lr_mult,
-            "name": "biases",
-        },
-    ]
+    """The trainable parameters as groups: weights and biases, and (fine-tuning) the layers
+    named in ``pretrained`` apart. The text (PAPER D1, D4) decays every parameter at one
+    rate (``bias_decay=True, bias_lr_mult=1``); the authors' code (PAPER H1) gives biases no
+    decay and twice the rate (``bias_decay=False, bias_lr_mult=2``); ``pretrained_lr_mult``
+    scales the pretrained layers' rate. ``lr_mult`` is read by ``set_lr``; empty groups are
+    left out (a run from scratch has the two groups of earlier versions)."""
+    found: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            old = layer_of(name) in pretrained
+            found.setdefault((old, p.ndim <= 1), []).append(p)
+    groups = []
+    for old in (False, True):
+        mult = pretrained_lr_mult if old else 1.0
+        prefix = "pretrained " if old else ""
+        for bias in (False, True):
+            params = found.get((old, bias))
+            if params:
+                groups.append(
+                    {
+                        "params": params,
+                        "weight_decay": weight_decay if (bias_decay or not bias) else 0.0,
+                        "lr_mult": mult * (bias_lr_mult if bias else 1.0),
+                        "name": prefix + ("biases" if bias else "weights"),
+                    }
+                )
+    return groups
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -30,6 +30,11 @@ SMALL: dict[str, Any] = {
     "model.init": "kaiming",
     "data.crop_size": 0,  # crops of the stored size after 2 px of padding (B3's shifts)
     "data.pad": 2,
+    # Deviation: inputs divided by the training pixels' std (the data's own: ~90 for
+    # Fashion-MNIST, ~64 for CIFAR-10): the paper trains on raw 0-255 values (B2), which with
+    # He init gives activations so large that SGD at this rate diverges within 5 steps.
+    "data.unit_variance": True,
+    "data.image_size": 32,  # a folder of images is stored at 32x32 for the small network
     "data.num_workers": 0,  # small records in memory-mapped files: workers only cost
     "schedule.epochs": 30,
     "schedule.patience": 2,  # a plateau of 2 epochs, for the 30-epoch budget
@@ -99,6 +104,28 @@ ABLATIONS: dict[str, Any] = {
     "run.export": False,
 }
 
+# `alexnet train --init SOURCE`: published (or earlier) weights fine-tuned on a user's images,
+# a few hundred to a few thousand of them. The source fixes the layout and preprocessing
+# (alexnet/finetune.py); these values are the recipe.
+FINETUNE_EPOCHS = 30
+FINETUNE: dict[str, Any] = {
+    "optim.lr": 0.01,  # PAPER D4's starting rate, for fc8 made anew
+    # The pretrained layers at a tenth of it: they hold what ImageNet taught them and need
+    # adjusting, not relearning (Caffe's fine-tuning example trains them at 0.001 and its new
+    # fc8 at ten times that, as here)
+    "finetune.pretrained_lr_mult": 0.1,
+    "optim.batch_size": 32,  # a few hundred images still give ten or more steps an epoch
+    "optim.warmup_epochs": 1.0,  # Deviation: a gentle first epoch while fc8 is random
+    # a small set gives a noisy validation error for plateaus to steer by: fixed cuts (D4's
+    # ten-fold drops) after two thirds and five sixths of the epochs instead
+    "schedule.kind": "steps",
+    "schedule.epochs": FINETUNE_EPOCHS,
+    "schedule.milestones": schedule_for(FINETUNE_EPOCHS),
+    "data.num_workers": 2,
+    "run.log_every": 5,
+    "run.progress_interval_s": 15.0,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "paper-steps": PAPER_STEPS,
@@ -106,4 +133,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": QUICK,
     "demo": DEMO,
     "ablations": ABLATIONS,
+    "finetune": FINETUNE,
 }

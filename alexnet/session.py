@@ -8,17 +8,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
+from alexnet.card import ModelCard
 from alexnet.optim import PaperSGD, make_schedule, param_groups
 from alexnet.runtime import devices
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.runlog import RunLog
+
+if TYPE_CHECKING:
+    from alexnet.finetune import Start
 
 
 class TrainingDiverged(UserError):
@@ -43,7 +47,7 @@ class Session:
     aug_val: Any
     generator: torch.Generator  # every augmentation draw (crop, flip, colour noise)
     log: RunLog
-    meta: dict[str, Any]  # data, classes, class_names, data_stats, augment, model_config
+    card: ModelCard  # what inference needs (alexnet/card.py): saved into every checkpoint
     epoch: int = 0
     step: int = 0
     best: float = math.inf
@@ -85,7 +89,7 @@ class Session:
         grouped = getattr(self.model, "grouped_state_dict", None)
         return {
             "model": grouped() if grouped is not None else self.model.state_dict(),
-            **self.meta,
+            **self.card.to_dict(),
             "config": self.cfg.to_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -225,49 +229,56 @@ def _place(model: torch.nn.Module, cfg: C.TrainConfig, device: torch.device) -> 
     return model.to(device, memory_format=fmt)  # one conversion: no second copy of the weights
 
 
-def _augment_settings(cfg: C.TrainConfig, crop: int, scale: float) -> dict[str, Any]:
-    d = cfg.data
-    return {
-        "crop_size": crop,
-        "scale": scale,
-        "pad": d.pad,
-        "flip": d.flip,
-        "pca_std": d.pca_std,
-        "pca_scale": d.pca_scale,
-    }
-
-
-def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
-    """Data, model, optimizer and schedule, seeded so every rank builds the same network."""
-    from alexnet.data import DeviceAugment
-    from alexnet.data.store import identity, pixel_std
+def _model(cfg: C.TrainConfig, ds, crop: int):
     from alexnet.model import AlexNet
 
-    train_ds, train_loader, val_loader = _loaders(cfg, env, device)
-    crop = cfg.data.crop_size or train_ds.image_size[0]
-    d, o = cfg.data, cfg.optim
-    scale = d.scale / pixel_std(train_ds.stats) if d.unit_variance else d.scale
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
     try:
-        model = AlexNet(
-            len(train_ds.classes),
-            in_channels=train_ds.channels,
-            image_size=crop,
-            **asdict(cfg.model),
+        return AlexNet(
+            len(ds.classes), in_channels=ds.channels, image_size=crop, **asdict(cfg.model)
         )
     except ValueError as e:  # e.g. crops too small for the arch: a config error
         raise UserError(f"model ({cfg.model.arch}, {crop} px crops): {e}") from None
+
+
+def build(
+    cfg: C.TrainConfig, env: D.DistEnv, device: torch.device, start: Start | None = None
+) -> Session:
+    """Data, model, optimizer and schedule, seeded so every rank builds the same network.
+    ``start``: the weights and preprocessing a fine-tuning run starts from (alexnet/finetune.py;
+    on resume, the run's own card, without weights)."""
+    from alexnet import finetune
+    from alexnet.data import DeviceAugment
+    from alexnet.data.store import identity, pixel_std
+
+    train_ds, train_loader, val_loader = _loaders(cfg, env, device)
+    d, o = cfg.data, cfg.optim
+    stats = {k: v.clone() for k, v in train_ds.stats.items()}
+    if start is not None:  # the source's contract: its mean image, crop and scale
+        stats["mean"] = start.card.data_stats["mean"].clone()
+        crop, scale = start.card.crop_size, start.card.scale
+    else:
+        crop = d.crop_size or train_ds.image_size[0]
+        scale = d.scale / pixel_std(stats) if d.unit_variance else d.scale
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
+    model = _model(cfg, train_ds, crop)
+    init = start.init if start is not None else None
+    if start is not None and start.weights is not None:
+        init = finetune.apply(model, start, train_ds.classes)
     model_config = dict(model.config)
     model = _place(model, cfg, device)
+    finetune.freeze(model, cfg.finetune.freeze_below)
     torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
     generator = devices.generator(device, cfg.run.seed * 1000 + 17 + env.rank)
     aug = dict(scale=scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
-    aug_train = DeviceAugment(
-        train_ds.stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug
-    )
-    aug_val = DeviceAugment(train_ds.stats, crop, train=False, **aug)
+    aug_train = DeviceAugment(stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug)
+    aug_val = DeviceAugment(stats, crop, train=False, **aug)
     groups = param_groups(
-        model, weight_decay=o.weight_decay, bias_decay=o.bias_decay, bias_lr_mult=o.bias_lr_mult
+        model,
+        weight_decay=o.weight_decay,
+        bias_decay=o.bias_decay,
+        bias_lr_mult=o.bias_lr_mult,
+        pretrained=finetune.pretrained_layers(init),
+        pretrained_lr_mult=cfg.finetune.pretrained_lr_mult,
     )
     optimizer = PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     net = model
@@ -276,14 +287,22 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.run.compile:
         net = torch.compile(net)
-    meta = {
-        "data": identity(train_ds.meta, cfg.data.train_split),
-        "model_config": model_config,
-        "classes": train_ds.classes,
-        "class_names": train_ds.class_names,
-        "data_stats": {k: v.clone() for k, v in train_ds.stats.items()},
-        "augment": _augment_settings(cfg, crop, scale),
-    }
+    card = ModelCard(
+        model_config=model_config,
+        classes=tuple(train_ds.classes),
+        class_names=tuple(train_ds.class_names),
+        data_stats=stats,
+        crop_size=crop,
+        scale=scale,
+        train_augment={
+            "pad": d.pad,
+            "flip": d.flip,
+            "pca_std": d.pca_std,
+            "pca_scale": d.pca_scale,
+        },
+        init=init,
+        data=identity(train_ds.meta, cfg.data.train_split),
+    )
     return Session(
         cfg,
         env,
@@ -299,6 +318,6 @@ def build(cfg: C.TrainConfig, env: D.DistEnv, device: torch.device) -> Session:
         aug_val,
         generator,
         RunLog(Path(), enabled=False),
-        meta,
+        card,
         epoch_sums=devices.zeros(3, device=device),
     )

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
+from alexnet import finetune
+from alexnet.data.store import read_meta
 from alexnet.evaluate import Counts
 from alexnet.optim import set_lr, warmup_factor
 from alexnet.runtime import devices
@@ -156,7 +158,7 @@ def validate(s: Session) -> dict[str, float]:
     """Validation loss, top-1 and top-5 error (centre crop), summed over all ranks; counted
     as ``alexnet evaluate`` counts (``Counts``)."""
     s.net.eval()
-    counts = Counts.zeros(len(s.meta["classes"]), s.device)
+    counts = Counts.zeros(len(s.card.classes), s.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     dev = _input_device(s)
     s.val_loader.set_epoch(0)
@@ -269,13 +271,34 @@ def train(
     ``resume``: a run directory (or one of its checkpoints, ``ckpt_io.resume_target``) to
     continue; its config must match, apart from ``config.RESUMABLE_CHANGES``, and its data
     must be the data it was trained on. Under torchrun every process calls this."""
+    from alexnet.runtime.memory import tune_at_start
+
+    tune_at_start()  # as the CLI does: freed tensors are reused, not given back to the system
     cfg = copy.deepcopy(config)
+    target = ckpt_io.resume_target(resume) if resume else None
+    if target is None and cfg.finetune.source:
+        cfg = finetune.adopt(cfg)  # the source's layout and preprocessing
+    cfg = _prepared_data(cfg)
     C.validate(cfg)
     env = D.DistEnv.from_environ()
     device = _check_setup(cfg, env)
-    target = ckpt_io.resume_target(resume) if resume else None
     with devices.determinism(cfg.run.deterministic, device):
         return _train(cfg, env, device, target, argv)
+
+
+def _prepared_data(cfg: C.TrainConfig) -> C.TrainConfig:
+    """``data.root`` as a prepared dataset: a folder of images is prepared once into its
+    cache (``alexnet.data.folders``), at ``data.image_size``, ``data.holdout`` of each class
+    held out for validation where it has no ``val/`` folder; the config then names the
+    cache (so a resumed run reads the same images). Every torchrun rank asks: the first
+    prepares, the others wait for it."""
+    from alexnet.data.folders import is_prepared, prepared
+
+    root = cfg.data.root
+    if root and not is_prepared(root) and Path(root).is_dir():
+        d = cfg.data
+        cfg.data.root = str(prepared(root, size=d.image_size, holdout=d.holdout, seed=0))
+    return cfg
 
 
 @contextlib.contextmanager
@@ -313,7 +336,13 @@ def _train(
             # read under ownership: a run that another process finished meanwhile is read
             # as it now is, never an older state of it
             ck_path, ck = _resume_checkpoint(target[1], cfg) if target else (None, None)
-            s = build(cfg, env, device)
+            if ck is not None:
+                start = finetune.Start.of_checkpoint(ck)
+            else:
+                start = finetune.load(cfg) if cfg.finetune.source else None
+            if start is not None:
+                finetune.check_data(cfg, start.card, read_meta(cfg.data.root))
+            s = build(cfg, env, device, start)
             s.stop = D.StopRequest(announce=env.is_main)
             resume_epoch = ck["epoch"] if ck else None
             log = s.log = RunLog(run_dir, enabled=env.is_main, resume_epoch=resume_epoch)
@@ -378,7 +407,32 @@ def _result(s: Session, status: str) -> dict[str, Any]:
 
 # Command-line flags for the most used settings: (flag, key, type, help).
 FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--data", "data.root", str, "prepared dataset directory (from `alexnet prepare`)"),
+    (
+        "--data",
+        "data.root",
+        str,
+        "a prepared dataset, or a folder of images (one folder per class, or train/ and val/ "
+        "folders of such), prepared once into $ALEXNET_HOME/datasets",
+    ),
+    (
+        "--init",
+        "finetune.source",
+        str,
+        "fine-tune: start from these weights (IMAGENET1K_V1, bvlc_alexnet, a checkpoint, a "
+        "run directory or a .safetensors), keeping their layout and preprocessing",
+    ),
+    (
+        "--freeze-below",
+        "finetune.freeze_below",
+        str,
+        "with --init: do not train the layers before this one (e.g. fc6)",
+    ),
+    (
+        "--pretrained-lr-mult",
+        "finetune.pretrained_lr_mult",
+        float,
+        "with --init: the pretrained layers' rate as a multiple of --lr",
+    ),
     ("--epochs", "schedule.epochs", int, "most epochs to train (paper: 90)"),
     ("--batch-size", "optim.batch_size", int, "global batch over all processes (paper: 128)"),
     ("--lr", "optim.lr", float, "initial learning rate (paper: 0.01)"),
@@ -403,7 +457,12 @@ FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 def add_arguments(parser: Any) -> None:  # an argparse.ArgumentParser
     """The ``alexnet train`` flags; everything else is reachable with ``--set KEY=VALUE``."""
-    parser.add_argument("--preset", choices=list(C.PRESETS), help="starting point (default: paper)")
+    parser.add_argument(
+        "--preset",
+        choices=list(C.PRESETS),
+        help="starting point (default: paper; with --init, finetune); alexnet/recipes.py says "
+        "why each value",
+    )
     parser.add_argument("--config", metavar="FILE", help="a JSON config (e.g. a run's config.json)")
     for flag, key, tp, help_text in FLAGS:
         parser.add_argument(
@@ -440,7 +499,8 @@ def from_args(args: Any, base: C.TrainConfig | None = None) -> C.TrainConfig:
     elif base is not None and not args.preset:
         cfg = base
     else:
-        cfg = C.preset(args.preset or "paper")
+        default = "finetune" if getattr(args, "finetune__source", None) else "paper"
+        cfg = C.preset(args.preset or default)
     flags = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in FLAGS}
     C.apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, source="flag")
     if args.compile:

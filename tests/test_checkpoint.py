@@ -71,12 +71,12 @@ def test_load_model_and_safetensors_export(tmp_path):
     loaded, ck = ck_io.load_model(tmp_path / "a.pt")
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(loaded(x), model(x)) and not loaded.training
-    assert ck["classes"] == list("abcde") and ck["augment"]["crop_size"] == 16
+    assert ck.classes == tuple("abcde") and ck.crop_size == 16
     out = ck_io.export_safetensors(tmp_path / "a.pt", tmp_path / "w.safetensors")
     exported, meta = ck_io.load_model(out)
     assert torch.equal(exported(x), model(x))
-    assert torch.equal(meta["data_stats"]["mean"], stats["mean"])
-    assert meta["class_names"] == list("ABCDE") and meta["epoch"] == 3
+    assert torch.equal(meta.data_stats["mean"], stats["mean"])
+    assert meta.class_names == tuple("ABCDE") and meta.epoch == 3
     assert AlexNet(**exported.config).config == model.config
 
 

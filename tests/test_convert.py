@@ -54,7 +54,7 @@ def test_caffe_import_matches_caffe_forward(tmp_path, v1):
 
     # Our pipeline: RGB uint8 256x256 images, centre 227 view minus the RGB mean crop.
     images = torch.randint(0, 256, (2, 3, 256, 256), generator=g, dtype=torch.uint8)
-    aug = DeviceAugment(ckpt["data_stats"], 227, train=False)
+    aug = DeviceAugment(ckpt.data_stats, 227, train=False)
     with torch.no_grad():
         ours = model(aug.views(images, 1)).double()
     # Caffe's: BGR, the same crop, minus the BGR mean crop.
@@ -97,7 +97,7 @@ def test_caffe_cli_default_mean_pixel(tmp_path, capsys):
     out = tmp_path / "bvlc.pt"
     assert main(["convert", "caffe", str(tmp_path / "net.caffemodel"), "--out", str(out)]) == 0
     _, ckpt = load_model(out)
-    pixel = ckpt["data_stats"]["mean"][:, 100, 100]
+    pixel = ckpt.data_stats["mean"][:, 100, 100]
     torch.testing.assert_close(pixel, torch.tensor([122.67891434, 116.66876762, 104.00698793]))
     assert "227" in capsys.readouterr().out
 
@@ -118,11 +118,11 @@ def test_torchvision_import_matches_torchvision_preprocessing(tmp_path):
         == 0
     )
     model, ckpt = load_model(tmp_path / "owt.pt")
-    assert ckpt["model_config"]["arch"] == "owt" and ckpt["augment"]["crop_size"] == 224
+    assert ckpt.model_config["arch"] == "owt" and ckpt.crop_size == 224
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (2, 3, 256, 256), generator=g, dtype=torch.uint8)
     with torch.no_grad():
-        ours = model(DeviceAugment(ckpt["data_stats"], 224, train=False).views(images, 1))
+        ours = model(DeviceAugment(ckpt.data_stats, 224, train=False).views(images, 1))
         # torchvision: Resize(256) + CenterCrop(224) + ToTensor + Normalize
         x = images[:, :, 16:240, 16:240].float() / 255.0
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -218,7 +218,7 @@ def test_onnx_export_with_preprocessing(tmp_path, small_checkpoint):
     images = torch.randint(
         0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8
     )
-    aug = DeviceAugment(ckpt["data_stats"], 28, train=False, scale=1.0 / 64)
+    aug = DeviceAugment(ckpt.data_stats, 28, train=False, scale=1.0 / 64)
     with torch.no_grad():
         want = torch.softmax(model(aug.views(images, 1)), 1).numpy()
     crops = images[:, :, 2:30, 2:30].contiguous().numpy()
@@ -240,7 +240,7 @@ def test_safetensors_export_round_trips(tmp_path, small_checkpoint):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
-    assert ckpt["class_names"] == ["ant", "bee", "cat", "dog"]
+    assert ckpt.class_names == ("ant", "bee", "cat", "dog")
     assert set(model.state_dict()) <= set(load_file(out))
 
 

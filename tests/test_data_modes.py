@@ -13,7 +13,7 @@ from PIL import Image
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
 from alexnet.data.pipeline import RecordFormat, load_rgb
-from alexnet.predict import load_image
+from alexnet.data.pipeline import stored_image
 
 H, W = 12, 16
 
@@ -93,7 +93,7 @@ def test_predict_reads_a_16_bit_png_as_prepare_does(tmp_path):
     v16 = np.round(_ramp(65535)).astype(np.uint16)[:, :H]  # square: the stored crop is all
     path = tmp_path / "deep.png"
     Image.fromarray(v16).save(path)
-    got = load_image(path, H, 3).astype(np.float64)  # (3, H, H)
+    got = stored_image(path, H, 3).astype(np.float64)  # (3, H, H)
     assert np.abs(got - (v16 / 257)[None]).max() <= 1.0
 
 

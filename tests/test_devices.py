@@ -120,27 +120,37 @@ def test_restored_state_lands_on_the_device(fake_cuda_session, tmp_path, monkeyp
     assert restored == [(ranks[0]["rng"], (s.generator,))]
 
 
-def test_precision_bf16_on_cuda_runs_torch_bf16_on_the_device(tmp_path):
-    """``--precision bf16`` with a CUDA model: torch in bf16 on the GPU (the engines are
-    CPU-only and refuse); fp32 and auto leave the model as it is. The bf16 copy lives on the
-    device and the fp32 reference is kept. Its forward needs CUDA's autocast (LRN's fp32
-    sums), which a CPU build of torch lacks: tests/test_gpu.py runs it on a GPU."""
+def test_precision_on_cuda_means_what_it_means_for_training(tmp_path, monkeypatch):
+    """On a (bf16-capable) CUDA device, inference resolves ``--precision`` as training does
+    (``devices.resolve_precision``): auto and bf16 run torch in bf16 on the device (auto
+    with the fp32 fallback when top-1 disagrees, bf16 by name without), fp32 leaves the
+    model as it is; the engines are CPU-only and refuse, installed or not. The bf16 copy
+    lives on the device and the fp32 reference is kept. Its forward needs CUDA's autocast
+    (LRN's fp32 sums), which a CPU build of torch lacks: tests/test_gpu.py runs it on a GPU."""
+    from alexnet.card import ModelCard
     from alexnet.interop import engines
     from alexnet.runtime.errors import UserError
 
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     net = M.AlexNet(5, arch="small", image_size=28, widths=(8, 16, 16, 16, 8), fc_width=16)
-    ckpt = {"model_config": net.config, "augment": {"crop_size": 28}}
+    card = ModelCard.from_dict(
+        {"model_config": net.config, "data_stats": {"mean": torch.zeros(3, 28, 28)}}
+    )
     with FakeTensorMode(allow_non_fake_inputs=True):
         net = net.to(CUDA).eval()
-        for precision in ("auto", "fp32"):
-            assert engines.for_inference(net, ckpt, tmp_path, "torch", precision=precision) is net
-        with pytest.raises(UserError, match="the engines run on the CPU"):
-            engines.for_inference(net, ckpt, tmp_path, "openvino", precision="bf16")
-        wrapped = engines.for_inference(net, ckpt, tmp_path, "auto", precision="bf16")
-        assert wrapped.choice == engines.Choice("torch", "bf16") and not wrapped.fallback
+        assert engines.for_inference(net, card, tmp_path, "torch", precision="fp32") is net
+        for backend in ("openvino", "onnxruntime"):
+            with pytest.raises(UserError, match="the engines run on the CPU"):
+                engines.for_inference(net, card, tmp_path, backend, precision="bf16")
+        for precision, fallback in (("auto", True), ("bf16", False)):
+            wrapped = engines.for_inference(net, card, tmp_path, "auto", precision=precision)
+            assert wrapped.choice == engines.Choice("torch", "bf16")
+            assert wrapped.fallback is fallback
         assert all(p.dtype == torch.float32 for p in net.parameters())  # the reference kept
         copy = list(wrapped.runner.fn.parameters())
         assert copy and all(p.dtype == torch.bfloat16 and p.device == CUDA for p in copy)
+        features = engines.for_inference(net, card, tmp_path, "auto", layer="fc7")
+        assert features is net  # no top-1 to check bf16 by: fp32, as on the CPU
 
 
 def test_the_fused_optimizer_step_gets_its_arguments_on_the_device(fake_cuda_session, monkeypatch):

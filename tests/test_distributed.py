@@ -44,6 +44,7 @@ def _cli_args(data: Path, out: Path) -> list[str]:
         "model.widths": "8,16,16,16,16",
         "model.fc_width": 32,
         "model.init": "none",
+        "data.unit_variance": "false",  # as tiny_config
         "schedule.milestones": 1,
         "run.export": "false",
         "run.log_every": 1,

@@ -17,6 +17,7 @@ import torch
 from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
+from alexnet.inference import Predictor
 
 
 def _evaluate_json(capsys, *args: str) -> dict:
@@ -65,11 +66,11 @@ def test_ensemble_averages_softmax_not_logits(tmp_path, data, capsys):
     assert r["top5_error"] == pytest.approx(np.mean(~np.isin(labels, np.argsort(-probs)[:5])))
 
 
-def _reference_probs(model, ckpt, images: np.ndarray, views: int) -> np.ndarray:
+def _reference_probs(model, card, images: np.ndarray, views: int) -> np.ndarray:
     """PAPER B5 by hand: numpy slices of the four corners and the centre, and their mirror
     images, minus the same slices of the mean image; softmax averaged over the views."""
-    mean = ckpt["data_stats"]["mean"].numpy()
-    crop, scale = ckpt["augment"]["crop_size"], ckpt["augment"]["scale"]
+    mean = card.data_stats["mean"].numpy()
+    crop, scale = card.crop_size, card.scale
     h, w = images.shape[2:]
     corners = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop)]
     centre = [((h - crop) // 2, (w - crop) // 2)]
@@ -182,14 +183,14 @@ def test_one_pass_scores_the_first_model_and_the_ensemble(tmp_path, data):
     paths = [
         evalkit.known_checkpoint(tmp_path / f"{i}.pt", b, seed=i) for i, b in enumerate(biases)
     ]
-    models, _, augs = E.load_ensemble(paths, torch.device("cpu"))
+    predictors = [Predictor.of_network(p) for p in paths]
     ds = PreparedDataset(data, "val")
-    common = dict(views=10, batch_size=4, device=torch.device("cpu"), env=D.DistEnv(0, 1, 0))
-    first, three = E.evaluate(models, augs, ds, sizes=[1, 3], **common)
+    common = dict(views=10, batch_size=4, env=D.DistEnv(0, 1, 0))
+    first, three = E.evaluate(predictors, ds, sizes=[1, 3], **common)
     for got, k in ((first, 1), (three, 3)):
-        alone = E.evaluate(models[:k], augs[:k], ds, **common)
+        alone = E.evaluate(predictors[:k], ds, **common)
         for name in ("images", "top1", "top5"):
             assert torch.equal(getattr(got, name), getattr(alone, name))
     assert not torch.equal(first.top1, three.top1)  # the two differ, so the check can fail
     with pytest.raises(ValueError, match="between 1 and 3"):
-        E.evaluate(models, augs, ds, sizes=[4], **common)
+        E.evaluate(predictors, ds, sizes=[4], **common)

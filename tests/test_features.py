@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.checkpoint import load_model, view_augment
+from alexnet.inference import Predictor
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
 from alexnet.features import (
@@ -107,9 +107,9 @@ def test_recall_grows_with_bits_and_reranking_helps():
 
 def test_extract_matches_forward_features_and_resumes(tmp_path, monkeypatch):
     data, run = evalkit.tiny_run()
-    model, ckpt = load_model(run)
+    predictor = Predictor.load(run, device="cpu", backend="torch", precision="fp32", batch_size=16)
+    model, aug = predictor.network, predictor.test_views
     ds = PreparedDataset(data, "train")
-    aug = view_augment(ckpt)
     out = tmp_path / "train_fc7.npy"
     calls = {"n": 0}
     real = model.forward_features
@@ -122,11 +122,11 @@ def test_extract_matches_forward_features_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "forward_features", failing)
     with pytest.raises(KeyboardInterrupt):
-        extract(model, aug, ds, "fc7", out, batch_size=16)
+        extract(predictor, ds, "fc7", out)
     assert not out.exists() and out.with_suffix(".partial.json").exists()
     assert json.loads(out.with_suffix(".partial.json").read_text())["rows_done"] == 32
     calls["n"] = 10
-    feats = extract(model, aug, ds, "fc7", out, batch_size=16)
+    feats = extract(predictor, ds, "fc7", out)
     assert calls["n"] == 10 + 1 + 2  # sizing + the two batches left, not all four
     with torch.no_grad():
         want = real(aug.views(ds.get_batch(np.arange(len(ds))).contiguous(), 1), "fc7")

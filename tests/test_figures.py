@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from alexnet import figures
-from alexnet.checkpoint import load_model, view_augment
+from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
 
@@ -96,8 +96,8 @@ def test_predictions_and_neighbours_commands_write_pngs(tmp_path):
 @pytest.mark.parametrize("layer", ["fc7", "pool5"])
 def test_neighbours_are_the_nearest(tmp_path, monkeypatch, layer):
     data, run = evalkit.tiny_run()
-    model, ckpt = load_model(run)
-    aug = view_augment(ckpt)
+    model, card = load_model(run)
+    aug = card.test_views()
     train, val = PreparedDataset(data, "train"), PreparedDataset(data, "val")
     assert len(train) == 64  # the index below is the whole training split
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_neighbours_are_the_nearest(tmp_path, monkeypatch, layer):
     )
     want = torch.argsort(dist, dim=1, stable=True)[:, :6]
     got = {}
-    monkeypatch.setattr(figures, "plot_neighbours", lambda *a: got.setdefault("args", a))
+    monkeypatch.setattr(figures, "plot_neighbours", lambda *a, **k: got.setdefault("args", a))
     out = str(tmp_path / "n.png")
     assert (
         main(

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.checkpoint import load_model, view_augment
+from alexnet.checkpoint import load_model
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.predict import load_image
+from alexnet.data.pipeline import stored_image
 
 BIAS = [0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0]
 
@@ -108,7 +108,7 @@ def test_a_stored_image_as_a_file_gets_the_evaluation_probabilities(tmp_path, ca
     """A prepared val image written losslessly to PNG goes through predict's file path and
     must give exactly the probabilities the evaluation path gives for the stored record."""
     data, run = evalkit.tiny_run()
-    model, ckpt = load_model(run)
+    model, card = load_model(run)
     ds = PreparedDataset(data, "val")
     record = ds.get_batch(np.array([3]))
     path = tmp_path / "val3.png"
@@ -133,7 +133,7 @@ def test_a_stored_image_as_a_file_gets_the_evaluation_probabilities(tmp_path, ca
         == 0
     )
     got = json.loads(capsys.readouterr().out)[0]["predictions"]
-    aug = view_augment(ckpt)
+    aug = card.test_views()
     with torch.no_grad():
         x = aug.views(record.contiguous(), views)
         want = torch.softmax(model(x), 1).mean(0)
@@ -146,9 +146,9 @@ def test_a_stored_image_as_a_file_gets_the_evaluation_probabilities(tmp_path, ca
 def test_load_image_resizes_shorter_side_and_converts_modes(tmp_path):
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 100, 3), np.uint8))
     img.convert("CMYK").save(tmp_path / "c.jpg", quality=100)
-    rgb = load_image(tmp_path / "c.jpg", 32, 3)
+    rgb = stored_image(tmp_path / "c.jpg", 32, 3)
     assert rgb.shape == (3, 32, 32) and rgb.dtype == np.uint8
-    grey = load_image(tmp_path / "c.jpg", 32, 1)
+    grey = stored_image(tmp_path / "c.jpg", 32, 1)
     assert grey.shape == (1, 32, 32)
     # One-channel models see PIL's luminance of the RGB image (ITU-R 601-2 weights).
     lum = (rgb.astype(np.float64) * np.array([0.299, 0.587, 0.114])[:, None, None]).sum(0)

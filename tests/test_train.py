@@ -61,7 +61,8 @@ def test_run_directory_and_result(data, tmp_path):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     # The safetensors export is the best checkpoint's model.
     exported, _ = load_model(run / "weights.safetensors")
-    best, best_ck = load_model(run / "checkpoints" / "best.pt")
+    best, _ = load_model(run / "checkpoints" / "best.pt")
+    best_ck = load_checkpoint(run / "checkpoints" / "best.pt")
     x = torch.randn(3, 3, 16, 16)
     assert torch.equal(exported(x), best(x))
     assert best_ck["metrics"]["best_val_top1_error"] == min(r["val_top1_error"] for r in records)
@@ -141,7 +142,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 def test_config_errors_come_before_any_work(data, tmp_path):
     with pytest.raises(UserError, match="optim.lr=-1.0.*schedule.kind='sometimes'"):
         train(tiny_config(data, tmp_path, **{"optim.lr": -1.0, "schedule.kind": "sometimes"}))
-    with pytest.raises(UserError, match="not a prepared dataset"):
+    with pytest.raises(UserError, match="neither a prepared dataset .* nor a folder of images"):
         train(tiny_config(tmp_path / "nowhere", tmp_path))
     with pytest.raises(UserError, match="unknown setting 'optim.lrate'; did you mean optim.lr"):
         tiny_config(data, tmp_path, **{"optim.lrate": 0.1})

@@ -27,10 +27,11 @@ from caffekit import caffe_blob, caffe_reference, caffe_weights, write_caffemode
 from PIL import Image
 from references import torchvision_state
 
+from alexnet import load_pretrained
 from alexnet.cli import main
 from alexnet.interop import caffe_pb, weights
 from alexnet.interop.registry import BUILTIN, Download, WeightSet
-from alexnet.model import AlexNet
+from alexnet.runtime import paths
 from alexnet.runtime.errors import UserError
 
 OWT_WIDTHS, OWT_FC = (8, 16, 24, 16, 16), 32
@@ -65,7 +66,7 @@ def server(tmp_path, monkeypatch):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv(weights.ENV_MIRROR, f"http://127.0.0.1:{httpd.server_address[1]}")
-    monkeypatch.setenv(weights.ENV_HOME, str(tmp_path / "home"))
+    monkeypatch.setenv(paths.ENV_HOME, str(tmp_path / "home"))
     httpd.root, httpd.handler = root, handler
     yield httpd
     httpd.shutdown()
@@ -160,7 +161,7 @@ def _image(seed: int) -> torch.Tensor:
 def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered, tmp_path, capsys):
     sd = _owt_state()
     registered(_tv_entry(_torchvision_file(server, sd)))
-    model = AlexNet.from_pretrained("test-owt")
+    model = load_pretrained("test-owt")
     images = torch.stack([_image(1), _image(2)])
     with torch.no_grad():
         ours = model(model.transforms(images)).double()  # uint8 RGB in
@@ -351,7 +352,7 @@ def _caffe_entry(model: bytes, mean: bytes, aux: bytes) -> WeightSet:
 
 def test_caffe_weights_take_rgb_and_apply_bgr_and_the_mean_image(caffe_files, registered, tmp_path):
     registered(caffe_files["entry"])
-    model = AlexNet.from_pretrained("test-caffe", progress=False)
+    model = load_pretrained("test-caffe", progress=False)
     rgb = torch.stack([_image(3), _image(4)])
     with torch.no_grad():
         ours = model(model.transforms(rgb)).double()

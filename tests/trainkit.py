@@ -42,6 +42,7 @@ def tiny_config(data: Path, out: Path, **overrides) -> C.TrainConfig:
         "model.widths": (8, 16, 16, 16, 16),
         "model.fc_width": 32,
         "model.init": "none",
+        "data.unit_variance": False,  # raw 0-255 inputs, as these tests were made on
         "schedule.kind": "steps",
         "schedule.epochs": 2,
         "schedule.milestones": (1,),

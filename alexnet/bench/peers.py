@@ -99,18 +99,26 @@ def _eager(net: nn.Module, precision: str, channels_last: bool):
 
 def inference_fns(ours, ref, compiled_ref, engine_choices, checkpoint: Path, batch: int):
     """name -> callable(x) -> logits, for batch size ``batch``; ``ours`` via our commands."""
+    from alexnet.card import ModelCard
     from alexnet.interop import engines
 
-    ckpt = {"model_config": ours.config, "augment": {"crop_size": ours.input_size}}
+    size, channels = ours.input_size, ours.conv1.in_channels
+    card = ModelCard.from_dict(
+        {
+            "model_config": ours.config,
+            "data_stats": {"mean": torch.zeros(channels, size, size)},
+            "augment": {"crop_size": size},
+        }
+    )
     fns = {"usual": _eager(ref, "fp32", False)}
     if compiled_ref is not None:
         precision = compiled_precision(torch.device("cpu"))
         fns[f"compiled_{precision}"] = _eager(compiled_ref, precision, True)
-    cache = engines.open_cache(checkpoint, engines.model_digest(ours, ckpt))
+    cache = engines.open_cache(checkpoint, engines.model_digest(ours, card))
     for choice in engine_choices:
-        runner = engines.make_runner(ours, ckpt, choice, None, cache, peer=True)
+        runner = engines.make_runner(ours, card, choice, None, cache, peer=True)
         fns[f"{choice.backend}_{choice.precision}"] = runner
-    wrapped = engines.for_inference(ours, ckpt, checkpoint, "auto", batch_size=batch)
+    wrapped = engines.for_inference(ours, card, checkpoint, "auto", batch_size=batch)
     fns["ours"] = wrapped
     return fns, wrapped
 

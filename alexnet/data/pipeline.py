@@ -19,11 +19,11 @@ import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from alexnet.data import store
 from alexnet.data.sources import Item
@@ -40,6 +40,10 @@ class RecordFormat:
     storage: str = "jpeg"  # "jpeg" or "raw"
     quality: int = 90  # JPEG quality of the stored records
     native: tuple[int, int] | None = None  # (width, height) all images must have when size == 0
+    # Turn the image as its EXIF orientation says (a phone photo taken upright is stored on its
+    # side with orientation 6): your own photos, predict. ImageNet's preparation keeps the
+    # paper's pixels as they are stored (False): ILSVRC's JPEGs were used that way.
+    exif: bool = False
 
 
 def load_rgb(data: bytes, settings: RecordFormat) -> tuple[np.ndarray, str]:
@@ -53,21 +57,28 @@ def load_rgb(data: bytes, settings: RecordFormat) -> tuple[np.ndarray, str]:
     """
     with Image.open(io.BytesIO(data)) as img:
         kind = f"{img.format}/{img.mode}"
-        size = settings.size
-        if size:
+        if settings.size:
             # DCT-domain downscaling keeps at least 2x the target resolution, so the
             # antialiased resize below still sees enough pixels (PIL picks a 1/2..1/8 scale).
-            img.draft("RGB", (2 * size, 2 * size))
+            img.draft("RGB", (2 * settings.size, 2 * settings.size))
         img.load()
-        rgb = to_rgb8(img)
-        w, h = rgb.size
-        if size:
-            s = min(w, h)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
-        elif settings.native is not None and (w, h) != tuple(settings.native):
-            raise ValueError(f"{w}x{h}, but --size 0 needs every image at {settings.native}")
-        return np.asarray(rgb), kind
+        return as_stored(img, settings), kind
+
+
+def as_stored(img: Image.Image, settings: RecordFormat) -> np.ndarray:
+    """A loaded PIL image as ``prepare`` stores it: turned upright (``settings.exif``), RGB
+    (G2), the central square at ``settings.size`` (B1). (H, W, 3) uint8."""
+    if settings.exif:
+        img = ImageOps.exif_transpose(img)
+    rgb = to_rgb8(img)
+    w, h = rgb.size
+    if settings.size:
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        rgb = rgb.resize((settings.size, settings.size), Image.Resampling.BICUBIC, box=box)
+    elif settings.native is not None and (w, h) != tuple(settings.native):
+        raise ValueError(f"{w}x{h}, but --size 0 needs every image at {settings.native}")
+    return np.asarray(rgb)
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -98,6 +109,32 @@ def to_rgb8(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
+
+
+def stored_image(item, size: int, channels: int) -> np.ndarray:
+    """(C, size, size) uint8 of a path, a PIL image or an (H, W[, C]) uint8 array, exactly as
+    ``alexnet prepare folder`` stores an image (PAPER B1, G2; EXIF orientation applied)."""
+    fmt = RecordFormat(size=size, exif=True)
+    if isinstance(item, Image.Image):
+        rgb = as_stored(item, fmt)
+    elif isinstance(item, np.ndarray):
+        rgb = as_stored(Image.fromarray(item), fmt)
+    else:
+        rgb, _ = load_rgb(Path(item).read_bytes(), fmt)
+    if channels == 1:
+        return np.asarray(Image.fromarray(rgb).convert("L"))[None]
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def describe_failure(e: Exception) -> str:
+    """Why an image could not be read, in a few words."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    if isinstance(e, IsADirectoryError):
+        return "a folder"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _reason(e: Exception, item: Item) -> str:
@@ -168,6 +205,8 @@ def _plan(parts: Path, items: list[Item], settings: RecordFormat, chunk: int) ->
     path = parts / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        defaults = {f.name: f.default for f in fields(RecordFormat)}
+        old["settings"] = {**defaults, **old.get("settings", {})}  # settings added since
         if old != plan:
             was = old.get("settings", {})
             changed = [

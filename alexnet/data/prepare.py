@@ -15,6 +15,7 @@ import argparse
 import io
 import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -24,6 +25,33 @@ from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_text, remove_stale_temps
 from alexnet.runtime.owner import owned
+
+
+@dataclass(frozen=True)
+class Options:
+    """How images are stored: ``alexnet prepare``'s options, as the library takes them."""
+
+    size: int = 256  # PAPER B1: the shorter side to 256, the central square; 0: native size
+    storage: str = "jpeg"  # JPEG records, or "raw" uint8 pixels
+    quality: int = 90
+    workers: int = field(default_factory=pipeline.default_workers)
+    chunk: int = 1000  # images per resumable chunk
+    skip_bad: bool = False  # leave unreadable files out (listed and counted) instead of failing
+    exif: bool = False  # turn images upright by their EXIF orientation (a user's photos)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, exif: bool) -> Options:
+        return cls(
+            args.size, args.storage, args.quality, args.workers, args.chunk, args.skip_bad, exif
+        )
+
+    def check(self) -> None:
+        """Before the sources are scanned (minutes for ImageNet), not after."""
+        if self.storage == "jpeg" and not 1 <= self.quality <= 100:
+            raise UserError(f"--quality {self.quality}: must be 1..100")
+        for name, low in (("size", 0), ("chunk", 1), ("workers", 1)):
+            if getattr(self, name) < low:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least {low}")
 
 
 def _image_options(p: argparse.ArgumentParser) -> None:
@@ -138,19 +166,24 @@ def _native_size(item: sources.Item) -> tuple[int, int]:
         raise UserError(f"{item.name}: cannot read the first image for --size 0 ({e})") from None
 
 
-def _prepare_items(
-    args,
+def prepare_items(
+    out: Path,
     dataset: str,
     splits: dict,
     classes: list[str],
     names: list[str],
     notes: dict,
+    options: Options,
+    *,
     after_chunk=None,
-) -> int:
-    """Shared by imagenet and folder: chunks, bad-file report, finish, meta."""
-    out: Path = args.out
-    native = _native_size(splits["train"][0]) if args.size == 0 else None
-    settings = pipeline.RecordFormat(args.size, args.storage, args.quality, native)
+    bad_hint: str = "rerun with --skip-bad to leave them out",
+) -> dict:
+    """Prepare the ``splits`` (``{split: [Item, ...]}``) into ``out``, which the caller owns:
+    chunks, bad-file report, the finished splits and ``meta.json`` (returned)."""
+    native = _native_size(splits["train"][0]) if options.size == 0 and "train" in splits else None
+    settings = pipeline.RecordFormat(
+        options.size, options.storage, options.quality, native, options.exif
+    )
     parts = {}
     for split, items in splits.items():
         parts[split] = pipeline.run_chunks(
@@ -158,8 +191,8 @@ def _prepare_items(
             split,
             items,
             settings,
-            workers=args.workers,
-            chunk=args.chunk,
+            workers=options.workers,
+            chunk=options.chunk,
             want_stats=split == "train",
             after_chunk=after_chunk,
         )
@@ -167,39 +200,37 @@ def _prepare_items(
     report = out / "bad_files.txt"
     if bad:
         atomic_write_text(report, "".join(b + "\n" for b in bad))
-        if not args.skip_bad:
+        if not options.skip_bad:
             first = "; ".join(b.replace("\t", " (", 1) + ")" for b in bad[:3])
             raise UserError(
-                f"{len(bad)} unreadable file(s), listed in {report}: {first}. Rerun with "
-                "--skip-bad to leave them out (finished work is kept)"
+                f"{len(bad)} unreadable file(s), listed in {report}: {first}; {bad_hint} "
+                "(finished work is kept)"
             )
         print(f"skipped {len(bad)} unreadable file(s), listed in {report}")
     split_meta = {s: pipeline.finish_split(out, s, parts[s], s == "train") for s in splits}
-    size = list(native[::-1]) if native else [args.size, args.size]
-    store.write_meta(
-        out,
-        {
-            "dataset": dataset,
-            "storage": args.storage,
-            "image_size": size,
-            "channels": 3,
-            "classes": classes,
-            "class_names": names,
-            "splits": split_meta,
-            "jpeg_quality": args.quality if args.storage == "jpeg" else None,
-            "resize": "central min(w,h) square, bicubic to size x size (PAPER B1)"
-            if args.size
-            else "native size",
-            **notes,
-        },
-    )
+    size = list(native[::-1]) if native else [options.size, options.size]
+    resize = "central min(w,h) square, bicubic to size x size (PAPER B1)"
+    meta = {
+        "dataset": dataset,
+        "storage": options.storage,
+        "image_size": size,
+        "channels": 3,
+        "classes": classes,
+        "class_names": names,
+        "splits": split_meta,
+        "jpeg_quality": options.quality if options.storage == "jpeg" else None,
+        "resize": resize if options.size else "native size",
+        "exif_orientation": "applied" if options.exif else "ignored (as stored)",
+        **notes,
+    }
+    store.write_meta(out, meta)
     shutil.rmtree(out / ".parts", ignore_errors=True)
     for split, m in split_meta.items():
         print(
             f"{out}: {split} {m['count']} images, {m['skipped']} skipped, converted to RGB: "
             f"{m['converted'] or 'none'}"
         )
-    return 0
+    return store.read_meta(out)
 
 
 # Why a file was not taken -> (its count's key in meta.json, how the report line says it).
@@ -231,52 +262,99 @@ def _report_ignored(out: Path, ignored: list[str], excluded: list[str]) -> dict:
     return notes
 
 
-def _check_options(args) -> None:
-    """Before the sources are scanned (minutes for ImageNet), not after."""
-    if args.storage == "jpeg" and not 1 <= args.quality <= 100:
-        raise UserError(f"--quality {args.quality}: must be 1..100")
-    for name, low in (("size", 0), ("chunk", 1), ("workers", 1)):
-        if getattr(args, name) < low:
-            raise UserError(f"--{name} {getattr(args, name)}: must be at least {low}")
+def prepare_imagenet(
+    train: Path,
+    out: Path,
+    *,
+    val: Path | None = None,
+    devkit: Path | None = None,
+    options: Options | None = None,
+    after_chunk=None,
+) -> Path:
+    """ILSVRC-2012 as users have it (PAPER G1) into ``out``; see ``alexnet prepare imagenet``.
+    EXIF orientation is not applied: the paper's pixels are the JPEGs as stored."""
+    options = options or Options()
+    options.check()
+    if _finished(out):
+        return out
+    kit = sources.read_devkit(devkit) if devkit else None
+    wnids, items, ignored = sources.imagenet_train(train)
+    if kit is not None:
+        known = set(kit.wnid_of_id.values())
+        unknown = [w for w in wnids if w not in known]
+        if unknown:
+            raise UserError(f"{train}: class(es) {unknown[:5]} are not devkit classes")
+    splits, excluded = {"train": items}, []
+    if val is not None:
+        splits["val"], ignored_val, excluded = sources.imagenet_val(val, wnids, kit)
+        ignored += ignored_val
+    names = [kit.words.get(w, w) for w in wnids] if kit else list(wnids)
+    with _own(out):
+        if not _already_done(out):
+            notes = _report_ignored(out, ignored, excluded)
+            prepare_items(
+                out, "imagenet", splits, wnids, names, notes, options, after_chunk=after_chunk
+            )
+    return out
+
+
+def prepare_folder(
+    train: Path,
+    out: Path,
+    *,
+    val: Path | None = None,
+    options: Options | None = None,
+    after_chunk=None,
+) -> Path:
+    """A folder-per-class tree (``<class>/<images>``, classes sorted as ImageFolder) into
+    ``out``, with ``val`` the same classes' validation tree; see ``alexnet prepare folder``.
+    Images are turned upright by their EXIF orientation (``Options(exif=True)``)."""
+    options = options or Options(exif=True)
+    options.check()
+    if _finished(out):
+        return out
+    classes, items, ignored = sources.folder_tree(train)
+    splits = {"train": items}
+    if val is not None:
+        _, splits["val"], ignored_val = sources.folder_tree(val, classes)
+        ignored += ignored_val
+    with _own(out):
+        if not _already_done(out):
+            notes = _report_ignored(out, ignored, [])
+            prepare_items(
+                out,
+                "folder",
+                splits,
+                classes,
+                list(classes),
+                notes,
+                options,
+                after_chunk=after_chunk,
+            )
+    return out
 
 
 def run_imagenet(args, after_chunk=None) -> int:
-    _check_options(args)
-    if _finished(args.out):
-        return 0
-    devkit = sources.read_devkit(args.devkit) if args.devkit else None
-    wnids, train, ignored = sources.imagenet_train(args.train)
-    if devkit is not None:
-        known = set(devkit.wnid_of_id.values())
-        unknown = [w for w in wnids if w not in known]
-        if unknown:
-            raise UserError(f"{args.train}: class(es) {unknown[:5]} are not devkit classes")
-    splits, excluded = {"train": train}, []
-    if args.val is not None:
-        splits["val"], ignored_val, excluded = sources.imagenet_val(args.val, wnids, devkit)
-        ignored += ignored_val
-    names = [devkit.words.get(w, w) for w in wnids] if devkit else list(wnids)
-    with _own(args.out):
-        if _already_done(args.out):
-            return 0
-        notes = _report_ignored(args.out, ignored, excluded)
-        return _prepare_items(args, "imagenet", splits, wnids, names, notes, after_chunk)
+    prepare_imagenet(
+        args.train,
+        args.out,
+        val=args.val,
+        devkit=args.devkit,
+        options=Options.from_args(args, exif=False),
+        after_chunk=after_chunk,
+    )
+    return 0
 
 
 def run_folder(args, after_chunk=None) -> int:
-    _check_options(args)
-    if _finished(args.out):
-        return 0
-    classes, train, ignored = sources.folder_tree(args.train)
-    splits = {"train": train}
-    if args.val is not None:
-        _, splits["val"], ignored_val = sources.folder_tree(args.val, classes)
-        ignored += ignored_val
-    with _own(args.out):
-        if _already_done(args.out):
-            return 0
-        notes = _report_ignored(args.out, ignored, [])
-        return _prepare_items(args, "folder", splits, classes, list(classes), notes, after_chunk)
+    prepare_folder(
+        args.train,
+        args.out,
+        val=args.val,
+        options=Options.from_args(args, exif=True),
+        after_chunk=after_chunk,
+    )
+    return 0
 
 
 def _finished(out: Path) -> bool:

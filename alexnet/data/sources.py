@@ -106,14 +106,14 @@ def _is_hidden(name: str) -> bool:
     return any(part.startswith(".") for part in Path(name).parts if part not in (".", ".."))
 
 
-def _skip(name: str) -> str | None:
+def skip_reason(name: str) -> str | None:
     """Why a file is not taken as an image, or None if it is one."""
     if _is_hidden(name):
         return HIDDEN
     return None if _is_image(name) else NOT_IMAGE
 
 
-def _files_under(folder: Path, skipped: list[str]) -> list[Path]:
+def files_under(folder: Path, skipped: list[str]) -> list[Path]:
     """The files below ``folder``, sorted. Links are followed, but each real folder is read
     once, and never one that holds ``folder`` itself: a link back up the tree (a loop) or to
     a folder already read is noted in ``skipped``, not followed. Hidden folders are not
@@ -191,8 +191,8 @@ def folder_tree(root: str | Path, classes: list[str] | None = None, *, wnid: boo
     items, empty = [], []
     for name in found:
         taken = len(items)
-        for p in _files_under(root / name, ignored):
-            why = _skip(p.name)
+        for p in files_under(root / name, ignored):
+            why = skip_reason(p.name)
             if why is None:
                 try:
                     items.append(Item(str(p), -1, p.stat().st_size, str(p), label_of[name]))
@@ -242,7 +242,7 @@ def imagenet_train(src: str | Path):
         wnid = Path(name).name[: -len(".tar")]
         for member, m_off, m_size in sorted(tar_members(path, off, size)):
             label = f"{path}:{name}:{member}" if off else f"{path}:{member}"
-            why = _skip(member)
+            why = skip_reason(member)
             if why is None:
                 items.append(Item(path, m_off, m_size, label, label_of[wnid]))
             else:
@@ -334,8 +334,8 @@ def imagenet_val(src: str | Path, wnids: list[str], devkit: Devkit | None):
         flat = [(f"{src}:{n}", str(src), off, sz, n) for n, off, sz in tar_members(src)]
     else:
         flat = [(str(p), str(p), -1, p.stat().st_size, p.name) for p in sorted(src.iterdir())]
-    images = sorted(t[:4] for t in flat if _skip(t[4]) is None)
-    ignored = [f"{t[0]}\t{_skip(t[4])}" for t in flat if _skip(t[4]) is not None]
+    images = sorted(t[:4] for t in flat if skip_reason(t[4]) is None)
+    ignored = [f"{t[0]}\t{skip_reason(t[4])}" for t in flat if skip_reason(t[4]) is not None]
     if devkit is None:
         raise UserError(f"{src}: a flat validation set needs --devkit for its labels")
     if len(images) != len(devkit.val_ids):

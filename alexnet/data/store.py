@@ -239,6 +239,8 @@ def report_split(meta: dict) -> tuple[str, str]:
     test set as a split of its own (Fashion-MNIST, CIFAR-10) reports on ``test``; where the
     validation split is all there is (ImageNet: ILSVRC-2012 val, as the paper reports its
     Table 2, PAPER E2), on ``val``."""
+    if meta.get("folder_split"):  # a cache of one folder of images (alexnet.data.folders)
+        return meta["folder_split"], "the folder's images"
     if meta.get("test_split"):
         return meta["test_split"], "the official test set"
     if meta.get("val_is_official_test_set"):

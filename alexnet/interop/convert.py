@@ -1,10 +1,4 @@
-"""``alexnet convert``: other people's weights in, portable formats out.
-
-    alexnet convert caffe bvlc_alexnet.caffemodel --mean imagenet_mean.binaryproto \\
-        --synsets synset_words.txt --out bvlc_alexnet.pt
-    alexnet convert torchvision alexnet-owt-7be5be79.pth --synsets synset_words.txt --out owt.pt
-    alexnet convert onnx --checkpoint C.pt --out model.onnx [--preprocessing]
-    alexnet convert safetensors --checkpoint C.pt --out model.safetensors
+"""Other people's weights in (``alexnet convert caffe|torchvision``, ``alexnet.convert``).
 
 The imports write ordinary checkpoints (the dict of docs/ARCHITECTURE.md), so ``evaluate``,
 ``predict``, ``features`` and ``figures`` run them unchanged. Each carries the preprocessing
@@ -24,16 +18,13 @@ times a scale), and folds the rest into conv1 or the LRN layers exactly:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from alexnet.model import LEARNED
-from alexnet.runtime.args import output_file
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_torch_save
 
 CAFFE_LAYERS = LEARNED  # bvlc_alexnet names its layers as the paper does (PAPER A1)
 # Caffe's ILSVRC-2012 mean pixel in BGR order (the mean of imagenet_mean.binaryproto).
@@ -293,72 +284,3 @@ def import_torchvision(path: Path, synsets: Path | None = None) -> dict:
         "1/(255 std) folded into conv1",
     }
     return _checkpoint(model, classes, names, mean, 224, source)
-
-
-# ---------------------------------------------------------------------------------- export
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    p = sub.add_parser("caffe", help="a BVLC .caffemodel (bvlc_alexnet) -> paper-model checkpoint")
-    p.add_argument("caffemodel", type=Path)
-    p.add_argument(
-        "--mean",
-        type=Path,
-        help="imagenet_mean.binaryproto or a (3,H,W) BGR .npy (default: Caffe's mean pixel)",
-    )
-    p.add_argument("--synsets", type=Path, help="synset_words.txt: class ids and names")
-    p.add_argument("--out", type=output_file, required=True)
-    p = sub.add_parser("torchvision", help="torchvision alexnet weights -> owt checkpoint")
-    p.add_argument("weights", type=Path)
-    p.add_argument("--synsets", type=Path, help="synset_words.txt: class ids and names")
-    p.add_argument("--out", type=output_file, required=True)
-    p = sub.add_parser("onnx", help="checkpoint -> ONNX, checked with onnxruntime when installed")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=output_file, required=True)
-    p.add_argument(
-        "--preprocessing",
-        action="store_true",
-        help="input uint8 crops (N,C,crop,crop); the graph subtracts the mean and "
-        "returns probabilities",
-    )
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    p = sub.add_parser("safetensors", help="checkpoint -> safetensors (weights, stats, metadata)")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=output_file, required=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.what == "caffe":
-        ckpt = import_caffe(args.caffemodel, args.mean, args.synsets)
-    elif args.what == "torchvision":
-        ckpt = import_torchvision(args.weights, args.synsets)
-    elif args.what == "safetensors":
-        from alexnet.checkpoint import export_safetensors
-
-        export_safetensors(args.checkpoint, args.out)  # load_model reads the result back
-        print(f"wrote {args.out}")
-        return 0
-    else:
-        from alexnet.checkpoint import load_model
-        from alexnet.interop.onnx import export_onnx
-
-        model, ckpt = load_model(args.checkpoint, map_location="cpu")
-        diff = export_onnx(
-            model,
-            ckpt,
-            args.out,
-            preprocessing=args.preprocessing,
-            opset=args.opset,
-            check=not args.no_check,
-        )
-        if diff is not None:
-            print(f"onnxruntime vs torch: max abs difference {diff:.3g}")
-        print(f"wrote {args.out}")
-        return 0
-    atomic_torch_save(args.out, ckpt)
-    cfg = ckpt["model_config"]
-    print(
-        f"wrote {args.out}: arch={cfg['arch']} classes={cfg['num_classes']} "
-        f"input={ckpt['augment']['crop_size']}px ({ckpt['source']['preprocessing']})"
-    )
-    return 0

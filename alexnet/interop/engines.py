@@ -20,18 +20,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import importlib.util
-import json
-import os
-import shutil
+import math
 import sys
-from dataclasses import asdict, dataclass
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from alexnet.card import ModelCard
+from alexnet.interop.engine_cache import (
+    Choice,
+    EngineCache,
+    MachineRecord,
+    job_key,
+    model_digest,
+    open_cache,
+)
 from alexnet.interop.runners import (
     OnnxRuntimeRunner,
     OpenVinoRunner,
@@ -39,32 +45,21 @@ from alexnet.interop.runners import (
     openvino_core,
     torch_fn,
 )
+from alexnet.runtime import devices
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_write_json, exclusive_lock, file_digest
+from alexnet.runtime.fileio import exclusive_lock
 from alexnet.runtime.timing import alternating_on
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("openvino", "onnxruntime")
 EXTRAS = {"openvino": "alexnet[openvino]", "onnxruntime": "alexnet[onnx]"}
-# How each engine is fed per-tower LRN (alexnet.interop.onnx._ExportLRN), the faster of
-# the exact forms measured (docs/PERFORMANCE.md): OpenVINO's LRN kernel is fast once one op
-# sees each tower as a batch item; ONNX Runtime's LRN is slow, a 1x1 convolution is not.
-LRN_GRAPH = {"openvino": "reshape", "onnxruntime": "band"}
-GRAPH_VERSION = 1  # part of the cache key: bump when the export changes
 MIN_AGREEMENT = 0.99  # bf16 is used only where its top-1 agrees with fp32 this often
 TIMING_BATCH_MAX = 128  # candidates are timed at min(batch, this): the choice must be quick
-
-
-@dataclass(frozen=True)
-class Choice:
-    backend: str  # torch, openvino or onnxruntime
-    precision: str  # fp32 or bf16
-    channels_last: bool = False  # torch only
-
-    def label(self) -> str:
-        layout = ", channels_last" if self.channels_last else ""
-        return f"{self.backend} {self.precision}{layout}"
+# A job of at most this many forward passes is not worth timing the engines for: an engine's
+# first export and compile take seconds (1.7-3.4 s measured for the paper model, docs/SPEED.md)
+# and its later loads hundreds of ms, more than it gains over torch on a batch or two.
+FEW_BATCHES = 2
 
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -141,101 +136,22 @@ def candidates(backend: str, precision: str = "auto") -> list[Choice]:
     return out
 
 
-# ----------------------------------------------------------------------------------- cache
-def model_digest(model: nn.Module, ckpt: dict) -> str:
-    """SHA-256 of the weights and of what shapes the graph (model config, input crop)."""
-    h = hashlib.sha256(
-        json.dumps(
-            {"model_config": ckpt.get("model_config"), "augment": ckpt.get("augment")},
-            sort_keys=True,
-            default=str,
-        ).encode()
-    )
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()))
-    return h.hexdigest()
-
-
-def cache_dir(checkpoint: Path) -> Path:
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        return checkpoint / "engines"
-    return checkpoint.with_name(checkpoint.name + ".engines")
-
-
-class EngineCache:
-    """``manifest.json`` (the digest, the timed choices) and the exported graphs of one model.
-    A cache holding another digest is emptied first, so it never serves another model."""
-
-    def __init__(self, directory: Path, digest: str) -> None:
-        self.dir, self.digest = Path(directory), digest
-        self.manifest_path = self.dir / "manifest.json"
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        if manifest.get("digest") != digest:
-            if self.dir.is_dir():
-                shutil.rmtree(self.dir)
-            manifest = {"digest": digest, "choices": {}}
-        self.manifest = manifest
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._save()
-
-    def _save(self) -> None:
-        atomic_write_json(self.manifest_path, self.manifest)
-
-    def graph(self, model: nn.Module, ckpt: dict, backend: str, layer: str | None) -> Path:
-        """The ONNX graph fed to ``backend``, exported once per model and settings."""
-        from alexnet.interop.onnx import export_onnx
-
-        settings = {
-            "lrn_graph": LRN_GRAPH[backend],
-            "layer": layer,
-            "version": GRAPH_VERSION,
-            "torch": torch.__version__,
-        }
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        path = self.dir / f"{LRN_GRAPH[backend]}-{layer or 'logits'}-{key}.onnx"
-        written = self.manifest.setdefault("graphs", {})  # file name -> SHA-256 as exported
-        if path.exists() and written.get(path.name) != file_digest(path):
-            path.unlink()  # damaged, or not recorded as ours: exported again
-        if not path.exists():
-            cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
-            export_onnx(cpu, ckpt, path, lrn_graph=LRN_GRAPH[backend], layer=layer, check=False)
-            written[path.name] = file_digest(path)
-            self._save()
-        return path
-
-    def choice(self, key: str) -> Choice | None:
-        found = self.manifest["choices"].get(key)
-        return Choice(**found["choice"]) if found else None
-
-    def remember(self, key: str, choice: Choice, seconds: dict[str, float]) -> None:
-        self.manifest["choices"][key] = {"choice": asdict(choice), "seconds": seconds}
-        self._save()
-
-
-def open_cache(checkpoint: Path, digest: str) -> EngineCache:
-    """Beside the checkpoint; where that is read-only, under the user's cache directory."""
-    try:
-        return EngineCache(cache_dir(checkpoint), digest)
-    except OSError:
-        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return EngineCache(home / "alexnet" / "engines" / digest[:16], digest)
-
-
 # --------------------------------------------------------------------------------- runners
 def make_runner(
-    model, ckpt, choice: Choice, layer: str | None, cache: EngineCache | None, *, peer: bool = False
+    model,
+    card: ModelCard,
+    choice: Choice,
+    layer: str | None,
+    cache: EngineCache | None,
+    *,
+    peer: bool = False,
 ):
     """The runner of ``choice``; ``peer``: the engine with its own defaults, as the bench's
     peers run (only ONNX Runtime's thread spinning differs)."""
     threads = torch.get_num_threads()
     if choice.backend == "torch":
         return TorchRunner(model, choice.precision, choice.channels_last, layer)
-    graph = cache.graph(model, ckpt, choice.backend, layer)
+    graph = cache.graph(model, card, choice.backend, layer)
     if choice.backend == "onnxruntime":
         return OnnxRuntimeRunner(graph, threads, spin=peer)
     return OpenVinoRunner(graph, choice.precision, threads, cache.dir / "openvino")
@@ -269,13 +185,13 @@ class InferenceModel(nn.Module):
     views to forward at once: all of them for an engine (large batches are where they gain)."""
 
     def __init__(
-        self, model, ckpt, choice: Choice, layer, cache, batch_size: int, *, fallback: bool = True
+        self, model, card, choice: Choice, layer, cache, batch_size: int, *, fallback: bool = True
     ) -> None:
         super().__init__()
         self.fallback = fallback  # bf16 that agrees too little is replaced by fp32
-        self.model, self.ckpt, self.choice = model, ckpt, choice
+        self.model, self.card, self.choice = model, card, choice
         self.layer, self.cache = layer, cache
-        self.runner = make_runner(model, ckpt, choice, layer, cache)
+        self.runner = make_runner(model, card, choice, layer, cache)
         self.max_batch = batch_size if choice.backend == "torch" else None
         self.check: dict | None = None
         self.note = ""
@@ -304,7 +220,7 @@ class InferenceModel(nn.Module):
         else:
             self.note = f"; {self.choice.label()} agreed on too few (fp32 used instead)"
             self.choice = Choice(self.choice.backend, "fp32", self.choice.channels_last)
-            self.runner = make_runner(self.model, self.ckpt, self.choice, self.layer, self.cache)
+            self.runner = make_runner(self.model, self.card, self.choice, self.layer, self.cache)
             got = self.runner(x)
             self.check = agreement(got, want, probabilities=self.layer is None)
         return got
@@ -335,58 +251,99 @@ class InferenceModel(nn.Module):
 
 
 def choose(
-    model, ckpt, cache: EngineCache, backend: str, batch: int, layer, precision: str = "auto"
+    model,
+    card: ModelCard,
+    cache: EngineCache,
+    backend: str,
+    batch: int,
+    layer,
+    precision: str = "auto",
+    inputs: int | None = None,
 ) -> Choice:
-    """The fastest candidate at this batch size, timed once and remembered in the cache."""
+    """The candidate that serves this job fastest. ``inputs``: how many inputs the job will
+    forward in all (None: many). A job of at most ``FEW_BATCHES`` passes takes what costs
+    least with its engine's first export and compile counted, as this machine measured them
+    for any checkpoint of this architecture, and plain torch where nothing was measured yet;
+    a larger one the fastest per call, timed once per checkpoint (and per machine)."""
     # features have no top-1 to check bf16 against (InferenceModel), so auto keeps them fp32
     options = candidates(backend, "fp32" if layer and precision == "auto" else precision)
     if len(options) == 1:
         return options[0]
     b = max(1, min(batch, TIMING_BATCH_MAX))
     key = f"{backend}|{precision}|{layer or 'logits'}|batch={b}|threads={torch.get_num_threads()}"
+    job, machine = job_key(card, key), MachineRecord()
+    known = machine.get(job)
+    if known is not None and not all(o.label() in known["seconds"] for o in options):
+        known = None
+    if inputs is not None and math.ceil(inputs / max(batch, 1)) <= FEW_BATCHES:
+        if known is None:
+            return next((o for o in options if o.backend == "torch"), options[0])
+        passes = math.ceil(inputs / max(batch, 1))
+
+        def cost(o: Choice) -> float:
+            setup = 0.0 if o.backend == "torch" else known["setup"].get(o.label(), math.inf)
+            return setup + passes * known["seconds"][o.label()]
+
+        return min(options, key=cost)
     found = cache.choice(key)
     if found in options:
         return found
+    if known is not None:
+        best = min(options, key=lambda o: known["seconds"][o.label()])
+        cache.remember(key, best, known["seconds"])
+        return best
     size, c = model.input_size, model.conv1.in_channels
     x = torch.randn(b, c, size, size, generator=torch.Generator().manual_seed(0)) * 50.0
-    runners = {o.label(): make_runner(copy.deepcopy(model), ckpt, o, layer, cache) for o in options}
+    runners, setup = {}, {}
+    for o in options:
+        t0 = time.perf_counter()
+        runners[o.label()] = make_runner(copy.deepcopy(model), card, o, layer, cache)
+        setup[o.label()] = time.perf_counter() - t0
     seconds = time_runners(runners, x)
     best = min(options, key=lambda o: seconds[o.label()])
     cache.remember(key, best, seconds)
+    machine.put(job, seconds, setup)
     return best
 
 
 def for_inference(
     model,
-    ckpt: dict,
+    card: ModelCard,
     checkpoint: Path,
     backend: str = "auto",
     *,
     batch_size: int = 64,
     layer: str | None = None,
     precision: str = "auto",
+    inputs: int | None = None,
 ) -> nn.Module:
     """``model`` run by ``backend`` in ``precision`` (see the module docstring);
     ``batch_size``: the number of inputs per forward pass the command will make (images times
-    views). Under ``precision="auto"`` a bf16 choice that agrees too little falls back to fp32;
-    asked for by name, bf16 is kept and the report says how well it agreed."""
+    views); ``inputs``: how many it will make in all (see ``choose``). ``precision`` means
+    what it means for training (``devices.resolve_precision``): ``auto`` is bf16 where the
+    device computes it natively, and then only where its top-1 agrees with fp32 on the first
+    batch (else fp32 for the run); asked for by name, bf16 is kept and the report says how
+    well it agreed."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         if backend in ENGINES:  # said before whether the engine is installed: it is moot
             raise UserError(f"--backend {backend}: the engines run on the CPU, not {device}")
-        if precision != "bf16":
-            return model  # CUDA: torch, with the settings the model has
+        # features have no top-1 to check bf16 against, so auto keeps them fp32 (as on CPU)
+        asked = "fp32" if layer and precision == "auto" else precision
+        if devices.resolve_precision(asked, device) == "fp32":
+            return model
         choice = Choice("torch", "bf16")
-        return InferenceModel(model, ckpt, choice, layer, None, batch_size, fallback=False)
+        fallback = precision == "auto"
+        return InferenceModel(model, card, choice, layer, None, batch_size, fallback=fallback)
     if backend in ENGINES:
         require(backend)
     # one process at a time (the ranks of one torchrun, two commands): none empties a cache
     # another is writing, and the later ones find the first's timed choice
     with exclusive_lock(checkpoint):
-        cache = open_cache(checkpoint, model_digest(model, ckpt))
-        choice = choose(model, ckpt, cache, backend, batch_size, layer, precision)
+        cache = open_cache(checkpoint, model_digest(model, card))
+        choice = choose(model, card, cache, backend, batch_size, layer, precision, inputs)
         return InferenceModel(
-            model, ckpt, choice, layer, cache, batch_size, fallback=precision == "auto"
+            model, card, choice, layer, cache, batch_size, fallback=precision == "auto"
         )
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alexnet.card import ModelCard
 from alexnet.lrn import LocalResponseNorm
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_bytes
@@ -94,7 +95,7 @@ class _Preprocessed(torch.nn.Module):
 
 def export_onnx(
     model,
-    ckpt: dict,
+    card: ModelCard,
     out: Path,
     *,
     preprocessing: bool = False,
@@ -117,16 +118,16 @@ def export_onnx(
         if preprocessing:
             raise ValueError("a feature graph takes preprocessed crops")
         net = _Features(net, layer).eval()
-    crop = int((ckpt.get("augment") or {}).get("crop_size") or model.input_size)
+    crop = card.crop_size
     c = model.conv1.in_channels
     gen = torch.Generator().manual_seed(0)
     if preprocessing:
-        mean = ckpt["data_stats"]["mean"].float()
+        mean = card.data_stats["mean"].float()
         top, left = (mean.shape[1] - crop) // 2, (mean.shape[2] - crop) // 2
         net = _Preprocessed(
             net,
             mean[:, top : top + crop, left : left + crop],
-            float(ckpt["augment"].get("scale", 1.0)),
+            card.scale,
         ).eval()
         example = torch.randint(0, 256, (2, c, crop, crop), generator=gen, dtype=torch.uint8)
         names = (["images_uint8"], ["probabilities"])
@@ -152,24 +153,21 @@ def export_onnx(
             dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
         )
     # one write of the whole file, metadata included: a kill leaves the old file or none
-    atomic_write_bytes(out, _with_metadata(graph.getvalue(), ckpt))
+    atomic_write_bytes(out, _with_metadata(graph.getvalue(), card))
     if not check:
         return None
     return _compare_onnxruntime(net, out, example)
 
 
-def _with_metadata(graph: bytes, ckpt: dict) -> bytes:
-    """The graph with the checkpoint's model config, classes and preprocessing in it."""
+def _with_metadata(graph: bytes, card: ModelCard) -> bytes:
+    """The graph with the card in it: model config, classes, the test views' settings,
+    provenance (the mean image is in the graph itself with ``--preprocessing``)."""
     import onnx
 
     proto = onnx.load_from_string(graph)
-    for key, value in (
-        ("model_config", ckpt["model_config"]),
-        ("classes", ckpt.get("classes")),
-        ("class_names", ckpt.get("class_names")),
-        ("augment", ckpt.get("augment")),
-    ):
-        proto.metadata_props.add(key=key, value=json.dumps(value))
+    for key, value in card.to_dict().items():
+        if key != "data_stats":
+            proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 

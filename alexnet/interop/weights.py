@@ -40,8 +40,8 @@ from alexnet.runtime.fileio import (
     exclusive_lock,
     file_digest,
 )
+from alexnet.runtime.paths import home
 
-ENV_HOME = "ALEXNET_HOME"
 ENV_MIRROR = "ALEXNET_WEIGHTS_MIRROR"
 BUNDLED_SYNSETS = Path(__file__).with_name("ilsvrc2012_synset_words.txt")
 _REGISTERED: dict[str, WeightSet] = {}
@@ -84,10 +84,6 @@ def lookup(name: str) -> WeightSet:
 
 
 # ---------------------------------------------------------------------------------- cache
-def home() -> Path:
-    return Path(os.environ.get(ENV_HOME) or Path.home() / ".cache" / "alexnet").expanduser()
-
-
 def mirrored(url: str) -> str:
     """``url`` with its scheme and host replaced by ``$ALEXNET_WEIGHTS_MIRROR`` when set."""
     base = os.environ.get(ENV_MIRROR)
@@ -272,23 +268,52 @@ def _convert(entry: WeightSet, directory: Path, progress: bool) -> dict:
 
 
 # ------------------------------------------------------------------------ use from Python
+BUILTIN_NAMES = ", ".join(e.name for e in BUILTIN)
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
+    """A network as users name it: an existing checkpoint, run directory (its best
+    checkpoint: ``alexnet.checkpoint.weights_of``) or ``.safetensors`` file, else a published
+    weight set by name (downloaded, verified and converted once). Returns the checkpoint file
+    and, for a run directory, the line saying which checkpoint was taken."""
+    from alexnet.checkpoint import weights_of
+
+    path = Path(source)
+    if path.exists():
+        return weights_of(path)
+    try:
+        entry = lookup(str(source))
+    except UserError as e:
+        raise UserError(
+            f"{source}: no such checkpoint, run directory or .safetensors file, nor a "
+            f"published weight set ({e})"
+        ) from None
+    return checkpoint_path(entry.name), None
+
+
 class Preprocess:
-    """RGB tensors in, the weight set's own inputs out: (C,H,W) or (N,C,H,W), uint8 0-255 or
-    float 0-1 (as torchvision's ``ToTensor`` gives), any size. As ``alexnet predict`` does
-    with files: shorter side to the stored size and the central square (PAPER B1), then the
+    """Images in, the weight set's own inputs out: PIL images, or RGB tensors (C,H,W) or
+    (N,C,H,W), uint8 0-255 or float 0-1 (as torchvision's ``ToTensor`` gives), any size. As
+    ``alexnet predict`` does with files: shorter side to the stored size and the central
+    square (PAPER B1; a PIL image is first turned upright by its EXIF orientation), then the
     centre crop (or the ten views of B5) minus the weight set's mean image, times its scale.
     The colour order and scale of the publisher's contract are folded into conv1 by the
     converter, so RGB in is right for Caffe's BGR weights too."""
 
-    def __init__(self, ckpt: dict) -> None:
-        from alexnet.checkpoint import view_augment
+    def __init__(self, card) -> None:
+        self.card = card
+        self.aug = card.test_views()
+        self.size = card.stored_size
 
-        self.aug = view_augment(ckpt)
-        self.size = int(self.aug.mean.shape[-1])
-
-    def __call__(self, images: torch.Tensor, views: int = 1) -> torch.Tensor:
+    def __call__(self, images, views: int = 1) -> torch.Tensor:
         import torch.nn.functional as F
+        from PIL import Image
 
+        if isinstance(images, Image.Image):
+            from alexnet.data.pipeline import stored_image
+
+            stored = stored_image(images, self.size, self.card.channels)
+            return self.aug.views(torch.from_numpy(stored)[None].float(), views)
         x = images[None] if images.ndim == 3 else images
         x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
         h, w = x.shape[-2:]
@@ -302,36 +327,16 @@ class Preprocess:
 
 
 def load_pretrained(name: str, *, map_location="cpu", progress: bool = True):
-    """The model of weight set ``name`` in eval mode, with ``.transforms`` (``Preprocess``)
-    and ``.meta`` (classes, class names, the checkpoint's ``source``)."""
+    """The ``AlexNet`` of weight set ``name`` in eval mode, with ``.transforms``
+    (``Preprocess``) and ``.meta`` (classes, class names, where the weights came from), as
+    torchvision's models come with their weights' ``transforms`` and ``meta``."""
     from alexnet.checkpoint import load_model
 
-    model, ckpt = load_model(checkpoint_path(name, progress=progress), map_location)
-    model.transforms = Preprocess(ckpt)
+    model, card = load_model(checkpoint_path(name, progress=progress), map_location)
+    model.transforms = Preprocess(card)
     model.meta = {
-        "classes": ckpt.get("classes"),
-        "class_names": ckpt.get("class_names"),
-        "source": ckpt.get("source"),
+        "classes": list(card.classes),
+        "class_names": list(card.class_names),
+        "source": card.source,
     }
     return model
-
-
-# ----------------------------------------------------------------------------- commands
-def add_weights_argument(parser, *, repeat: bool = False) -> None:
-    names = ", ".join(e.name for e in BUILTIN)
-    parser.add_argument(
-        "--weights",
-        metavar="NAME",
-        action="append" if repeat else "store",
-        help=f"published weights by name ({names}; docs/EVALUATION.md): downloaded once "
-        f"into ${ENV_HOME} (default ~/.cache/alexnet), verified and converted",
-    )
-
-
-def resolve(checkpoints, weights) -> list[Path]:
-    """``--checkpoint`` paths and ``--weights`` names as checkpoint paths."""
-    names = [weights] if isinstance(weights, str) else list(weights or [])
-    paths = [Path(p) for p in (checkpoints or [])] + [checkpoint_path(n) for n in names]
-    if not paths:
-        raise UserError("give --checkpoint PATH or --weights NAME")
-    return paths

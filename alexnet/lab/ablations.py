@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from alexnet import config as C
 from alexnet import evaluate as E
 from alexnet.data import PreparedDataset, store
 from alexnet.data.subset import subset_indices
 from alexnet.figures import pyplot, save_png
+from alexnet.inference import Predictor
 from alexnet.lab.fashion import resolve_data
 from alexnet.lab.runs import cached, train_one
 from alexnet.lab.tables import mean_std, write_outputs
@@ -162,15 +162,12 @@ def subset_data(data: Path, out: Path, n: int | None, seed: int = 0) -> Path:
 
 
 def score(checkpoint: Path, data: Path, views: int) -> dict:
-    models, ckpts, augs = E.load_ensemble([checkpoint], torch.device("cpu"))
-    models = [m.to(memory_format=torch.channels_last) for m in models]
+    predictor = Predictor.of_network(checkpoint, device="cpu", channels_last=True)
     counts = E.evaluate(
-        models,
-        augs,
+        [predictor],
         PreparedDataset(data, "test"),
         views=views,
         batch_size=100,
-        device=torch.device("cpu"),
         env=D.DistEnv.from_environ(),
     )
     return E.summary(counts, views, [checkpoint], "test")

@@ -39,6 +39,7 @@ from alexnet import config as C
 from alexnet import evaluate as E
 from alexnet.checkpoint import resolve
 from alexnet.data import PreparedDataset
+from alexnet.inference import Predictor
 from alexnet.lab.fashion import ensure_prepared
 from alexnet.lab.report import make_figures, pct, write_report
 from alexnet.lab.runs import train_one
@@ -144,27 +145,19 @@ def train_all(cfgs: list, *, retrain: bool, jobs: int) -> list[dict]:
 # -------------------------------------------------------------------------- 4. evaluate
 def evaluate_runs(checkpoints: list[Path], data: Path) -> dict:
     """Centre and ten-view results of the first model and, for several, of the ensemble."""
-    device = torch.device("cpu")
-    models, ckpts, augs = E.load_ensemble(checkpoints, device)
-    models = [m.to(memory_format=torch.channels_last) for m in models]  # faster oneDNN convs
+    # the networks in torch fp32, channels_last (faster oneDNN convolutions)
+    predictors = [Predictor.of_network(c, device="cpu", channels_last=True) for c in checkpoints]
     ds = PreparedDataset(data, "test")
-    for model, ckpt, path in zip(models, ckpts, checkpoints, strict=True):
-        E.check_data(ds, ckpt, model, path)
+    for p in predictors:
+        p.check_data(ds)
     env = D.DistEnv.from_environ()
     out: dict = {}
-    groups = [("single", 1)] + ([("ensemble", len(models))] if len(models) > 1 else [])
+    groups = [("single", 1)] + ([("ensemble", len(predictors))] if len(predictors) > 1 else [])
     for views in (1, 10):
         # one pass scores the first model and the ensemble: each model runs once
         t0 = time.perf_counter()
         counts = E.evaluate(
-            models,
-            augs,
-            ds,
-            views=views,
-            batch_size=100,
-            device=device,
-            env=env,
-            sizes=[k for _, k in groups],
+            predictors, ds, views=views, batch_size=100, env=env, sizes=[k for _, k in groups]
         )
         seconds = round(time.perf_counter() - t0, 2)
         for (what, k), c in zip(groups, counts, strict=True):

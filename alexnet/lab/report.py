@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from alexnet import figures
 from alexnet.data import PreparedDataset
 from alexnet.data.subset import subset_indices
 from alexnet.features import features_of
+from alexnet.inference import Predictor
 from alexnet.runtime.fileio import atomic_write_json, atomic_write_text
 from alexnet.runtime.runlog import read_metrics
 
@@ -20,19 +19,17 @@ from alexnet.runtime.runlog import read_metrics
 NEIGHBOUR_POOL = 10_000
 
 
-def neighbours(checkpoint: Path, data: Path, out: Path, seed: int, queries: int = 6) -> None:
+def neighbours(predictor, data: Path, out: Path, seed: int, queries: int = 6) -> None:
     """Six test images and their six nearest training images in fc7 space (PAPER F3)."""
-    model, _, aug, test = figures.load_for_figures(checkpoint, data, "test")
-    model = model.to(memory_format=torch.channels_last)
-    train = PreparedDataset(data, "train")
+    test, train = PreparedDataset(data, "test"), PreparedDataset(data, "train")
     pool = subset_indices(train.labels, NEIGHBOUR_POOL, seed)
     q = subset_indices(test.labels, queries, seed + 1)
     figures.nearest_figure(
         test,
         q,
-        features_of(model, aug, test, q, batch=250),
+        features_of(predictor, test, q),
         train,
-        features_of(model, aug, train, pool, batch=250),
+        features_of(predictor, train, pool),
         out,
         k=6,
         pool=pool,
@@ -47,13 +44,14 @@ def make_figures(run_dirs: list[Path], checkpoint: Path, data: Path, out: Path, 
         name = "curves.png" if i == 0 else f"curves-{i + 1}.png"
         figures.plot_curves(read_metrics(run_dir), out / name, title=run_dir.name)
         written[name] = "loss, error and learning rate per epoch"
-    figures.filters_figure(checkpoint, out / "filters.png")
+    plain = Predictor.of_network(checkpoint)
+    figures.filters_figure(plain, out / "filters.png")
     written["filters.png"] = "the conv1 kernels, each tower in its own rows (PAPER F1)"
-    figures.predictions_figure(
-        checkpoint, data, out / "predictions.png", split="test", n=8, views=10, seed=seed
-    )
+    test = PreparedDataset(data, "test")
+    figures.predictions_figure(plain, test, out / "predictions.png", n=8, views=10, seed=seed)
     written["predictions.png"] = "test images and their five most probable classes (F2)"
-    neighbours(checkpoint, data, out / "neighbours.png", seed)
+    fast = Predictor.of_network(checkpoint, channels_last=True, batch_size=250)
+    neighbours(fast, data, out / "neighbours.png", seed)
     written["neighbours.png"] = (
         f"test images and the six of {NEIGHBOUR_POOL:,} training images nearest in fc7 (F3)"
     )

@@ -74,24 +74,31 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto`` is bf16 on CUDA devices that support
-    it and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs, where bf16 is
-    emulated and slower than fp32 (docs/TRAINING.md). ``bf16`` autocasts on any CPU and on
-    bf16-capable GPUs."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``, ``fp32`` or ``bf16`` as what runs: ``"bf16"`` or ``"fp32"``. One meaning of
+    ``auto`` for every command, training and inference alike: bf16 where the device computes
+    it natively (CUDA devices that support it; CPUs with AMX or AVX512-BF16), fp32 elsewhere,
+    where bf16 is emulated and slower than fp32 (docs/TRAINING.md). Inference under ``auto``
+    also checks bf16's top-1 against fp32 on the first batch (``alexnet.interop.engines``).
+    ``bf16`` asked for by name runs on any CPU and on bf16-capable GPUs."""
     if precision == "fp32":
-        return None
+        return "fp32"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+            return "bf16"
         if precision == "bf16":
             raise UserError(f"precision bf16: {torch.cuda.get_device_name(device)} lacks bf16")
-        return None
+        return "fp32"
     if device.type == "cpu":
-        return torch.bfloat16 if precision == "bf16" or cpu_has_native_bf16() else None
+        return "bf16" if precision == "bf16" or cpu_has_native_bf16() else "fp32"
     if precision == "bf16":
         raise UserError(f"precision bf16: not supported on {device}")
-    return None
+    return "fp32"
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``resolve_precision``, or None for fp32."""
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -222,11 +222,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """The one line printed after each epoch (rank 0)."""
+    """The one line printed after each epoch (rank 0): every rate in it an error rate."""
     event = {"cut": " [rate cut]", "stop": " [end]"}.get(record["event"], "")
+    train = f"train loss {record['train_loss']:.4f}, top-1 error {100 * record['train_error']:.2f}%"
+    val = (
+        f"val top-1 error {100 * record['val_top1_error']:.2f}%, top-5 error "
+        f"{100 * record['val_top5_error']:.2f}%"
+    )
     return (
-        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} error "
-        f"{100 * record['train_error']:.2f}% | val top-1 {100 * record['val_top1_error']:.2f}% "
-        f"top-5 {100 * record['val_top5_error']:.2f}% | lr {record['lr']:.3g} | "
+        f"epoch {record['epoch']}/{epochs}: {train} | {val} | lr {record['lr']:.3g} | "
         f"{record['images_per_sec']:.0f} img/s | {record['seconds']:.1f}s{event}"
     )
