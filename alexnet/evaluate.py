@@ -238,6 +238,8 @@ def _report(result: dict, counts: Counts, ds, args: argparse.Namespace) -> None:
         return
     what = f"{result['models']}-model ensemble" if result["models"] > 1 else "1 model"
     split = args.split + (f" ({args.split_is})" if getattr(args, "split_is", None) else "")
+    if ds.meta.get("folder_split") == args.split:  # a folder of images: no split of its own
+        split = f"{args.data}, a folder of images"
     print(f"{what}, {result['views']} view(s), {result['images']} images of {split}:")
     print(f"  top-1 error {100 * result['top1_error']:6.2f}%")
     print(f"  top-5 error {100 * result['top5_error']:6.2f}%")

@@ -26,7 +26,6 @@ file and SHA-256, what became of fc8, what was frozen).
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,12 +60,12 @@ class Start:
         return cls(ModelCard.from_dict(ck, "checkpoint"), None, dict(ck["init"]))
 
 
-def _source(source: str) -> tuple[Path, ModelCard]:
+def _source(source: str, *, say: bool = True) -> tuple[Path, ModelCard]:
     from alexnet.checkpoint import load_card
     from alexnet.interop.weights import resolve_source
 
     path, note = resolve_source(source)
-    if note:
+    if note and say:
         print(f"train: {note}", flush=True)
     return path, load_card(path)
 
@@ -90,6 +89,19 @@ def adopt(cfg: C.TrainConfig) -> C.TrainConfig:
     return cfg
 
 
+def adopted_before(cfg: C.TrainConfig, saved: dict) -> C.TrainConfig:
+    """``cfg`` with what a fine-tuning run adopted from its source when it began, as its
+    checkpoint's config ``saved`` records it: a run resumes without its source."""
+    cfg = copy.deepcopy(cfg)
+    for name in FIXED:
+        value = saved["model"].get(name)
+        setattr(cfg.model, name, tuple(value) if isinstance(value, list) else value)
+    for name in ("crop_size", "scale", "unit_variance", "image_size"):
+        if name in saved["data"]:
+            setattr(cfg.data, name, saved["data"][name])
+    return cfg
+
+
 def check_data(cfg: C.TrainConfig, card: ModelCard, meta: dict) -> None:
     """The data must be stored as the source's images were (size, channels)."""
     h, w = meta["image_size"]
@@ -107,7 +119,7 @@ def load(cfg: C.TrainConfig) -> Start:
     from alexnet.checkpoint import load_model
     from alexnet.runtime.fileio import file_digest
 
-    path, _ = _source(cfg.finetune.source)
+    path, _ = _source(cfg.finetune.source, say=False)
     network, card = load_model(path)
     init = {
         "source": cfg.finetune.source,
@@ -138,8 +150,8 @@ def apply(model: torch.nn.Module, start: Start, classes: list[str]) -> dict[str,
         head = f"made anew (PAPER D2, D3) for the data's {len(classes)} classes"
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"fc8.weight", "fc8.bias"}:
-        raise UserError(f"{start.init['file']}: its weights do not fit the network ({missing})")
-    print(f"train: {start.init['source']}'s weights loaded; fc8 {head}", file=sys.stdout)
+        raise UserError(f"{start.init.get('file')}: its weights do not fit the network ({missing})")
+    print(f"train: {start.init.get('source', 'the source')}'s weights loaded; fc8 {head}")
     return {**start.init, "head": "kept" if "kept" in head else "new"}
 
 

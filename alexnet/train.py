@@ -276,8 +276,11 @@ def train(
     tune_at_start()  # as the CLI does: freed tensors are reused, not given back to the system
     cfg = copy.deepcopy(config)
     target = ckpt_io.resume_target(resume) if resume else None
-    if target is None and cfg.finetune.source:
+    if cfg.finetune.source and target is None:
         cfg = finetune.adopt(cfg)  # the source's layout and preprocessing
+    elif cfg.finetune.source:  # as adopted when the run began (the source may be gone)
+        saved = ckpt_io.load_checkpoint(target[1], mmap=True)["config"]
+        cfg = finetune.adopted_before(cfg, saved)
     cfg = _prepared_data(cfg)
     C.validate(cfg)
     env = D.DistEnv.from_environ()

@@ -4,6 +4,13 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _alexnet_home(tmp_path, monkeypatch):
+    """Each test has a cache home of its own ($ALEXNET_HOME: weights, dataset caches, the
+    engines' per-machine timings): nothing is read from or written to the user's."""
+    monkeypatch.setenv("ALEXNET_HOME", str(tmp_path / "alexnet-home"))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny convolutions are fastest (and least disturbed by a busy machine) on one thread."""
@@ -39,3 +46,7 @@ def small_disk(tmp_path):
     yield make
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# the loopback weight server and test weight sets (tests/weightkit.py), for every test module
+from weightkit import registered, server  # noqa: E402, F401

@@ -12,8 +12,7 @@ from PIL import Image
 
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.data.pipeline import RecordFormat, load_rgb
-from alexnet.data.pipeline import stored_image
+from alexnet.data.pipeline import RecordFormat, load_rgb, stored_image
 
 H, W = 12, 16
 

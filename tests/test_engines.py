@@ -471,3 +471,60 @@ def test_onnxruntime_threads_sleep_between_our_batches_but_spin_as_a_peer(tmp_pa
     assert spinning(peer) is None
     x = _inputs()
     torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ the first call of a checkpoint
+def _no_timing(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the engines were timed")
+
+    monkeypatch.setattr(engines, "time_runners", refuse)
+
+
+def test_a_few_inputs_run_on_torch_without_timing_the_engines(tmp_path, monkeypatch):
+    """The first `alexnet predict one.png` of a checkpoint spent 8.1 s timing every engine
+    (an export and a compile each) for one image."""
+    path = _checkpoint(tmp_path / "m.pt")
+    model, card = load_model(path)
+    _no_timing(monkeypatch)
+    wrapped = engines.for_inference(model, card, path, "auto", batch_size=1, inputs=1)
+    assert wrapped.choice.backend == "torch"
+    assert not list((tmp_path / "m.pt.engines").glob("*.onnx"))  # nothing exported
+    wrapped = engines.for_inference(model, card, path, "auto", batch_size=8, inputs=16)
+    assert wrapped.choice.backend == "torch"  # two passes: still not worth an engine
+
+
+def test_one_timing_serves_every_checkpoint_of_the_architecture(tmp_path, monkeypatch):
+    first = _checkpoint(tmp_path / "a.pt", seed=0)
+    model, card = load_model(first)
+    timed = engines.for_inference(model, card, first, "auto", batch_size=8).choice
+    record = json.loads((tmp_path / "alexnet-home" / "engines" / "machine.json").read_text())
+    (job,) = record.values()
+    assert (
+        set(job["seconds"]) == set(job["setup"]) == {c.label() for c in engines.candidates("auto")}
+    )
+    second = _checkpoint(tmp_path / "b.pt", seed=1)  # other weights, the same architecture
+    model, card = load_model(second)
+    _no_timing(monkeypatch)
+    assert engines.for_inference(model, card, second, "auto", batch_size=8).choice == timed
+
+
+def test_with_a_record_a_small_job_counts_the_engines_setup(tmp_path, monkeypatch):
+    path = _checkpoint(tmp_path / "m.pt")
+    model, card = load_model(path)
+    options = engines.candidates("auto", "fp32")
+    if len({o.backend for o in options}) < 2:
+        pytest.skip("one backend installed: nothing to weigh")
+    engine = next(o for o in options if o.backend != "torch")
+    seconds = {o.label(): 0.010 for o in options} | {engine.label(): 0.001}
+
+    def choice_with(setup: float):
+        record = {o.label(): 0.0 for o in options} | {engine.label(): setup}
+        monkeypatch.setattr(
+            engines.MachineRecord, "get", lambda self, job: {"seconds": seconds, "setup": record}
+        )
+        cache = engines.open_cache(path, engines.model_digest(model, card))
+        return engines.choose(model, card, cache, "auto", 1, None, "fp32", inputs=2)
+
+    assert choice_with(setup=5.0).backend == "torch"  # 2 x 9 ms saved: not worth 5 s
+    assert choice_with(setup=0.001) == engine  # a setup cheaper than the gain

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.inference import Predictor
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
 from alexnet.features import (
@@ -23,6 +22,7 @@ from alexnet.features import (
     knn,
     recall_at_k,
 )
+from alexnet.inference import Predictor
 
 
 def brute_force(query, index, k):

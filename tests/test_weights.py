@@ -12,11 +12,9 @@ passes written with torch's ops in each publisher's convention.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,58 +24,18 @@ import torch.nn.functional as F
 from caffekit import caffe_blob, caffe_reference, caffe_weights, write_caffemodel
 from PIL import Image
 from references import torchvision_state
+from weightkit import TV_URL, serve, tv_entry
 
 from alexnet import load_pretrained
 from alexnet.cli import main
 from alexnet.interop import caffe_pb, weights
 from alexnet.interop.registry import BUILTIN, Download, WeightSet
-from alexnet.runtime import paths
 from alexnet.runtime.errors import UserError
 
 OWT_WIDTHS, OWT_FC = (8, 16, 24, 16, 16), 32
-TV_URL = "https://download.pytorch.org/models/alexnet-owt-test.pth"
 CAFFE_URL = "http://dl.caffe.berkeleyvision.org/test_alexnet.caffemodel"
 AUX_URL = "http://dl.caffe.berkeleyvision.org/test_ilsvrc12.tar.gz"
 SYNSETS = [ln.split(" ", 1) for ln in weights.BUNDLED_SYNSETS.read_text().splitlines()]
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    cut: dict[str, int] = {}  # path -> bytes sent before the connection drops
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def copyfile(self, source, outputfile) -> None:
-        limit = self.cut.get(self.path)
-        if limit is None:
-            return super().copyfile(source, outputfile)
-        outputfile.write(source.read(limit))  # Content-Length promised the whole file
-        self.close_connection = True
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = type("Handler", (_Handler,), {"cut": {}})
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root))
-    )
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(weights.ENV_MIRROR, f"http://127.0.0.1:{httpd.server_address[1]}")
-    monkeypatch.setenv(paths.ENV_HOME, str(tmp_path / "home"))
-    httpd.root, httpd.handler = root, handler
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _serve(server, url: str, data: bytes) -> Path:
-    path = server.root / url.split("/", 3)[3]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def _owt_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -107,40 +65,8 @@ def _owt_reference(sd, x01: torch.Tensor) -> torch.Tensor:
 def _torchvision_file(server, sd=None) -> bytes:
     buf = io.BytesIO()
     torch.save(sd or _owt_state(), buf)
-    _serve(server, TV_URL, buf.getvalue())
+    serve(server, TV_URL, buf.getvalue())
     return buf.getvalue()
-
-
-def _tv_entry(data: bytes, name: str = "test-owt", sha256: str | None = None) -> WeightSet:
-    d = Download(TV_URL, sha256=sha256 or hashlib.sha256(data).hexdigest(), size=len(data))
-    base = {
-        f: getattr(BUILTIN[0], f)
-        for f in (
-            "layout",
-            "preprocessing",
-            "classes",
-            "license",
-            "top1",
-            "top5",
-            "protocol",
-            "accuracy_source",
-        )
-    }
-    return WeightSet(name=name, format="torchvision", weights=d, **base)
-
-
-@pytest.fixture
-def registered():
-    names = []
-
-    def add(entry: WeightSet) -> WeightSet:
-        weights.register(entry)
-        names.append(entry.name)
-        return entry
-
-    yield add
-    for name in names:
-        weights.unregister(name)
 
 
 def _cache_files(home: Path) -> list[str]:
@@ -160,7 +86,7 @@ def _image(seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------ torchvision
 def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered, tmp_path, capsys):
     sd = _owt_state()
-    registered(_tv_entry(_torchvision_file(server, sd)))
+    registered(tv_entry(_torchvision_file(server, sd)))
     model = load_pretrained("test-owt")
     images = torch.stack([_image(1), _image(2)])
     with torch.no_grad():
@@ -206,7 +132,7 @@ def test_torchvision_weights_load_predict_and_reuse_the_cache(server, registered
 )
 def test_damaged_download_is_refused_and_nothing_kept(server, registered, tmp_path, capsys, damage):
     good = _torchvision_file(server)
-    entry = _tv_entry(good)
+    entry = tv_entry(good)
     served = received = good
     if damage == "flipped-byte":
         served = received = good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:]
@@ -216,8 +142,8 @@ def test_damaged_download_is_refused_and_nothing_kept(server, registered, tmp_pa
         server.handler.cut["/models/alexnet-owt-test.pth"] = len(good) // 3
         received = good[: len(good) // 3]
     else:
-        entry = _tv_entry(good, sha256="0" * 64)
-    _serve(server, TV_URL, served)
+        entry = tv_entry(good, sha256="0" * 64)
+    serve(server, TV_URL, served)
     registered(entry)
     img = tmp_path / "a.png"
     Image.fromarray(_image(0).permute(1, 2, 0).numpy()).save(img)
@@ -232,7 +158,7 @@ def test_damaged_download_is_refused_and_nothing_kept(server, registered, tmp_pa
 
 
 def test_offline_names_the_url_and_where_to_put_the_file(server, registered, tmp_path, capsys):
-    registered(_tv_entry(_torchvision_file(server)))
+    registered(tv_entry(_torchvision_file(server)))
     server.shutdown()
     server.server_close()
     with pytest.raises(UserError) as e:
@@ -245,7 +171,7 @@ def test_offline_names_the_url_and_where_to_put_the_file(server, registered, tmp
 
 def test_file_placed_by_hand_is_verified_and_used(server, registered, tmp_path):
     data = _torchvision_file(server)
-    registered(_tv_entry(data))
+    registered(tv_entry(data))
     server.shutdown()
     server.server_close()
     where = tmp_path / "home" / "downloads" / "alexnet-owt-test.pth"
@@ -259,7 +185,7 @@ def test_file_placed_by_hand_is_verified_and_used(server, registered, tmp_path):
 
 def test_killed_download_leaves_nothing_complete_and_is_cleaned(server, registered, tmp_path):
     data = _torchvision_file(server)
-    registered(_tv_entry(data))
+    registered(tv_entry(data))
     downloads = tmp_path / "home" / "downloads"
     downloads.mkdir(parents=True)
     # What a run killed mid-download leaves: our temporary name and torch.hub's inside it,
@@ -278,7 +204,7 @@ def test_killed_download_leaves_nothing_complete_and_is_cleaned(server, register
 
 
 def test_converted_file_damaged_in_the_cache_is_rebuilt(server, registered, tmp_path):
-    registered(_tv_entry(_torchvision_file(server)))
+    registered(tv_entry(_torchvision_file(server)))
     path = weights.checkpoint_path("test-owt", progress=False)
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
@@ -315,8 +241,8 @@ def caffe_files(server, tmp_path):
     aux = _aux_tar(
         {"imagenet_mean.binaryproto": mean, "synset_words.txt": words, "train.txt": b"unused\n"}
     )
-    _serve(server, CAFFE_URL, model)
-    _serve(server, AUX_URL, aux)
+    serve(server, CAFFE_URL, model)
+    serve(server, AUX_URL, aux)
     entry = _caffe_entry(model, mean, aux)
     return {"weights": w, "mean_bgr": mean_bgr, "entry": entry, "aux": aux}
 
@@ -377,7 +303,7 @@ def test_caffe_weights_take_rgb_and_apply_bgr_and_the_mean_image(caffe_files, re
 def test_damaged_caffe_aux_data_is_refused(caffe_files, registered, server, tmp_path, damage):
     entry = caffe_files["entry"]
     if damage == "cut-archive":
-        _serve(server, AUX_URL, caffe_files["aux"][: len(caffe_files["aux"]) // 2])
+        serve(server, AUX_URL, caffe_files["aux"][: len(caffe_files["aux"]) // 2])
     else:
         members = {**entry.members, "imagenet_mean.binaryproto": "1" * 40}
         entry = WeightSet(**{**entry.__dict__, "members": members})
@@ -452,7 +378,7 @@ def test_evaluate_and_features_take_weights_by_name(caffe_files, registered, tmp
 # ------------------------------------------------------------------- hub and registry
 def test_torch_hub_loads_weights_from_a_local_clone(server, registered):
     sd = _owt_state(seed=5)
-    registered(_tv_entry(_torchvision_file(server, sd)))
+    registered(tv_entry(_torchvision_file(server, sd)))
     root = Path(__file__).resolve().parents[1]
     model = torch.hub.load(str(root), "alexnet", source="local", weights="test-owt", progress=False)
     img = _image(7)[None]
