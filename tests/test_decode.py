@@ -186,3 +186,20 @@ def test_bench_loader_compares_decoders(prepared, capsys):
     assert pil["max_abs_diff_vs_pil"] == 0
     assert out["decoders"]["nvjpeg"] == {"unavailable": "device cpu is not CUDA"}
     assert out["record_bytes_mean"] > 0
+
+
+def test_torchvisions_decode_jpeg_in_the_nvjpeg_path_gives_pils_pixels(prepared, monkeypatch):
+    """The nvJPEG branch of DeviceDecoder with torchvision's own decode_jpeg (on the CPU
+    here: the same call, batched, that runs on the GPU there): where torchvision is
+    installed (the suite on torch 2.14.1, make test-torch214)."""
+    from references import torchvision_installed
+
+    if not torchvision_installed():
+        pytest.skip("torchvision is not installed with this torch (make test-torch214 has it)")
+    monkeypatch.setattr(decode, "nvjpeg_unavailable", lambda device: None)
+    dec = decode.DeviceDecoder("cpu", prepared.record_shape)
+    assert dec.backend == "nvjpeg"
+    idx = np.array([4, 0, 9])
+    got = dec(prepared.records(idx))
+    want = _reference_batch(prepared, idx).permute(0, 3, 1, 2)
+    assert got.shape == want.shape and int((got.int() - want.int()).abs().max()) <= 1

@@ -29,10 +29,10 @@ from alexnet import evaluate as E
 from alexnet.bench.gpu_check import synthetic_jpegs
 from alexnet.checkpoint import load_checkpoint
 from alexnet.data import DeviceAugment, PreparedDataset, decode
+from alexnet.inference import Predictor
 from alexnet.lrn import LocalResponseNorm, reference_lrn
 from alexnet.model import AlexNet
 from alexnet.runtime import distributed as D
-from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_json
 from alexnet.towers import TwoTowerAlexNet, towers_to_grouped
 from alexnet.train import train
@@ -118,10 +118,8 @@ def test_ten_view_counts_on_the_device_equal_the_cpu_counts():
     ds = PreparedDataset(data, "val")
     counts = []
     for name in ("cpu", DEVICE):
-        device = torch.device(name)
-        models, _, augs = E.load_ensemble([run / "checkpoints" / "best.pt"], device)
-        env = D.DistEnv(0, 1, 0)
-        counts.append(E.evaluate(models, augs, ds, views=10, batch_size=8, device=device, env=env))
+        p = Predictor.of_network(run / "checkpoints" / "best.pt", device=name)
+        counts.append(E.evaluate([p], ds, views=10, batch_size=8, env=D.DistEnv(0, 1, 0)))
     cpu, dev = counts
     assert int(cpu.images.sum()) == len(ds)
     for name in ("images", "top1", "top5"):
@@ -197,10 +195,11 @@ def _train_cli(args: list[str], wait: bool = True):
 
 
 def _step(path: Path) -> int:
-    try:
-        return load_checkpoint(path)["step"]
-    except UserError:  # not written yet
-        return 0
+    """The step of a checkpoint, read through a memory map (no tensor loaded: polling the
+    490 MB file by loading it took long enough to miss the moment to kill)."""
+    from alexnet.checkpoint import checkpoint_step
+
+    return (checkpoint_step(path) if path.is_file() else None) or 0
 
 
 def test_paper_model_killed_and_resumed_on_the_device_equals_an_unbroken_run(gpu_data, tmp_path):
@@ -282,3 +281,32 @@ def test_nvjpeg_decodes_the_records_as_the_cpu_does(gpu_data):
     diff = (got.cpu().int() - ds.get_batch(idx).int()).abs()
     # nvJPEG's IDCT is not libjpeg's: a level or two apart here and there, never far.
     assert diff.float().mean() < 0.5 and int(diff.max()) <= 8, (diff.float().mean(), diff.max())
+
+
+def test_the_training_step_and_validation_never_wait_for_the_device(gpu_data, tmp_path):
+    """CUDA's sync debug mode turns every synchronising call (a host-to-device copy from
+    pageable memory, an .item(), a cudaMemcpy of a Python number) into an error: the
+    training step with its bookkeeping, and the validation loop before its result, make
+    none (tests/test_devices.py checks the same by construction on the CPU)."""
+    if DEVICE != "cuda":
+        pytest.skip("sync debug mode is CUDA's")
+    from alexnet import session as S
+    from alexnet import train as T
+    from alexnet.runtime.distributed import DistEnv
+
+    cfg = _paper_config(gpu_data, tmp_path, 8)
+    cfg.optim.batch_size, cfg.data.num_workers = 32, 0
+    s = S.build(cfg, DistEnv(), torch.device("cuda"))
+    images, labels = next(iter(s.train_loader))
+    first_bad = torch.full((), T.NO_BAD_STEP, dtype=torch.int64, device="cuda")
+    T.train_step(s, images, labels, 0.01)  # the first copies the mean image up, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for lr in (0.01, 0.005):
+            loss, wrong = T.train_step(s, images, labels, lr)
+            first_bad = T.account(s, loss, wrong, labels.shape[0], first_bad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert int(first_bad) == T.NO_BAD_STEP

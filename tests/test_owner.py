@@ -218,3 +218,29 @@ def test_a_rewrite_removes_what_a_killed_writer_of_that_file_left(tmp_path):
     fileio.atomic_write_bytes(tmp_path / "owt.pt", b"done")
     assert not left.exists() and other.exists()
     assert (tmp_path / "owt.pt").read_bytes() == b"done"
+
+
+FORKS = """
+import os, sys, time
+from pathlib import Path
+from alexnet.runtime.owner import owned
+with owned(Path(sys.argv[1])):
+    if os.fork() == 0:  # a child, as a data loader's worker is: lives on for a while
+        time.sleep(30)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_owners_forked_children_do_not_keep_it(tmp_path):
+    """A training killed with SIGKILL left its data-loader workers alive for a moment; they
+    shared its lock (flock), and the resume that followed was refused as 'in use'."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKS, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    proc.kill()
+    proc.wait()
+    with owned(tmp_path / "run"):  # at once, while the forked child still sleeps
+        pass

@@ -170,7 +170,7 @@ def _baseline_files(args, ds: PreparedDataset) -> list[str]:
 
 
 def _synthetic(n: int, tmp: Path) -> Path:
-    from alexnet.cli import main
+    from alexnet.data.prepare import prepare_folder
 
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:375, 0:500].astype(np.float32)
@@ -181,9 +181,7 @@ def _synthetic(n: int, tmp: Path) -> Path:
         img = 128 + x[..., None] * a[:, 0] + y[..., None] * a[:, 1]
         img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(folder / f"{k:05d}.JPEG", quality=90)
-    if main(["prepare", "folder", "--train", str(tmp / "src"), str(tmp / "prepared")]) != 0:
-        raise UserError("preparing the synthetic images failed")
-    return tmp / "prepared"
+    return prepare_folder(tmp / "src", tmp / "prepared")
 
 
 @contextlib.contextmanager

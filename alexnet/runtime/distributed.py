@@ -100,7 +100,7 @@ def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any (stop requests, for one)."""
-    t = torch.tensor([1 if flag else 0], device=device)
+    t = torch.full((1,), int(flag), device=device)  # filled there: no copy from the host
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -125,27 +125,39 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM (a scheduler's preemption) sets ``requested``; the training loop
-    then finishes its step, saves and exits. A second Ctrl-C raises KeyboardInterrupt at
-    once (the last checkpoint is whole: writes are atomic). Outside the main thread (where
-    signals cannot be caught) ``watch`` does nothing."""
+    """A request to stop: Ctrl-C, SIGTERM (a scheduler preempting or cancelling the job) or
+    SIGUSR1 (a scheduler's warning before the time limit, ``sbatch --signal=USR1@300``) sets
+    ``requested``; the training loop then finishes its step, saves a checkpoint and ends
+    (``alexnet train`` exits with 130, which recipes/paper-slurm.sbatch takes as "requeue").
+    A second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint is whole: writes
+    are atomic); a second SIGTERM or SIGUSR1 changes nothing (the save is under way).
+    Outside the main thread (where signals cannot be caught) ``watch`` does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, announce: bool = True) -> None:
         self.requested, self.announce = False, announce
 
     def _handler(self, signum, frame) -> None:  # noqa: ANN001 - signal's signature
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = True
         if self.announce:
-            print("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit now)")
+            name = signal.Signals(signum).name
+            print(
+                f"\nstopping ({name}): saving a checkpoint after this step (Ctrl-C again to "
+                "quit now)",
+                flush=True,
+            )
 
     @contextlib.contextmanager
     def watch(self):
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        old = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         try:
             yield self
         finally:

@@ -1,12 +1,17 @@
 """One writer at a time: a run directory, a prepared dataset, an output file has an owner.
 
-``owned(path)`` holds an advisory lock (``flock``) on a lock file for as long as the block
-runs, and writes into the lock file who holds it (process, host, start time, command), so a
-second process that wants the same thing is told by whom it is held, in one line, or waits
+``owned(path)`` holds an advisory lock on a lock file for as long as the block runs, and
+writes into the lock file who holds it (process, host, start time, command), so a second
+process that wants the same thing is told by whom it is held, in one line, or waits
 (``wait=True``, for shared caches where the second process can use what the first makes).
 The kernel drops the lock when its holder ends, however it ends (SIGKILL included): a lock
-is never stale. The lock file stays (hidden, a few bytes): removing it while another process
-waits on it would let two processes believe they own the same thing.
+is never stale. It is a POSIX record lock (``lockf``), which belongs to the process and is
+not inherited by the processes it forks: a killed training's data-loader workers, which can
+outlive it for a moment, do not keep its run locked (``flock``'s lock, shared with forked
+children, did). The holder must not open and close the lock file otherwise (that would
+release a POSIX lock); only other processes read it. The lock file stays (hidden, a few
+bytes): removing it while another process waits on it would let two processes believe they
+own the same thing.
 
 - a directory (a run, a prepared dataset, a cache entry): ``<dir>/.lock``;
 - a file that a command writes in steps (``features extract --out x.npy``): ``.x.npy.lock``
@@ -85,13 +90,13 @@ def owned(
         raise UserError(f"{path}: cannot take ownership of the {what} ({e.strerror})") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # held elsewhere (EAGAIN or EACCES)
             holder = describe_holder(lock)
             if not wait:
                 raise UserError(f"{path}: this {what} is in use by {holder}; {hint}") from None
             print(f"{path}: in use by {holder}: waiting for it", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         _HELD[lock] = 1
