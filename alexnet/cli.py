@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-loader": ("alexnet.bench.loader", "data loading speed against per-image PIL loading"),
     "experiment": ("alexnet.lab.experiment", "the paper's experiments at small scale"),
     "demo": ("alexnet.lab.demo", "the whole system end to end on Fashion-MNIST"),
+    "completion": ("alexnet.completion", 'shell completion: eval "$(alexnet completion bash)"'),
 }
 
 

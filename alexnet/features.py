@@ -339,8 +339,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default="fc7", help="conv1..conv5, pool5, fc6, fc7 (F3), fc8")
     add_views_argument(p)
     p.add_argument("--out", type=output_file, required=True, help="the .npy to write")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    p = sub.add_parser("knn", help="exact Euclidean nearest neighbours (PAPER F3)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="stored precision of the features (float16: half the file)",
+    )
+    p = sub.add_parser(
+        "knn",
+        help="exact Euclidean nearest neighbours (PAPER F3)",
+        description="Each query's k nearest rows of the index in Euclidean distance, exact "
+        "(re-ranked in float64), written as an .npz of indices and distances.",
+    )
     p.add_argument("--index", type=Path, required=True, help="features searched (.npy)")
     p.add_argument("--query", type=Path, required=True, help="features of the queries (.npy)")
     p.add_argument("-k", type=positive_int, default=6, help="neighbours per query (F3 shows six)")
@@ -351,7 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: FAISS's exact index for over 100,000 vectors where installed, else torch",
     )
     p.add_argument("--out", type=output_file, required=True, help=".npz with indices and distances")
-    p = sub.add_parser("codes", help="binary codes: Hamming recall@k against exact search")
+    p = sub.add_parser(
+        "codes",
+        help="binary codes: Hamming recall@k against exact search",
+        description="The paper's suggestion of short binary codes for retrieval (F3): LSH and "
+        "PCA + ITQ codes of the index and queries, searched by Hamming distance, their "
+        "recall@k against the exact search, with and without exact re-ranking.",
+    )
     p.add_argument("--index", type=Path, required=True, help="features searched (.npy)")
     p.add_argument("--query", type=Path, required=True, help="features of the queries (.npy)")
     p.add_argument(

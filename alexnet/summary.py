@@ -89,7 +89,13 @@ def format_table(summary: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=("paper", "owt", "small"), default="paper")
+    parser.add_argument(
+        "--model",
+        choices=("paper", "owt", "small"),
+        default="paper",
+        help="paper: the paper's network (A1-A12); owt: torchvision's layout (H2); small: the "
+        "same pattern for 28-32 px images (default paper)",
+    )
     parser.add_argument(
         "--num-classes", type=int, default=None, help="fc8 outputs (default 1000; 10 for small)"
     )

@@ -53,17 +53,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "prepare them, and measure on those",
     )
     p.add_argument("--batches", type=int, default=8, help="batches per measurement (default 8)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--crop", type=int, default=224, help="crop side after loading (default 224)")
     p.add_argument("--workers", type=int, nargs="+", help="default 0 1 2 (with --decoders: 1)")
     p.add_argument(
         "--decoders",
         nargs="+",
         choices=[*decode.ORDER, "nvjpeg"],
-        help="compare these JPEG decoders on the records instead (see above)",
+        help="instead: compare these JPEG decoders on the records, in one thread and through "
+        "the loader's workers, with their pixels against PIL's (nvjpeg: on --device)",
     )
     p.add_argument("--device", default="cuda", help="for nvjpeg (default cuda)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="measurements per figure; the median")
     p.add_argument(
         "--threads",
         type=int,

@@ -60,7 +60,12 @@ def best_settings(device: torch.device, args: argparse.Namespace) -> RunSettings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--model", choices=("paper", "small"), default="paper")
+    parser.add_argument(
+        "--model",
+        choices=("paper", "small"),
+        default="paper",
+        help="the paper's network at 224 px, or the small one at 32 px (default paper)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 (D1)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per network per round")
@@ -76,7 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--data", default=None, help="prepared dataset for the end-to-end run")
     parser.add_argument("--e2e-steps", type=int, default=None, help="end-to-end steps timed")
-    parser.add_argument("--no-end-to-end", action="store_true")
+    parser.add_argument(
+        "--no-end-to-end",
+        action="store_true",
+        help="time the network on batches already in memory only (no data loading)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument(
@@ -101,7 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="/usr/share/datasets/fashion-mnist",
         help="raw Fashion-MNIST IDX folder for --precision-check",
     )
-    parser.add_argument("--check-steps", type=int, default=300)
+    parser.add_argument(
+        "--check-steps", type=int, default=300, help="training steps of --precision-check"
+    )
 
 
 def reference_network(model: AlexNet) -> nn.Sequential:

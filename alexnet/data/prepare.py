@@ -89,7 +89,14 @@ def _image_options(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kind", metavar="SOURCE", required=True)
-    p = sub.add_parser("imagenet", help="ILSVRC-2012 tars or folders + devkit (PAPER G1)")
+    p = sub.add_parser(
+        "imagenet",
+        help="ILSVRC-2012 tars or folders + devkit (PAPER G1)",
+        description="ILSVRC-2012 as users have it (the official tars, a folder of the per-class "
+        "tars, or <wnid>/ folders; the flat validation set labelled through the devkit) into a "
+        "prepared dataset: shorter side to 256, central square (B1), JPEG records, mean image "
+        "(B2) and RGB PCA (B4) of the training split. Resumable; on all cores.",
+    )
     p.add_argument(
         "--train",
         type=Path,
@@ -105,12 +112,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ILSVRC2012_devkit_t12.tar.gz or its folder (val labels, class names)",
     )
     _image_options(p)
-    p = sub.add_parser("folder", help="any folder-per-class image tree (<class>/<images>)")
+    p = sub.add_parser(
+        "folder",
+        help="any folder-per-class image tree (<class>/<images>)",
+        description="A folder of class folders (sorted names are the classes, as ImageFolder) "
+        "into a prepared dataset, as ImageNet's (B1, B2, B4), images turned upright by their "
+        "EXIF orientation. Resumable; on all cores.",
+    )
     p.add_argument("--train", type=Path, required=True, help="training tree")
     p.add_argument("--val", type=Path, help="validation tree, same class folders")
     _image_options(p)
-    p = sub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files, native 28x28x1")
-    p.add_argument("out", type=Path)
+    p = sub.add_parser(
+        "fashion-mnist",
+        help="Fashion-MNIST IDX files, native 28x28x1",
+        description="Fashion-MNIST's four IDX files into a prepared dataset at their own "
+        "28x28x1 (raw pixels), a stratified validation split held out of the training images "
+        "and the official test set as its own split.",
+    )
+    p.add_argument("out", type=Path, metavar="OUT", help="the prepared dataset directory")
     p.add_argument(
         "--source",
         type=Path,
@@ -123,8 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fetch the files from the canonical address into --source, MD5-checked",
     )
     _validation_options(p)
-    p = sub.add_parser("cifar10", help="CIFAR-10 python batches, native 32x32x3")
-    p.add_argument("out", type=Path)
+    p = sub.add_parser(
+        "cifar10",
+        help="CIFAR-10 python batches, native 32x32x3",
+        description="CIFAR-10's python batches into a prepared dataset at 32x32x3 (raw pixels), "
+        "a validation split held out and the official test set as its own split.",
+    )
+    p.add_argument("out", type=Path, metavar="OUT", help="the prepared dataset directory")
     p.add_argument(
         "--source",
         type=Path,
@@ -132,8 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cifar-10-batches-py folder or cifar-10-python.tar.gz",
     )
     _validation_options(p)
-    p = sub.add_parser("verify", help="check a prepared directory against its index")
-    p.add_argument("out", type=Path)
+    p = sub.add_parser(
+        "verify",
+        help="check a prepared directory against its index",
+        description="Every record's CRC-32 and decoding, the counts, the layout of the record "
+        "files and the leftovers of an interrupted prepare, in a prepared directory.",
+    )
+    p.add_argument("out", type=Path, metavar="DIR", help="the prepared dataset directory")
     p.add_argument("--quick", action="store_true", help="decode a sample, not every record")
 
 

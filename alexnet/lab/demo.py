@@ -209,7 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="models trained at once (default: on a CPU one per core, up to --models; on a GPU 1)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the first model's seed (the next ones follow)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epoch: a smoke run")
     parser.add_argument(
         "--retrain", action="store_true", help="train again even where a finished run is there"

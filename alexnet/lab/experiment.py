@@ -16,19 +16,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from alexnet.lab.ablations import run_ablations
+from alexnet.lab.ablations import run_ablations, variants
 from alexnet.lab.fashion import DEFAULT_DATA
 from alexnet.lab.fig1 import FMNIST_THRESHOLD, run_fig1
+from alexnet.model import ARCHS
 from alexnet.runtime.errors import UserError
 
 
 # ------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="which", required=True, metavar="EXPERIMENT")
-    p = sub.add_parser("fig1", help="ReLU against tanh: epochs to a training error (PAPER E4)")
+    p = sub.add_parser(
+        "fig1",
+        help="ReLU against tanh: epochs to a training error (PAPER E4)",
+        description="The paper's Figure 1 at small scale: the same four-layer network with "
+        "ReLU and with tanh units, each at its best rate, epochs to reach a training error.",
+    )
     p.add_argument("--data", type=Path, help=f"prepared dataset (default {DEFAULT_DATA})")
-    p.add_argument("--out", type=Path, default=Path("runs/experiments/fig1"))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/experiments/fig1"),
+        help="where the runs, the table, the JSON and the figure go",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="runs of each activation (default 3)")
     p.add_argument(
         "--threshold",
         type=float,
@@ -49,19 +60,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20000,
         help="random training subset (0: all); the time budget default",
     )
-    p = sub.add_parser("ablations", help="LRN, pooling, dropout, colour noise, views, towers")
+    p = sub.add_parser(
+        "ablations",
+        help="LRN, pooling, dropout, colour noise, views, towers",
+        description="The paper's ablations at small scale (PAPER E3, B4, B5, C1, A12): the "
+        "baseline and one change at a time, each over --seeds runs.",
+    )
     p.add_argument("--data", type=Path, help=f"prepared dataset (default {DEFAULT_DATA})")
-    p.add_argument("--out", type=Path, default=Path("runs/experiments/ablations"))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/experiments/ablations"),
+        help="where the runs, the table, the JSON and the chart go",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="runs of each variant (default 3)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
     p.add_argument(
         "--train-images",
         type=int,
         default=10000,
         help="random training subset (0: all); the time budget default",
     )
+    names = [v.name for v in variants(ARCHS["small"].widths) if v.name != "baseline"]
     p.add_argument(
-        "--only", nargs="+", metavar="VARIANT", help="run these variants (and the baseline) only"
+        "--only",
+        nargs="+",
+        choices=names,
+        metavar="VARIANT",
+        help=f"run these variants (and the baseline) only: {', '.join(names)}",
     )
 
 
