@@ -27,7 +27,7 @@ from torch import nn
 
 from alexnet.card import ModelCard
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open, atomic_torch_save
+from alexnet.runtime.fileio import atomic_open, atomic_torch_save, temp_prefix
 
 FORMAT = "alexnet-checkpoint/1"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
@@ -106,7 +106,7 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Make ``dst`` hold ``src``'s bytes, atomically: a hard link when the filesystem allows
     (no second write of a large file), else a copy through a temporary file."""
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp = dst.with_name(temp_prefix(dst) + "link.tmp")  # whose it is: remove_stale_temps
     try:
         tmp.unlink(missing_ok=True)
         os.link(src, tmp)

@@ -288,16 +288,27 @@ def apply_overrides(
     return cfg
 
 
-def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
-    """Raise one ``UserError`` listing every problem, before any work starts. With
-    ``check_files``, also the dataset: it must be prepared, and the crops and the model must
-    fit its images."""
-    problems = [
+def validate_settings(cfg: TrainConfig) -> None:
+    """The checks that need neither the data nor a source (rates, counts, names): run before
+    a folder is prepared or weights fetched, so a mistyped setting costs no minutes."""
+    problems = _finite_problems(cfg) + _setting_problems(cfg)
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def _finite_problems(cfg: TrainConfig) -> list[str]:
+    return [
         f"{k}={v}: must be a finite number"
         for k, v in flatten(cfg.to_dict()).items()
         if isinstance(v, float) and not math.isfinite(v)
     ]
-    problems += _setting_problems(cfg)
+
+
+def validate(cfg: TrainConfig, *, check_files: bool = True) -> None:
+    """Raise one ``UserError`` listing every problem, before any work starts. With
+    ``check_files``, also the dataset: it must be prepared, and the crops and the model must
+    fit its images."""
+    problems = _finite_problems(cfg) + _setting_problems(cfg)
     if check_files:
         problems += _data_problems(cfg)
     else:
@@ -397,7 +408,15 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
         return [f"{meta_path}: unreadable ({type(e).__name__}: {e}); prepare the data again"]
     missing = [s for s in (d.train_split, d.val_split) if s not in counts]
     if missing:
-        return [f"{d.root}: no split {', '.join(map(repr, missing))} (has {', '.join(counts)})"]
+        hint = (
+            "; prepare it with --val, or give the folder of images itself as --data (its "
+            "data.holdout share is then held out for validation)"
+            if d.val_split in missing
+            else ""
+        )
+        return [
+            f"{d.root}: no split {', '.join(map(repr, missing))} (has {', '.join(counts)}){hint}"
+        ]
     if counts[d.train_split] < cfg.optim.batch_size:
         return [
             f"{d.root}: {counts[d.train_split]} training images, fewer than one batch of "
@@ -414,31 +433,6 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
     return _model_problems(cfg, image_size=crop, channels=channels)
 
 
-# Settings that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = {
-    "preset",
-    "data.root",
-    "finetune.source",  # where the weights came from (a moved file); they are in the run now
-    "data.num_workers",
-    "schedule.epochs",
-    "schedule.patience",
-    "schedule.max_cuts",
-    "run.name",
-    "run.out_dir",
-    "run.device",
-    "run.precision",
-    "run.channels_last",
-    "run.deterministic",
-    "run.compile",
-    "run.log_every",
-    "run.progress_interval_s",
-    "run.save_every_steps",
-    "run.max_steps",
-    "run.export",
-    "run.dist_timeout_s",
-}
-
-
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -447,13 +441,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
-
-
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs and may not change on resume."""
-    a, b = flatten(old), flatten(new)
-    return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
-    ]

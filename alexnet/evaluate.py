@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from alexnet.data.folders import add_data_argument
 from alexnet.inference import (
     NonFiniteOutput,
     Predictor,
@@ -164,13 +165,7 @@ def per_class_csv(counts: Counts, classes: list[str], names: list[str]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, ensemble=True)
     data = parser.add_argument_group("the images")
-    data.add_argument(
-        "--data",
-        type=Path,
-        required=True,
-        help="a prepared dataset, or a folder of images: one folder per class (or train/, "
-        "val/, test/ folders of such), prepared once into $ALEXNET_HOME/datasets",
-    )
+    add_data_argument(data)
     data.add_argument(
         "--split",
         help="default: test where the data has a test split (Fashion-MNIST, CIFAR-10, a "

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.data.subset import subset_indices
-from alexnet.features import features_of, knn
+from alexnet.features import features_of
+from alexnet.retrieval import knn
 from alexnet.runtime.args import output_file, positive_int
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_open
@@ -86,17 +87,26 @@ def filter_grid(weight, towers: int = 2, cols: int = 16, gap: int = 1, tower_gap
 
 
 def plot_filters(weight, towers: int, out: Path, title: str = "") -> None:
+    """The grid of ``filter_grid``, each kernel at least a third of an inch wide however few
+    its pixels (a 3x3 kernel was three screen pixels), with a title that says what is drawn."""
     plt = pyplot()
-    kh = np.asarray(weight).shape[2]
+    o, c, kh, _ = np.asarray(weight).shape
     grid = filter_grid(weight, towers, tower_gap=max(2, kh // 2 + 1))
     shown = np.where(np.isnan(grid), 1.0, grid)  # background white
-    inches = max(1 / 12, 4.0 / grid.shape[1])  # a kernel pixel: 1/12 inch, 4 inches at least
-    fig, ax = plt.subplots(figsize=(grid.shape[1] * inches, grid.shape[0] * inches + 0.6))
+    inches = max(1 / 12, 0.36 / kh, 6.0 / grid.shape[1])  # one kernel pixel
+    height = grid.shape[0] * inches
+    fig, ax = plt.subplots(figsize=(grid.shape[1] * inches, height + 0.9), dpi=100)
     ax.imshow(shown, interpolation="nearest")
     ax.set_axis_off()
-    o, c, k, _ = np.asarray(weight).shape
-    towers_note = f"; the {o // towers} kernels of each tower in its own rows" if towers > 1 else ""
-    ax.set_title(title or f"conv1: {o} kernels of {k}x{k}x{c}{towers_note}", fontsize=9)
+    colour = "RGB" if c == 3 else "grey" if c == 1 else f"mean of {c} channels"
+    rows = f"; each tower's {o // towers} in its own block of rows" if towers > 1 else ""
+    ax.set_title(
+        title
+        or f"conv1's {o} kernels ({kh}x{kh}, {colour}), each stretched to its own full range"
+        f"{rows} (PAPER F1, the paper's Figure 3)",
+        fontsize=9,
+        wrap=True,
+    )
     save_png(fig, out)
 
 
@@ -187,7 +197,8 @@ def _frame(ax, colour: str, width: float) -> None:
 
 # ------------------------------------------------------------------------------- curves
 def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
-    """Loss, error (%) and learning rate (log scale) per epoch; rate cuts dotted (D4)."""
+    """Loss, error (%) and learning rate (log scale) per epoch; rate cuts dotted (D4).
+    ``title``: what run this is (the figure says the rest)."""
     plt = pyplot()
     epoch = [r["epoch"] for r in records]
 
@@ -219,8 +230,8 @@ def plot_curves(records: list[dict], out: Path, title: str = "") -> None:
         ax.legend(fontsize=8)
     for ax in (a, b, c):
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    what = "loss, top-1/top-5 error and learning rate per epoch; dotted lines: rate cuts (D4)"
+    fig.suptitle(f"{title}: {what}" if title else what, fontsize=10)
     fig.tight_layout()
     save_png(fig, out)
 
@@ -328,6 +339,7 @@ def neighbours_figure(
 
 # ------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from alexnet.data.folders import add_data_argument
     from alexnet.inference import add_model_arguments
 
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -348,13 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}: {what}."
         )
         add_model_arguments(p)
-        p.add_argument(
-            "--data",
-            type=Path,
-            required=True,
-            help="a prepared dataset, or a folder of images (one folder per class, or train/ "
-            "val/ test/ folders of such), prepared once into $ALEXNET_HOME/datasets",
-        )
+        add_data_argument(p)
         p.add_argument(
             "--split",
             help="where the shown / query images come from (default: the split results are "
@@ -403,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     from alexnet.inference import card_of, load_from_args, single_source
 
     if args.what == "curves":
-        title = f"training curves of {Path(args.run).resolve().name}"
+        title = f"the run {Path(args.run).resolve().name}"
         plot_curves(read_metrics(args.run), args.out, title=title)
         print(f"wrote {args.out}")
         return 0
@@ -414,17 +420,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     card = card_of(source)
     ds = _split(args.data, args.split, card)
+    draw = dict(indices=args.indices, n=args.n, seed=args.seed, views=args.views)
     if args.what == "predictions":
         predictor = load_from_args(args, source, inputs=args.n)
-        predictions_figure(
-            predictor,
-            ds,
-            args.out,
-            indices=args.indices,
-            n=args.n,
-            seed=args.seed,
-            views=args.views,
-        )
+        predictions_figure(predictor, ds, args.out, **draw)
     else:
         index_ds = _split(args.data, args.index_split, card)
         predictor = load_from_args(args, source, layer=args.layer, inputs=len(index_ds))
@@ -433,10 +432,7 @@ def run(args: argparse.Namespace) -> int:
             ds,
             index_ds,
             args.out,
-            indices=args.indices,
-            n=args.n,
-            seed=args.seed,
-            views=args.views,
+            **draw,
             index_features=args.index_features,
             layer=args.layer,
             k=args.k,

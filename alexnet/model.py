@@ -24,6 +24,14 @@ LAYERS = (*CONVS, "pool5", "fc6", "fc7", "fc8")  # what ``forward_features`` can
 GROUPED = ("conv2", "conv4", "conv5")  # see only their own tower's maps (PAPER A4, A6)
 
 
+def make_lrn(enabled: bool, convention: str, groups: int) -> nn.Module:
+    """The paper's LRN (PAPER A8: n=5, alpha=1e-4, beta=0.75, k=2) over ``groups`` blocks of
+    channels, or nothing where ``enabled`` is false (owt, an ablation)."""
+    if not enabled:
+        return nn.Identity()
+    return LocalResponseNorm(5, 1e-4, 0.75, 2.0, convention, groups=groups)
+
+
 def layer_of(parameter: str) -> str:
     """The layer a parameter belongs to: "conv1" for "conv1.weight" and "tower0.conv1.bias"
     (alexnet/towers.py), "" for a module's own "weight"."""
@@ -208,8 +216,8 @@ class AlexNet(nn.Module):
         self.conv5 = nn.Conv2d(c4, c5, k[4], s[4], p[4], groups=g)  # 3x3x192: A6
         # Each tower normalises over its own maps only (PAPER A12, H1): LRN in groups.
         self.lrn_groups = g if lrn_per_tower else 1
-        self.lrn1 = self._make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
-        self.lrn2 = self._make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
+        self.lrn1 = make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
+        self.lrn2 = make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
         self.pool = nn.MaxPool2d(kernel_size=pool_kernel, stride=2)  # z=3, s=2: PAPER A9
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if spec.adaptive_pool else None
         self.drop = Dropout(dropout)  # PAPER C1 (nn.Dropout, a cheaper mask on CPU)
@@ -239,12 +247,6 @@ class AlexNet(nn.Module):
             else:
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
-
-    @staticmethod
-    def _make_lrn(enabled: bool, convention: str, groups: int) -> nn.Module:
-        if not enabled:
-            return nn.Identity()
-        return LocalResponseNorm(5, 1e-4, 0.75, 2.0, convention, groups=groups)  # PAPER A8
 
     def _run(self, x: Tensor, stop: str | None = None) -> Tensor:
         act = self.act

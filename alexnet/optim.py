@@ -234,7 +234,7 @@ class Schedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             if k in ("max_epochs", "patience", "max_cuts"):
-                continue  # these may be raised on resume (config.RESUMABLE_CHANGES)
+                continue  # these may be raised on resume (runs.RESUMABLE_CHANGES)
             setattr(self, k, tuple(v) if isinstance(v, list) else v)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from alexnet.model import CONVS, LEARNED, AlexNet
+from alexnet.model import CONVS, LEARNED, AlexNet, make_lrn
 
 
 def _halves(n: int) -> tuple[int, int]:
@@ -88,8 +88,8 @@ class TwoTowerAlexNet(nn.Module):
         self.devices = tuple(torch.device(d) for d in devices)
         self.tower0, self.tower1 = Tower(grouped, 0), Tower(grouped, 1)
         # Each tower's LRN sees only its own maps (the grouped model's LRN runs in 2 groups).
-        self.lrn1 = grouped._make_lrn(self.config["lrn"], self.config["lrn_convention"], 1)
-        self.lrn2 = grouped._make_lrn(self.config["lrn"], self.config["lrn_convention"], 1)
+        self.lrn1 = make_lrn(self.config["lrn"], self.config["lrn_convention"], 1)
+        self.lrn2 = make_lrn(self.config["lrn"], self.config["lrn_convention"], 1)
         self.pool, self.avgpool, self.drop = grouped.pool, grouped.avgpool, grouped.drop
         self.act, self.dropout_at = grouped.act, grouped.dropout_at
         self.load_state_dict(grouped_to_towers(grouped.state_dict()), strict=False)

@@ -9,11 +9,9 @@ reference scripts: ``build`` (data, model, optimizer, schedule), ``train_one_epo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +20,17 @@ import torch.nn.functional as F
 
 from alexnet import checkpoint as ckpt_io
 from alexnet import config as C
-from alexnet import finetune
+from alexnet import finetune, runs
 from alexnet.data.store import read_meta
 from alexnet.evaluate import Counts
 from alexnet.optim import set_lr, warmup_factor
 from alexnet.runtime import devices
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.owner import owned
 from alexnet.runtime.progress import Progress
-from alexnet.runtime.runlog import RunLog, claim_run_dir, environment, epoch_line, start_fresh
+from alexnet.runtime.runlog import RunLog, environment, epoch_line
 from alexnet.session import Session, TrainingDiverged, build
+from alexnet.train_flags import add_arguments, from_args  # noqa: F401 - the command's
 
 
 def _input_device(s: Session) -> torch.device:
@@ -213,36 +211,6 @@ def run_epochs(s: Session) -> str:
     return "finished"
 
 
-def _resume_checkpoint(resume: str | Path, cfg: C.TrainConfig) -> tuple[Path, dict[str, Any]]:
-    path, ck = ckpt_io.load_training_checkpoint(resume)
-    # Read back through from_dict: settings added since the run began take their defaults,
-    # renamed ones their new names, so only real changes count.
-    saved = C.from_dict(ck["config"], source=f"{path} (its config)").to_dict()
-    diffs = C.differences(saved, cfg.to_dict())
-    if diffs:
-        raise UserError(
-            f"{path}: cannot resume with a different config ({'; '.join(diffs)}); drop the "
-            "changed settings, or start a new run"
-        )
-    _check_resume_data(path, ck, cfg)
-    return path, ck
-
-
-def _check_resume_data(path: Path, ck: dict[str, Any], cfg: C.TrainConfig) -> None:
-    """A run resumes only onto the data it was trained on (data.root may move): other
-    classes would relabel the model silently, other images would not continue the run."""
-    from alexnet.data.store import identity, identity_differences, read_meta
-
-    saved = ck.get("data") or {"classes": ck.get("classes")}
-    now = identity(read_meta(cfg.data.root), cfg.data.train_split)
-    diffs = identity_differences(saved, now)
-    if diffs:
-        raise UserError(
-            f"{cfg.data.root}: not the data {path} was trained on ({'; '.join(diffs)}); resume "
-            "with that data, or start a new run from these weights with --init"
-        )
-
-
 def _check_setup(cfg: C.TrainConfig, env: D.DistEnv) -> torch.device:
     """The checks that need the machine (devices, world size), before any work."""
     if cfg.optim.batch_size % env.world_size:
@@ -269,60 +237,25 @@ def train(
     """Run training; returns the final metrics and where everything was written.
 
     ``resume``: a run directory (or one of its checkpoints, ``ckpt_io.resume_target``) to
-    continue; its config must match, apart from ``config.RESUMABLE_CHANGES``, and its data
+    continue; its config must match, apart from ``runs.RESUMABLE_CHANGES``, and its data
     must be the data it was trained on. Under torchrun every process calls this."""
     from alexnet.runtime.memory import tune_at_start
 
     tune_at_start()  # as the CLI does: freed tensors are reused, not given back to the system
     cfg = copy.deepcopy(config)
+    C.validate_settings(cfg)  # before a folder is prepared or weights fetched
     target = ckpt_io.resume_target(resume) if resume else None
     if cfg.finetune.source and target is None:
         cfg = finetune.adopt(cfg)  # the source's layout and preprocessing
     elif cfg.finetune.source:  # as adopted when the run began (the source may be gone)
         saved = ckpt_io.load_checkpoint(target[1], mmap=True)["config"]
         cfg = finetune.adopted_before(cfg, saved)
-    cfg = _prepared_data(cfg)
+    cfg = runs.prepared_data(cfg)
     C.validate(cfg)
     env = D.DistEnv.from_environ()
     device = _check_setup(cfg, env)
     with devices.determinism(cfg.run.deterministic, device):
         return _train(cfg, env, device, target, argv)
-
-
-def _prepared_data(cfg: C.TrainConfig) -> C.TrainConfig:
-    """``data.root`` as a prepared dataset: a folder of images is prepared once into its
-    cache (``alexnet.data.folders``), at ``data.image_size``, ``data.holdout`` of each class
-    held out for validation where it has no ``val/`` folder; the config then names the
-    cache (so a resumed run reads the same images). Every torchrun rank asks: the first
-    prepares, the others wait for it."""
-    from alexnet.data.folders import is_prepared, prepared
-
-    root = cfg.data.root
-    if root and not is_prepared(root) and Path(root).is_dir():
-        d = cfg.data
-        cfg.data.root = str(prepared(root, size=d.image_size, holdout=d.holdout, seed=0))
-    return cfg
-
-
-@contextlib.contextmanager
-def _owned_run(cfg: C.TrainConfig, env: D.DistEnv, resume_dir: Path | None) -> Iterator[Path]:
-    """The run directory, owned by rank 0 for the whole block (runtime/owner.py): another
-    process training or resuming the same run is refused in one line, on every rank."""
-    with contextlib.ExitStack() as stack:
-        run_dir, error = None, None
-        if env.is_main:
-            try:
-                run_dir = resume_dir or claim_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset)
-                hint = "one process trains a run at a time (--name gives a new run another name)"
-                stack.enter_context(owned(run_dir, what="run", hint=hint))
-                if resume_dir is None:
-                    start_fresh(run_dir)
-            except UserError as e:
-                error = str(e)
-        run_dir, error = D.broadcast_object((run_dir, error))
-        if error:
-            raise UserError(error)
-        yield run_dir
 
 
 def _train(
@@ -335,10 +268,10 @@ def _train(
     D.setup(env, device, timeout_s=cfg.run.dist_timeout_s)
     log = s = None
     try:
-        with _owned_run(cfg, env, target and target[0]) as run_dir:
+        with runs.owned_run(cfg, env, target and target[0]) as run_dir:
             # read under ownership: a run that another process finished meanwhile is read
             # as it now is, never an older state of it
-            ck_path, ck = _resume_checkpoint(target[1], cfg) if target else (None, None)
+            ck_path, ck = runs.resume_checkpoint(target[1], cfg) if target else (None, None)
             if ck is not None:
                 start = finetune.Start.of_checkpoint(ck)
             else:
@@ -355,22 +288,13 @@ def _train(
             log.write_env(environment(device, env.world_size, argv))
             log.open_tensorboard(s.step)
             _banner(s)
-            status = "finished" if _already_finished(cfg, ck, s.epoch) else run_epochs(s)
+            status = "finished" if runs.already_finished(cfg, ck, s.epoch) else run_epochs(s)
             return _result(s, status)
     finally:
         if log is not None:
             log.close()
         s = None  # noqa: F841 -- the session's DDP wrapper holds the process group: let go of it
         D.teardown()
-
-
-def _already_finished(cfg: C.TrainConfig, ck: dict | None, epoch: int) -> bool:
-    """A resumed run with nothing left to do: its epochs are done, or its schedule ended it
-    (a plateau stop) and no more epochs were asked for."""
-    if ck is None or not ck.get("finished"):
-        return False
-    more_asked = cfg.schedule.epochs != ck["config"]["schedule"]["epochs"]
-    return epoch >= cfg.schedule.epochs or (ck["finished"] == "schedule" and not more_asked)
 
 
 def _banner(s: Session) -> None:
@@ -406,113 +330,6 @@ def _result(s: Session, status: str) -> dict[str, Any]:
         "best_checkpoint": str(ckdir / "best.pt") if (ckdir / "best.pt").exists() else None,
         "weights": weights,
     }
-
-
-# Command-line flags for the most used settings: (flag, key, type, help).
-FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    (
-        "--data",
-        "data.root",
-        str,
-        "a prepared dataset, or a folder of images (one folder per class, or train/ and val/ "
-        "folders of such), prepared once into $ALEXNET_HOME/datasets",
-    ),
-    (
-        "--init",
-        "finetune.source",
-        str,
-        "fine-tune: start from these weights (IMAGENET1K_V1, bvlc_alexnet, a checkpoint, a "
-        "run directory or a .safetensors), keeping their layout and preprocessing",
-    ),
-    (
-        "--freeze-below",
-        "finetune.freeze_below",
-        str,
-        "with --init: do not train the layers before this one (e.g. fc6)",
-    ),
-    (
-        "--pretrained-lr-mult",
-        "finetune.pretrained_lr_mult",
-        float,
-        "with --init: the pretrained layers' rate as a multiple of --lr",
-    ),
-    ("--epochs", "schedule.epochs", int, "most epochs to train (paper: 90)"),
-    ("--batch-size", "optim.batch_size", int, "global batch over all processes (paper: 128)"),
-    ("--lr", "optim.lr", float, "initial learning rate (paper: 0.01)"),
-    ("--schedule", "schedule.kind", str, "plateau (paper) | steps (authors' log) | constant"),
-    ("--patience", "schedule.patience", int, "epochs without improvement before a rate cut"),
-    ("--workers", "data.num_workers", int, "data loader processes per rank"),
-    ("--device", "run.device", str, "auto | cpu | cuda | cuda:N"),
-    ("--precision", "run.precision", str, "auto (bf16 where native, else fp32) | bf16 | fp32"),
-    (
-        "--towers",
-        "run.tower_devices",
-        str,
-        "two devices for the two-GPU layout, e.g. cuda:0,cuda:1",
-    ),
-    ("--seed", "run.seed", int, "random seed"),
-    ("--name", "run.name", str, "run directory name (default: <preset>-<date>-<time>)"),
-    ("--out", "run.out_dir", str, "parent directory of run directories (default: runs)"),
-    ("--max-steps", "run.max_steps", int, "stop with a checkpoint after this many steps"),
-    ("--save-every", "run.save_every_steps", int, "also checkpoint every N steps"),
-)
-
-
-def add_arguments(parser: Any) -> None:  # an argparse.ArgumentParser
-    """The ``alexnet train`` flags; everything else is reachable with ``--set KEY=VALUE``."""
-    parser.add_argument(
-        "--preset",
-        choices=list(C.PRESETS),
-        help="starting point (default: paper; with --init, finetune); alexnet/recipes.py says "
-        "why each value",
-    )
-    parser.add_argument("--config", metavar="FILE", help="a JSON config (e.g. a run's config.json)")
-    for flag, key, tp, help_text in FLAGS:
-        parser.add_argument(
-            flag,
-            dest=key.replace(".", "__"),
-            type=tp,
-            metavar=tp.__name__.upper(),
-            help=f"{help_text} [{key}]",
-        )
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile")
-    parser.add_argument(
-        "--deterministic",
-        action="store_true",
-        default=None,
-        help="deterministic algorithms (bitwise resume on CPU)",
-    )
-    parser.add_argument("--no-channels-last", action="store_true", help="NCHW activations")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any setting, e.g. --set optim.bias_lr_mult=2",
-    )
-    parser.add_argument("--resume", metavar="PATH", help="continue a run (directory or .pt)")
-    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
-
-
-def from_args(args: Any, base: C.TrainConfig | None = None) -> C.TrainConfig:
-    """Preset (or ``--config`` file, or ``base``), then explicit flags, then ``--set``."""
-    if args.config:
-        cfg = C.load_file(args.config)
-    elif base is not None and not args.preset:
-        cfg = base
-    else:
-        default = "finetune" if getattr(args, "finetune__source", None) else "paper"
-        cfg = C.preset(args.preset or default)
-    flags = {key: getattr(args, key.replace(".", "__")) for _, key, _, _ in FLAGS}
-    C.apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, source="flag")
-    if args.compile:
-        cfg.run.compile = True
-    if args.deterministic:
-        cfg.run.deterministic = True
-    if args.no_channels_last:
-        cfg.run.channels_last = False
-    return C.apply_overrides(cfg, args.overrides)
 
 
 def run(args) -> int:  # noqa: ANN001 - argparse.Namespace

@@ -78,7 +78,7 @@ def test_bench_quick_json(capsys):
 def test_each_contender_trains_with_its_own_optimizer():
     """Ours: PaperSGD, what alexnet train runs; the compiled peer: torch's fused SGD; the
     usual way: torch's SGD as constructed by default."""
-    from alexnet.bench.speed import _optimizer
+    from alexnet.bench.steps import _optimizer
     from alexnet.optim import PaperSGD
 
     params = [torch.nn.Parameter(torch.ones(3))]

@@ -174,3 +174,27 @@ def test_jpeg_records_decode_in_threads_and_workers(tmp_path):
         loader = make_loader(ds, 4, shuffle=False, num_workers=workers, threads=threads)
         got = torch.cat([x for x, _ in loader]).permute(0, 2, 3, 1).numpy()
         assert np.array_equal(got, ref)
+
+
+def test_close_stops_the_workers_of_a_pass_left_half_way(tmp_path):
+    """With persistent workers, a pass stopped half-way (a training interrupted, a bench
+    that took what it needed) keeps the workers' iterator; close ends such passes and lets
+    the iterator go, and the workers stop (through torch's public lifetime, not its
+    private shutdown)."""
+    import multiprocessing
+
+    root = prepare_arrays(
+        tmp_path / "d",
+        {"train": (np.zeros((40, 8, 8, 3), np.uint8), np.arange(40) % 2)},
+        ["a", "b"],
+    )
+    before = set(multiprocessing.active_children())
+    loader = make_loader(PreparedDataset(root, "train"), 4, shuffle=False, num_workers=2)
+    it = iter(loader)
+    next(it)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    loader.close()
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)

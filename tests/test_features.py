@@ -12,17 +12,17 @@ import torch
 
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
-from alexnet.features import (
+from alexnet.features import extract
+from alexnet.inference import Predictor
+from alexnet.retrieval import (
     BinaryCoder,
     code_table,
     exact_knn,
-    extract,
     hamming,
     hamming_knn,
     knn,
     recall_at_k,
 )
-from alexnet.inference import Predictor
 
 
 def brute_force(query, index, k):

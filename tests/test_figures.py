@@ -108,7 +108,7 @@ def test_neighbours_are_the_nearest(tmp_path, monkeypatch, layer):
             aug.views(val.get_batch(np.array([2, 9])).contiguous(), 1), layer
         )
     # The tiny model's fc7 vectors are nearly all alike, so exact ties occur: they go to the
-    # lower index (features.knn's rule), hence the stable sort on distances computed as knn
+    # lower index (retrieval.knn's rule), hence the stable sort on distances computed as knn
     # does (differences squared, not the |a|^2 + |b|^2 - 2ab form, which rounds ties apart).
     dist = torch.cdist(
         fq.flatten(1).double(), ft.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist"

@@ -32,10 +32,11 @@ def test_the_synthetic_dataset_is_prepared_256_px_jpegs(jpegs):
 
 @pytest.mark.slow  # a loader worker and 11 training steps: most of a minute on a busy 2-core VM
 def test_end_to_end_runs_on_the_cpu(jpegs):
-    small = dict(batch=4, workers=1, steps=1, device="cpu", arch="small", crop=32)
-    r = gpu_check.end_to_end(jpegs, nvjpeg=False, **small)
+    small = dict(batch=4, steps=1, rounds=1, warmup=1, device="cpu", arch="small")
+    r = gpu_check.end_to_end(jpegs, 1, False, **small)
     assert r["end_to_end_ips"] > 0 and r["model_only_ips"] > 0 and r["workers"] == 1
-    nv = gpu_check.end_to_end(jpegs, nvjpeg=True, **small)
+    assert r["optimizer"] == "paper"  # PaperSGD, what alexnet train runs (it timed torch's SGD)
+    nv = gpu_check.end_to_end(jpegs, 1, True, **small)
     assert nv == {"unavailable": "device cpu is not CUDA"}
 
 

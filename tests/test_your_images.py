@@ -196,3 +196,25 @@ def test_library_entry_points_keep_freed_memory_as_the_cli_does(monkeypatch, tmp
     monkeypatch.setenv("ALEXNET_MALLOC", "default")
     Predictor.load(run, device="cpu", backend="torch")
     assert calls == [True]
+
+
+def test_a_folder_of_split_folders_reports_on_its_test_split(tmp_path, capsys):
+    data, run = evalkit.tiny_run()
+    ds = PreparedDataset(data, "val")
+    _as_folder(ds, tmp_path / "photos" / "test")
+    _as_folder(PreparedDataset(data, "train"), tmp_path / "photos" / "train")
+    capsys.readouterr()
+    argv = ["evaluate", "--checkpoint", str(run), "--data", str(tmp_path / "photos"), "--json"]
+    assert main([*argv, "--backend", "torch", "--precision", "fp32"]) == 0
+    result = _json(capsys)
+    assert result["split"] == "test" and result["images"] == len(ds)
+
+
+def test_a_mistyped_setting_is_refused_before_a_folder_is_prepared(tmp_path, capsys, home):
+    from datagen import make_folder_tree
+
+    make_folder_tree(tmp_path / "photos", ["a", "b"], per_class=3)
+    argv = ["train", "--data", str(tmp_path / "photos"), "--lr", "-1", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "optim.lr=-1.0: must be > 0" in capsys.readouterr().err
+    assert not (home / "datasets").exists()  # nothing was prepared for a run that cannot start

@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -222,98 +221,20 @@ def run_bench_loader(data: Path, workers: int, timeout: float, cuda: bool) -> di
     return _run_json(cmd, timeout)
 
 
-# --------------------------------------------------------------------------- end to end
-def _batches(ds, loader, dec):
-    """Endless uint8 batches: the loader's (CPU decoding in its workers), or nvJPEG's."""
+def end_to_end(data: Path, workers: int, nvjpeg: bool, device: str = "cuda", **kw) -> dict:
+    """Step 4: the paper model's bf16 channels_last training step with PaperSGD (what
+    ``alexnet train`` runs) fed from the prepared JPEGs, at batch 256, 20 steps a stretch
+    (alexnet/bench/end_to_end.py). ``kw``: other sizes, for testing this on a CPU."""
     import torch
 
-    for epoch in range(10**6):
-        loader.set_epoch(epoch)
-        if dec is None:
-            yield from loader
-        else:
-            for idx in loader.batches():
-                yield dec(ds.records(idx)), ds.labels[torch.from_numpy(idx)]
+    from alexnet.bench import end_to_end as e2e
+    from alexnet.bench.steps import RunSettings
 
-
-def _rates(fns: dict, steps: int, batch: int, sync) -> dict:
-    """Images/s of each function, ``steps`` calls a stretch, medians of 3 interleaved."""
-    rates = {name: [] for name in fns}
-    for _ in range(3):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            sync()
-            rates[name].append(batch * steps / (time.perf_counter() - t0))
-    return {name: statistics.median(r) for name, r in rates.items()}
-
-
-def end_to_end(
-    data: Path,
-    batch: int,
-    workers: int,
-    steps: int,
-    nvjpeg: bool,
-    device: str = "cuda",
-    arch: str = "paper",
-    crop: int = 224,
-) -> dict:
-    """Images/s of the paper model's bf16 training step (PaperSGD, channels_last) fed from
-    the prepared JPEGs, and of the same step alone on a batch already on the device.
-    ``arch`` and ``crop`` other than the paper's are for testing this on a CPU."""
-    import torch
-
-    from alexnet.bench.speed import RunSettings, make_steps
-    from alexnet.data import DeviceAugment, PreparedDataset, make_loader
-    from alexnet.data.decode import DeviceDecoder
-    from alexnet.model import AlexNet
-    from alexnet.runtime import devices
-
-    device = torch.device(device)
-    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    ds = PreparedDataset(data, "train")
-    dec = DeviceDecoder(device, ds.record_shape) if nvjpeg else None
-    if dec is not None and dec.backend != "nvjpeg":
-        return {"unavailable": dec.reason}
-    model = AlexNet(len(ds.classes), arch=arch, image_size=crop)
     settings = RunSettings("bf16", channels_last=True, compile=False, optimizer="paper")
-    train_model, _, train_batch, _ = make_steps(
-        model, settings, device, batch, crop, len(ds.classes)
-    )
-    aug = DeviceAugment(ds.stats, crop, train=True, channels_last=True)
-    gen = devices.generator(device, 0)
-    loader = make_loader(
-        ds,
-        batch,
-        shuffle=True,
-        drop_last=True,
-        pin_memory=cuda,
-        num_workers=0 if nvjpeg else workers,
-    )
-    it = _batches(ds, loader, dec)
-
-    def step():
-        images, labels = next(it)
-        images = devices.to_device(images, device)
-        train_batch(aug(images, gen), devices.to_device(labels, device))
-
-    for _ in range(5):  # warm-up: cuDNN's autotuner, the workers' first batches
-        step()
-    sync = torch.cuda.synchronize if cuda else lambda: None
-    r = _rates({"e2e": step, "model": train_model}, steps, batch, sync)
-    loader.close()
-    return {
-        "batch": batch,
-        "workers": loader.num_workers,
-        "optimizer": "PaperSGD",
-        "decode": dec.backend if dec else "cpu",
-        "end_to_end_ips": r["e2e"],
-        "model_only_ips": r["model"],
-        "fraction": r["e2e"] / r["model"],
-    }
+    args = {"arch": "paper", "batch": 256, "steps": 20, **kw}
+    batch = args.pop("batch")
+    return e2e.measure(data, settings, device, batch, workers=workers, nvjpeg=nvjpeg, **args)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -434,7 +355,7 @@ def check(args: argparse.Namespace, work: Path) -> dict:
         workers = max(1, (os.cpu_count() or 2) - 1)  # one core left for the training process
         for name, nv in (("cpu_workers", False), ("nvjpeg", True)) if cuda else ():
             try:
-                s["end_to_end"][name] = end_to_end(data, 256, workers, 20, nv)
+                s["end_to_end"][name] = end_to_end(data, workers, nv)
             except Exception as e:  # a failure here is a finding; the other steps still run
                 s["end_to_end"][name] = {"error": f"{type(e).__name__}: {e}"}
         errors = [r["error"] for r in s["end_to_end"].values() if "error" in r]

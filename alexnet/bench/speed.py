@@ -16,38 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from alexnet.bench.memory import PeakMemory, saved_activation_bytes
+from alexnet.bench.memory import saved_activation_bytes
+from alexnet.bench.steps import (
+    REFERENCE,
+    RunSettings,
+    alternate,
+    make_steps,
+    peak_memory,
+)
 from alexnet.model import AlexNet, count_parameters
-from alexnet.optim import PaperSGD
 from alexnet.runtime import devices
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.timing import alternating
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How one network runs: precision (autocast dtype), memory format, torch.compile, and
-    its optimizer: ``"sgd"`` torch.optim.SGD as constructed by default (foreach),
-    ``"sgd_fused"`` the same with ``fused=True``, ``"paper"`` our PaperSGD (PAPER D1, what
-    ``alexnet train`` runs)."""
-
-    precision: str  # "fp32" or "bf16" (autocast)
-    channels_last: bool
-    compile: bool
-    optimizer: str = "sgd"
-
-
-REFERENCE = RunSettings(precision="fp32", channels_last=False, compile=False)
 
 
 def best_settings(device: torch.device, args: argparse.Namespace) -> RunSettings:
@@ -169,141 +155,6 @@ def build_pair(arch: str, num_classes: int, in_channels: int = 3, image_size: in
     return ours, ref
 
 
-def _autocast(device: torch.device, precision: str):
-    """A contender's precision setting as the one autocast the package uses."""
-    return devices.autocast(device, torch.bfloat16 if precision == "bf16" else None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_steps(net: nn.Module, s: RunSettings, device, batch: int, size: int, classes: int):
-    """Closures for one network and its settings: train step and inference on a fixed batch,
-    a train step on a given batch, and the eager training forward (for ``saved_bytes``)."""
-    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-    net = net.to(device, memory_format=fmt)
-    fwd = torch.compile(net) if s.compile else net
-    # SGD with momentum and weight decay (PAPER D1: 0.9, 5e-4), at one constant rate, where
-    # torch's form and the paper's agree (alexnet.optim).
-    opt = _optimizer(s.optimizer, net.parameters())
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, net_in_channels(net), size, size, generator=gen).to(device)
-    x = x.contiguous(memory_format=fmt)
-    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-
-    def train_batch(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        net.train()
-        with _autocast(device, s.precision):
-            loss = F.cross_entropy(fwd(xb.contiguous(memory_format=fmt)), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def infer() -> None:
-        net.eval()
-        with torch.inference_mode(), _autocast(device, s.precision):
-            fwd(x)
-
-    def forward_eager() -> torch.Tensor:
-        net.train()
-        with _autocast(device, s.precision):
-            return net(x)
-
-    return (lambda: train_batch(x, y)), infer, train_batch, forward_eager
-
-
-def _optimizer(kind: str, params) -> torch.optim.Optimizer:
-    kw = dict(lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    if kind == "paper":
-        return PaperSGD(params, **kw)
-    if kind not in ("sgd", "sgd_fused"):
-        raise ValueError(f"unknown optimizer {kind!r}: paper, sgd or sgd_fused")
-    return torch.optim.SGD(params, **kw, fused=True if kind == "sgd_fused" else None)
-
-
-def net_in_channels(net: nn.Module) -> int:
-    return next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
-
-
-def alternate(
-    fns: dict[str, Callable[[], None]],
-    rounds: int,
-    steps: int,
-    batch: int,
-    device,
-) -> dict[str, float]:
-    """Images/s of each fn, timed side by side (``alexnet.runtime.timing``)."""
-    seconds = alternating(fns, rounds, steps, sync=lambda: _sync(device))
-    return {k: batch / s for k, s in seconds.items()}
-
-
-def peak_memory(fns: dict[str, Callable[[], None]], device) -> dict[str, float]:
-    """MiB at the peak of one untimed call of each fn (``PeakMemory``), after the timing."""
-    peaks = {}
-    for name, fn in fns.items():
-        with PeakMemory(device) as probe:
-            fn()
-            _sync(device)
-        peaks[name] = probe.peak_bytes / 2**20
-    return peaks
-
-
-def _synthetic_dataset(root: str, arch: str, n: int) -> str:
-    """A small prepared dataset of random images, for the end-to-end run without --data."""
-    import numpy as np
-
-    from alexnet.data import prepare_arrays
-
-    side = 32 if arch == "small" else 256  # PAPER B1: stored images are 256x256
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n)
-    prepare_arrays(root, {"train": (images, labels)}, [str(i) for i in range(10)])
-    return root
-
-
-def end_to_end(args, device, settings: RunSettings, batch: int, root: str) -> dict[str, float]:
-    """Loader + DeviceAugment + our training step, alternated with the model-only step of the
-    same model (same classes and channels as the data)."""
-    from alexnet.data import DeviceAugment, PreparedDataset, make_loader
-
-    ds = PreparedDataset(root, "train")
-    if len(ds) < batch:
-        raise UserError(f"{root}: {len(ds)} training images, fewer than one batch of {batch}")
-    model = AlexNet(len(ds.classes), arch=args.model, in_channels=ds.channels)
-    crop = model.input_size
-    pad = max(0, math.ceil((crop - min(ds.image_size)) / 2)) + (4 if args.model == "small" else 0)
-    aug = DeviceAugment(ds.stats, crop, train=True, pad=pad, channels_last=settings.channels_last)
-    train, _, train_batch, _ = make_steps(model, settings, device, batch, crop, len(ds.classes))
-    loader = make_loader(ds, batch, shuffle=True, seed=0, drop_last=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-    state = {"it": iter(loader), "epoch": 0}
-
-    def e2e_step() -> None:
-        try:
-            images, labels = next(state["it"])
-        except StopIteration:
-            state["epoch"] += 1
-            loader.set_epoch(state["epoch"])
-            state["it"] = iter(loader)
-            images, labels = next(state["it"])
-        images = images.to(device, non_blocking=True)
-        train_batch(aug(images, gen), labels.to(device, non_blocking=True))
-
-    for _ in range(args.warmup):
-        train()
-        e2e_step()
-    steps = args.e2e_steps or args.steps
-    rates = alternate({"model": train, "e2e": e2e_step}, args.rounds, steps, batch, device)
-    return {
-        "end_to_end_ips": rates["e2e"],
-        "end_to_end_model_only_ips": rates["model"],
-        "end_to_end_fraction": rates["e2e"] / rates["model"],
-    }
-
-
 def model_only(args, device, settings: RunSettings, batch: int, kept: dict | None = None) -> dict:
     """Ours against the usual way; ``kept`` receives the networks and steps for the peers."""
     classes = 10 if args.model == "small" else 1000
@@ -420,12 +271,17 @@ def run(args: argparse.Namespace) -> int:
         out.update(peer_figures(args, device, batch, kept))
         out["infer_speedup"] = out["infer_ips"] / out["reference_infer_ips"]
     if not args.no_end_to_end:
-        import tempfile
+        from alexnet.bench import end_to_end
 
-        with tempfile.TemporaryDirectory() as tmp:
-            root = args.data or _synthetic_dataset(tmp, args.model, 8 * batch)
-            out["end_to_end_data"] = args.data or "synthetic (random uint8 images)"
-            out.update(end_to_end(args, device, settings, batch, root))
+        timing = dict(rounds=args.rounds, steps=args.e2e_steps or args.steps, warmup=args.warmup)
+        if args.data:
+            r = end_to_end.measure(args.data, settings, device, batch, arch=args.model, **timing)
+        else:
+            r = end_to_end.on_synthetic_data(args.model, settings, device, batch, **timing)
+        out["end_to_end_data"] = args.data or "synthetic (random uint8 images)"
+        out["end_to_end_ips"] = r["end_to_end_ips"]
+        out["end_to_end_model_only_ips"] = r["model_only_ips"]
+        out["end_to_end_fraction"] = r["fraction"]
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -264,6 +265,7 @@ class Loader:
         self.batches_done = 0
         self._todo: list[np.ndarray] = []
         self._workers = None
+        self._passes: weakref.WeakSet = weakref.WeakSet()
 
     def set_epoch(self, epoch: int) -> None:
         """Another epoch starts at its first batch; the same epoch keeps its position."""
@@ -312,6 +314,11 @@ class Loader:
         self.batches_done = self.start_batch
 
     def __iter__(self):
+        gen = self._pass()
+        self._passes.add(gen)  # so that ``close`` can end a pass left half-way
+        return gen
+
+    def _pass(self):
         todo = self.batches()[self.start_batch :]
         self.batches_done = self.start_batch
         self.start_batch = 0  # the skip applies to this one pass only
@@ -337,11 +344,12 @@ class Loader:
             yield batch
 
     def close(self) -> None:
-        """Stop the worker processes (they are also stopped when the loader is deleted)."""
-        workers, self._workers = self._workers, None
-        iterator = getattr(workers, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        """Stop the worker processes now (they are also stopped when the loader is deleted):
+        every pass left half-way is ended (a suspended pass holds the workers' iterator) and
+        the DataLoader let go of; the iterator, freed with it, shuts its workers down."""
+        for gen in list(self._passes):
+            gen.close()
+        self._workers = None
 
     def _iter_inline(self, todo):
         # PIL releases the GIL while decoding, so threads decode a batch in parallel.

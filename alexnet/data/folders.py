@@ -39,6 +39,15 @@ SPLIT_FOLDERS = {
 }
 FOLDER_SPLIT = "images"  # the split of a cache made from one class tree, for evaluation
 CACHE_VERSION = 1  # part of the key: bump when what a cache holds changes
+DATA_HELP = (
+    "a prepared dataset, or a folder of images: one folder per class (or train/, val/, test/ "
+    "folders of such), prepared once into $ALEXNET_HOME/datasets"
+)
+
+
+def add_data_argument(parser) -> None:
+    """The ``--data`` option of every command that reads a dataset or a folder of images."""
+    parser.add_argument("--data", type=Path, required=True, help=DATA_HELP)
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -134,6 +143,8 @@ def prepared(
             notes = {"source": str(root), "validation": note} if note else {"source": str(root)}
             if "train" not in splits:
                 notes["folder_split"] = FOLDER_SPLIT
+            if "test" in splits:  # its results are reported on test/, as a test set's are
+                notes["test_split"] = "test"
             prepare_items(cache, "folder", splits, classes, classes, notes, options,
                           bad_hint=hint)  # fmt: skip
     return cache
