@@ -1,15 +1,16 @@
 """Dropout (PAPER C1) with a cheaper mask on the CPU.
 
 ``torch.nn.Dropout`` draws its mask with ``bernoulli_``, which on the CPU makes one draw of
-the generator per unit through a slow per-element path: about 6.5 ms for one fc6 output
-of the paper's net (128 x 4096, bf16), against 0.05 ms for the 64 random bits that hold the
-same mask (docs/PERFORMANCE.md). ``Dropout`` keeps ``nn.Dropout``'s interface and its
-function, inverted dropout (train: zero each unit with probability p, scale the rest by
-1/(1-p); eval: identity), and builds the mask itself in training on the CPU:
+the generator per unit through a slow per-element path: forward+backward of one fc6 output
+of the paper's net (128 x 4096, bf16) took 6.7-7.7 ms with it, 0.36 ms with the mask built
+from 64-bit draws (docs/RESULTS.md, "The training step's parts"). ``Dropout`` keeps
+``nn.Dropout``'s interface and its function, inverted dropout (train: zero each unit with
+probability p, scale the rest by 1/(1-p); eval: identity), and builds the mask
+itself in training on the CPU:
 
 - p = 0.5, the paper's value: each unit takes one bit of the generator's 64-bit draws.
-- any other p: keep a unit where a uniform draw in [0, 1) is >= p (``torch.rand``, still
-  about 5x faster than ``bernoulli_``).
+- any other p: keep a unit where a uniform draw in [0, 1) is >= p (``torch.rand``: 2.5 ms
+  at p = 0.3 in the same log entry).
 
 Both draw from the CPU generator that ``torch.manual_seed`` seeds and checkpoints save, so
 runs stay reproducible and resumable; the stream differs from ``bernoulli_``'s. On other

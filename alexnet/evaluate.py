@@ -71,6 +71,29 @@ class Counts:
         self.top5.index_add_(0, labels, hit.any(dim=1).long())
 
 
+def _progress_label(views: int, env) -> str:
+    label = f"evaluate {views} view{'s' * (views > 1)}"
+    if env.world_size > 1:
+        label += f" (rank 0 of {env.world_size})"
+    return label
+
+
+def _score(predictors, images, labels, views: int, batch_size: int, counts, ks) -> torch.Tensor:
+    """Add one batch to ``counts``: each ``counts[j]`` scores the ensemble of the first
+    ``ks[j]`` networks. Returns the summed probabilities of the first ``max(ks)``."""
+    total = None  # the sum of the first i networks' probabilities
+    for i in range(max(ks)):
+        p = predictors[i]
+        # an engine takes all the views at once (``max_batch`` None), torch in chunks
+        most = getattr(p.model, "max_batch", batch_size)
+        probs = view_probs(p.model, p.test_views, images, views, max_batch=most)
+        total = probs if total is None else total + probs
+        for c, k in zip(counts, ks, strict=True):
+            if k == i + 1:
+                c.add(total / k, labels)
+    return total
+
+
 @torch.no_grad()
 def evaluate(
     predictors: list[Predictor],
@@ -107,23 +130,11 @@ def evaluate(
     )
     counts = [Counts.zeros(len(ds.classes), device) for _ in ks]
     finite = torch.ones((), dtype=torch.bool, device=device)
-    label = f"evaluate {views} view{'s' * (views > 1)}"
-    if env.world_size > 1:
-        label += f" (rank 0 of {env.world_size})"
     mine = len(range(env.rank, len(ds), env.world_size))
-    with Progress(mine, label, enabled=env.is_main) as progress:
+    with Progress(mine, _progress_label(views, env), enabled=env.is_main) as progress:
         for images, labels in loader:
             images, labels = devices.to_device(images, device), devices.to_device(labels, device)
-            total = None  # the sum of the first i networks' probabilities
-            for i in range(max(ks)):
-                p = predictors[i]
-                # an engine takes all the views at once (``max_batch`` None), torch in chunks
-                most = getattr(p.model, "max_batch", batch_size)
-                probs = view_probs(p.model, p.test_views, images, views, max_batch=most)
-                total = probs if total is None else total + probs
-                for c, k in zip(counts, ks, strict=True):
-                    if k == i + 1:
-                        c.add(total / k, labels)
+            total = _score(predictors, images, labels, views, batch_size, counts, ks)
             finite &= torch.isfinite(total).all()
             progress.update(labels.shape[0])
     if not bool(D.all_reduce_min(finite.to(torch.int32))):

@@ -111,6 +111,12 @@ def extract(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    _add_extract(sub)
+    _add_knn(sub)
+    _add_codes(sub)
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
         help="a layer's activations of a dataset or a folder of images -> .npy",
@@ -134,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="stored precision of the features (float16: half the file)",
     )
+
+
+def _add_knn(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "knn",
         help="exact Euclidean nearest neighbours (PAPER F3)",
@@ -150,6 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: FAISS's exact index for over 100,000 vectors where installed, else torch",
     )
     p.add_argument("--out", type=output_file, required=True, help=".npz with indices and distances")
+
+
+def _add_codes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "codes",
         help="binary codes: Hamming recall@k against exact search",
@@ -196,21 +208,19 @@ def _load(path: Path) -> np.ndarray:
 
 def _extract(args: argparse.Namespace) -> int:
     from alexnet.data import PreparedDataset
-    from alexnet.data.folders import is_prepared, prepared
-    from alexnet.data.store import read_meta, report_split
+    from alexnet.data.folders import classes_for, is_prepared, prepared
+    from alexnet.data.store import read_meta, search_split
 
     source = single_source(args)
     card = card_of(source)
     root = args.data
     if not is_prepared(root):
-        root = prepared(root, size=card.stored_size, classes=list(card.classes))
-    split = args.split
-    if split is None:
-        meta = read_meta(root)
-        split = "train" if "train" in meta["splits"] else report_split(meta)[0]
+        classes = classes_for(root, list(card.classes))  # the folder's own where they differ
+        root = prepared(root, size=card.stored_size, classes=classes)
+    split = args.split or search_split(read_meta(root))
     ds = PreparedDataset(root, split)
     predictor = load_from_args(args, source, layer=args.layer, inputs=len(ds))
-    predictor.check_data(ds)
+    predictor.check_data(ds, labels=False)  # features need images, not the network's labels
     about = {
         "checkpoint": str(predictor.path),
         "data": str(args.data),

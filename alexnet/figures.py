@@ -14,37 +14,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
+from alexnet.data.store import search_split
 from alexnet.data.subset import subset_indices
 from alexnet.features import features_of
+from alexnet.figures_flags import add_arguments  # noqa: F401 - the command's options
 from alexnet.retrieval import knn
-from alexnet.runtime.args import output_file, positive_int
 from alexnet.runtime.errors import UserError
-from alexnet.runtime.fileio import atomic_open
+from alexnet.runtime.plotting import pyplot, save_png
 from alexnet.runtime.runlog import read_metrics
 
 TRUE_COLOUR, OTHER_COLOUR = "#d62728", "#1f77b4"
-
-
-def pyplot():
-    """matplotlib's pyplot, drawing into files only (no display needed, no window opened)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig, out: Path, *, tight: bool = True) -> None:
-    """Write ``fig`` to ``out`` as PNG atomically (``tight``: cropped to what is drawn) and
-    close it."""
-    with atomic_open(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=fig.dpi, **({"bbox_inches": "tight"} if tight else {}))
-    pyplot().close(fig)
 
 
 def _hwc(image) -> np.ndarray:
@@ -111,9 +95,10 @@ def plot_filters(weight, towers: int, out: Path, title: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------------- F2
-def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4) -> None:
-    """Each image above its five most probable classes as bars (PAPER F2); the bar of the
-    true class is red, and the true class is written under the image."""
+def plot_predictions(images, top, truth, out: Path, cols: int = 4, known: bool = True) -> None:
+    """Each image above its five most probable classes as bars (PAPER F2); the true class
+    (``truth``: per image its class id and name) is written under the image and its bar is
+    red. ``known``: the images' classes are all the network's."""
     plt = pyplot()
     n = len(images)
     cols = min(cols, n)
@@ -127,19 +112,22 @@ def plot_predictions(images, top, labels, class_names, out: Path, cols: int = 4)
         ax = fig.add_subplot(grid[2 * r, c])
         ax.imshow(_hwc(images[i]), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([]), ax.set_yticks([])
-        ax.set_xlabel(_short(class_names[labels[i]], 30), fontsize=8, color=TRUE_COLOUR)
+        ax.set_xlabel(_short(truth[i][1], 30), fontsize=8, color=TRUE_COLOUR)
         bars = fig.add_subplot(grid[2 * r + 1, c])
-        idx = [p["class_index"] for p in top[i]][::-1]
-        probs = [p["probability"] for p in top[i]][::-1]
-        colours = [TRUE_COLOUR if j == labels[i] else OTHER_COLOUR for j in idx]
-        bars.barh(range(len(idx)), probs, color=colours)
+        shown = top[i][::-1]
+        probs = [p["probability"] for p in shown]
+        colours = [TRUE_COLOUR if p["class_id"] == truth[i][0] else OTHER_COLOUR for p in shown]
+        bars.barh(range(len(shown)), probs, color=colours)
         for y, p in enumerate(probs):
             bars.text(min(p, 0.72) + 0.02, y, f"{100 * p:.1f}%", va="center", fontsize=6)
-        bars.set_yticks(range(len(idx)), [_short(class_names[j], 18) for j in idx], fontsize=7)
+        bars.set_yticks(range(len(shown)), [_short(p["name"], 18) for p in shown], fontsize=7)
         bars.set_xlim(0, 1)
         bars.tick_params(axis="x", labelsize=7)
         bars.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("five most probable classes (red: the true class)", fontsize=10, y=0.99)
+    title = "five most probable classes (red: the true class, written under each image)"
+    if not known:
+        title = "the network's five most probable classes (red: the true class, where it has it)"
+    fig.suptitle(title, fontsize=10, y=0.99)
     save_png(fig, out)
 
 
@@ -160,9 +148,10 @@ def plot_neighbours(
     *,
     layer: str = "fc7",
     searched: int | None = None,
+    what: str = "training images",
 ):
-    """One row per query: the query, then its nearest training images (PAPER F3). A
-    neighbour of the query's class is framed green, of another class grey."""
+    """One row per query: the query, then its nearest ``what`` (PAPER F3: training images)
+    of ``searched``. A neighbour of the query's class is framed green, of another class grey."""
     plt = pyplot()
     n, k = len(queries), neighbours.shape[1]
     fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 1), 1.65 * n), dpi=100, squeeze=False)
@@ -180,11 +169,12 @@ def plot_neighbours(
             )
             _frame(ax, "#2ca02c" if same else "#999999", 2 if same else 1)
     among = f" of {searched:,}" if searched else ""
-    fig.suptitle(
-        f"each query (left, red) and the {k} training images{among} nearest to it in {layer} "
-        "(Euclidean distance d; green frame: same class)",
-        fontsize=9,
+    title = (
+        f"each query (left, red) and the {k} {what}{among} nearest to it in {layer} "
+        "(Euclidean distance d; green frame: same class)"
     )
+    # above the figure (va bottom at its top edge): never over the first row's titles
+    fig.suptitle(textwrap.fill(title, int(1.5 * (k + 1) * 11)), fontsize=9, y=1.0, va="bottom")
     save_png(fig, out)
 
 
@@ -265,11 +255,13 @@ def predictions_figure(
 ) -> None:
     """PAPER F2: ``indices`` (else ``n`` drawn at random with ``seed``) of ``ds``, each with
     the five most probable classes over ``views`` test views."""
-    predictor.check_data(ds)
+    predictor.check_data(ds, labels=False)  # the truth is shown by the data's own class id
     idx = _chosen(ds, indices, n, seed)
     images = ds.get_batch(idx).contiguous()
     top = predictor.predict(images, 5, views)
-    plot_predictions(images, top, ds.labels[idx].tolist(), ds.class_names, out)
+    truth = [(ds.classes[i], ds.class_names[i]) for i in ds.labels[idx].tolist()]
+    known = set(ds.classes) <= set(predictor.classes)
+    plot_predictions(images, top, truth, out, known=known)
 
 
 def nearest_figure(
@@ -302,7 +294,15 @@ def nearest_figure(
         out,
         layer=layer,
         searched=len(index),
+        what=_searched(index_ds.split),
     )
+
+
+def _searched(split: str) -> str:
+    from alexnet.data.folders import FOLDER_SPLIT
+
+    names = {"train": "training images", FOLDER_SPLIT: "other images of the folder"}
+    return names.get(split, f"{split} images")
 
 
 def neighbours_figure(
@@ -319,12 +319,16 @@ def neighbours_figure(
     layer: str = "fc7",
     k: int = 6,
 ) -> None:
-    """``nearest_figure`` for queries of ``ds`` among all of ``index_ds`` in ``layer``,
-    whose features are read from ``index_features`` if given, else computed here."""
-    predictor.check_data(ds)
-    predictor.check_data(index_ds)
+    """``nearest_figure`` for queries of ``ds`` among all of ``index_ds`` in ``layer`` (but
+    the queries themselves, where both are one split), whose features are read from
+    ``index_features`` if given, else computed here."""
+    predictor.check_data(ds, labels=False)  # neighbours are framed by the data's own labels
+    predictor.check_data(index_ds, labels=False)
     idx = _chosen(ds, indices, n, seed)
     query = features_of(predictor, ds, idx, layer, views=views)
+    pool = np.arange(len(index_ds))
+    if (ds.root, ds.split) == (index_ds.root, index_ds.split):
+        pool = np.setdiff1d(pool, idx)  # a query is not its own neighbour: the other images
     if index_features:
         index = np.load(index_features, mmap_mode="r")
         if index.shape != (len(index_ds), query.shape[1]):
@@ -332,79 +336,13 @@ def neighbours_figure(
                 f"{index_features}: shape {index.shape}, expected "
                 f"({len(index_ds)}, {query.shape[1]}) {layer} features of {index_ds.split}"
             )
+        index = index if len(pool) == len(index_ds) else index[pool]
     else:
-        index = features_of(predictor, index_ds, np.arange(len(index_ds)), layer, views=views)
-    nearest_figure(ds, idx, query, index_ds, index, out, k=k, layer=layer)
+        index = features_of(predictor, index_ds, pool, layer, views=views)
+    nearest_figure(ds, idx, query, index_ds, index, out, k=k, pool=pool, layer=layer)
 
 
 # ------------------------------------------------------------------------------ command
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from alexnet.data.folders import add_data_argument
-    from alexnet.inference import add_model_arguments
-
-    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    p = sub.add_parser(
-        "filters",
-        help="conv1's kernels, each tower in its own rows (PAPER F1)",
-        description="The 96 (or any number of) conv1 kernels of a network as an image grid, "
-        "each kernel stretched to the full range, the kernels of each tower in their own rows "
-        "(the paper's Figure 3).",
-    )
-    add_model_arguments(p, running=False)
-    p.add_argument("--out", type=output_file, required=True, help="the PNG to write")
-    for name, help_text, what in (
-        ("predictions", "images with their top-5 bars (PAPER F2)", "the paper's Figure 4, left"),
-        ("neighbours", "queries and their nearest images in fc7 (F3)", "Figure 4, right"),
-    ):
-        p = sub.add_parser(
-            name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}: {what}."
-        )
-        add_model_arguments(p)
-        add_data_argument(p)
-        p.add_argument(
-            "--split",
-            help="where the shown / query images come from (default: the split results are "
-            "reported on: test, else val, else the folder's images)",
-        )
-        p.add_argument(
-            "--n",
-            type=positive_int,
-            default=8 if name == "predictions" else 5,
-            help="images drawn at random with --seed (one or more of each class first)",
-        )
-        p.add_argument(
-            "--indices",
-            type=int,
-            nargs="+",
-            help="these images of --split (default: --n drawn at random with --seed)",
-        )
-        p.add_argument("--seed", type=int, default=0, help="seed of the random draw")
-        p.add_argument(
-            "--views",
-            type=int,
-            choices=(1, 10),
-            default=10 if name == "predictions" else 1,
-            help="test views (PAPER B5)",
-        )
-        p.add_argument("--out", type=output_file, required=True, help="the PNG to write")
-    p.add_argument("--index-split", default="train", help="the images searched (F3: training)")
-    p.add_argument(
-        "--index-features",
-        type=Path,
-        help="the index split's features from `alexnet features extract`",
-    )
-    p.add_argument("--layer", default="fc7", help="the layer whose activations are compared")
-    p.add_argument("-k", type=positive_int, default=6, help="neighbours per query (F3 shows six)")
-    p = sub.add_parser(
-        "curves",
-        help="loss, error and learning rate from metrics.jsonl",
-        description="A run's training curves: loss, top-1/top-5 error and the learning rate "
-        "per epoch, rate cuts marked.",
-    )
-    p.add_argument("--run", type=Path, required=True, help="a run directory or metrics.jsonl")
-    p.add_argument("--out", type=output_file, required=True, help="the PNG to write")
-
-
 def run(args: argparse.Namespace) -> int:
     from alexnet.inference import card_of, load_from_args, single_source
 
@@ -425,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         predictor = load_from_args(args, source, inputs=args.n)
         predictions_figure(predictor, ds, args.out, **draw)
     else:
-        index_ds = _split(args.data, args.index_split, card)
+        index_ds = _split(args.data, args.index_split or search_split(ds.meta), card)
         predictor = load_from_args(args, source, layer=args.layer, inputs=len(index_ds))
         neighbours_figure(
             predictor,
@@ -442,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _split(data: Path, split: str | None, card):
-    from alexnet.data.folders import open_split
+    from alexnet.data.folders import classes_for, open_split
 
-    ds, _ = open_split(data, split, size=card.stored_size, classes=list(card.classes))
+    classes = classes_for(data, list(card.classes))  # the folder's own where they differ
+    ds, _ = open_split(data, split, size=card.stored_size, classes=classes)
     return ds

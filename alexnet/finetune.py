@@ -39,8 +39,18 @@ from alexnet.runtime.errors import UserError
 
 # The model settings a source's weights fix (``dropout`` and ``init`` are the run's own:
 # neither has weights).
-FIXED = ("arch", "widths", "fc_width", "lrn", "lrn_convention", "lrn_per_tower", "pool_kernel",
-         "activation", "towers", "conv1_padding")  # fmt: skip
+FIXED = (
+    "arch",
+    "widths",
+    "fc_width",
+    "lrn",
+    "lrn_convention",
+    "lrn_per_tower",
+    "pool_kernel",
+    "activation",
+    "towers",
+    "conv1_padding",
+)
 
 
 @dataclass(frozen=True)

@@ -228,20 +228,12 @@ class Predictor:
 
         return engines.report(self.model)
 
-    def check_data(self, ds) -> None:
-        """``ds`` must be labelled with this network's classes, in its order, and hold
-        images of its stored size and channels."""
+    def check_data(self, ds, labels: bool = True) -> None:
+        """``ds`` must hold images of this network's stored size and channels, and (where
+        ``labels``) be labelled with its classes, in its order."""
         card, where = self.card, ds.root
-        if len(card.classes) != len(ds.classes):
-            raise UserError(
-                f"{where}: {len(ds.classes)} classes, {self.path} predicts {len(card.classes)}"
-            )
-        if list(card.classes) != list(ds.classes):
-            first = next(i for i, (a, b) in enumerate(zip(card.classes, ds.classes)) if a != b)
-            raise UserError(
-                f"{where}: class {first} is {ds.classes[first]!r}, but {self.path} calls it "
-                f"{card.classes[first]!r} (give the converter --synsets, or use matching data)"
-            )
+        if labels:
+            self.check_labels(ds)
         if ds.channels != card.channels:
             raise UserError(
                 f"{where}: {ds.channels}-channel images, {self.path} takes {card.channels}"
@@ -251,6 +243,18 @@ class Predictor:
                 f"{where}: images stored at {ds.image_size[0]}x{ds.image_size[1]}, {self.path} "
                 f"was trained on {card.stored_size}x{card.stored_size} (its mean image); prepare "
                 f"the data with --size {card.stored_size}, or give the folder of images itself"
+            )
+
+    def check_labels(self, ds) -> None:
+        """``ds``'s labels must be this network's classes, in its order."""
+        ours, theirs = list(self.card.classes), list(ds.classes)
+        if len(ours) != len(theirs):
+            raise UserError(f"{ds.root}: {len(theirs)} classes, {self.path} predicts {len(ours)}")
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise UserError(
+                f"{ds.root}: class {first} is {theirs[first]!r}, but {self.path} calls it "
+                f"{ours[first]!r} (give the converter --synsets, or use matching data)"
             )
 
 

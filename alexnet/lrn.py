@@ -20,7 +20,7 @@ forward saves p = d^-beta and r = b/d with d = k + c*S, and the backward pass is
 passes walk the batch in cache-sized slices.
 Reductions run in float32 for bfloat16/float16 inputs; the output has the input's dtype and
 memory format.
-See docs/PERFORMANCE.md for the alternatives that were measured.
+See docs/SPEED.md for how it is made fast and docs/RESULTS.md for the alternatives measured.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _band_sum(t: Tensor, band: Tensor, kernel: Tensor, bias: Tensor | None = Non
 
     channels_last: a 1x1 convolution, which torch hands to oneDNN; as a matrix product the
     same sum goes to torch's BLAS, which on some CPUs runs far below their vector width (an
-    AMD CPU with AVX-512, under MKL: 190 against 380 GFLOP/s, docs/PERFORMANCE.md). NCHW: a
+    AMD CPU with AVX-512, under MKL: 190 against 350-390 GFLOP/s, docs/RESULTS.md). NCHW: a
     batched matrix product (oneDNN reorders to channels-last and back: 1.7x and 3.7x slower
     at the sizes of the paper's two LRN layers)."""
     n, channels, h, w = t.shape
@@ -115,7 +115,7 @@ def window_sum(
     the block of C/groups channels holding i (the whole of dim 1 if groups=1).
 
     ``"matmul"``: one GEMM with the banded matrix (C*2C flops per element but one pass; the
-    fastest on CPU, see docs/PERFORMANCE.md). ``"shift"``: before+after shifted in-place adds
+    fastest on CPU, see docs/SPEED.md). ``"shift"``: before+after shifted in-place adds
     (exact, any layout; used on GPU, where memory bandwidth is plentiful and TF32 could round
     a matmul). ``"auto"``: matmul on CPU for NCHW or channels_last tensors, shift otherwise."""
     channels = t.shape[1]
@@ -143,7 +143,8 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 def _neg_pow(d: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
     """d ** -beta; beta = 0.75 (the paper's value) as d^-1/2 / d^-1/4 = rsqrt(d) / rsqrt(rsqrt(d)):
     on CPU 94 us for 245,760 floats against 119 for rsqrt(d * sqrt(d)) (torch's sqrt costs
-    two rsqrts) and 305 for pow, within 3e-7 of the float64 power."""
+    two rsqrts; docs/RESULTS.md, 2026-12-02), and pow measured 9x slower than rsqrt
+    (2026-12-01); within 3e-7 of the float64 power."""
     if beta == 0.75:
         t = torch.rsqrt(d)
         return torch.div(t, torch.rsqrt(t), out=out)
@@ -152,8 +153,8 @@ def _neg_pow(d: Tensor, beta: float, out: Tensor | None = None) -> Tensor:
 
 # On CPU the batch is normalised a slice at a time, each slice about this many elements, so
 # that the half-dozen temporaries of one slice stay in the core's caches instead of making
-# full passes over memory (docs/PERFORMANCE.md: about 2x on the demo's and the paper's first
-# LRN layer).
+# full passes over memory (docs/RESULTS.md, 2026-12-01: 2.3x and 2.1x on the demo's and the
+# paper's first LRN layer, with the r-form backward).
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 

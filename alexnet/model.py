@@ -207,13 +207,7 @@ class AlexNet(nn.Module):
         self.dropout_at = spec.dropout_at
         self.act = F.relu if activation == "relu" else torch.tanh
         g = 2 if o["towers"] else 1
-        k, s, p = spec.kernels, spec.strides, (o["conv1_padding"], *spec.paddings[1:])
-        c1, c2, c3, c4, c5 = o["widths"]
-        self.conv1 = nn.Conv2d(in_channels, c1, k[0], s[0], p[0])  # 3 -> 96, 11x11/4: PAPER A3
-        self.conv2 = nn.Conv2d(c1, c2, k[1], s[1], p[1], groups=g)  # 5x5x48 per tower: A4
-        self.conv3 = nn.Conv2d(c2, c3, k[2], s[2], p[2])  # 3x3x256, sees both towers: A5
-        self.conv4 = nn.Conv2d(c3, c4, k[3], s[3], p[3], groups=g)  # 3x3x192: A6
-        self.conv5 = nn.Conv2d(c4, c5, k[4], s[4], p[4], groups=g)  # 3x3x192: A6
+        self._add_convs(in_channels, g)
         # Each tower normalises over its own maps only (PAPER A12, H1): LRN in groups.
         self.lrn_groups = g if lrn_per_tower else 1
         self.lrn1 = make_lrn(o["lrn"], lrn_convention, self.lrn_groups)
@@ -221,12 +215,30 @@ class AlexNet(nn.Module):
         self.pool = nn.MaxPool2d(kernel_size=pool_kernel, stride=2)  # z=3, s=2: PAPER A9
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if spec.adaptive_pool else None
         self.drop = Dropout(dropout)  # PAPER C1 (nn.Dropout, a cheaper mask on CPU)
+        self._add_fcs(in_channels, num_classes)
+        if init != "none":
+            self.reset_parameters(init)
+
+    def _add_convs(self, in_channels: int, g: int) -> None:
+        """conv1..conv5, in this order (their default initialisation draws from torch's
+        generator); conv2, conv4 and conv5 in ``g`` groups."""
+        o = self.config
+        spec = ARCHS[o["arch"]]
+        k, s, p = spec.kernels, spec.strides, (o["conv1_padding"], *spec.paddings[1:])
+        c1, c2, c3, c4, c5 = o["widths"]
+        self.conv1 = nn.Conv2d(in_channels, c1, k[0], s[0], p[0])  # 3 -> 96, 11x11/4: PAPER A3
+        self.conv2 = nn.Conv2d(c1, c2, k[1], s[1], p[1], groups=g)  # 5x5x48 per tower: A4
+        self.conv3 = nn.Conv2d(c2, c3, k[2], s[2], p[2])  # 3x3x256, sees both towers: A5
+        self.conv4 = nn.Conv2d(c3, c4, k[3], s[3], p[3], groups=g)  # 3x3x192: A6
+        self.conv5 = nn.Conv2d(c4, c5, k[4], s[4], p[4], groups=g)  # 3x3x192: A6
+
+    def _add_fcs(self, in_channels: int, num_classes: int) -> None:
+        """fc6..fc8, after the convolutions and pooling that set fc6's fan-in."""
+        o = self.config
         flat = self._flat_features(in_channels, o["image_size"])  # 6*6*256 = 9216: PAPER A7
         self.fc6 = nn.Linear(flat, o["fc_width"])
         self.fc7 = nn.Linear(o["fc_width"], o["fc_width"])
         self.fc8 = nn.Linear(o["fc_width"], num_classes)  # feeds the softmax: PAPER A1
-        if init != "none":
-            self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "paper") -> None:
         """``"paper"``: weights ~ N(0, 0.01^2) everywhere (PAPER D2); biases 1 in conv2,

@@ -240,18 +240,12 @@ def _model(cfg: C.TrainConfig, ds, crop: int):
         raise UserError(f"model ({cfg.model.arch}, {crop} px crops): {e}") from None
 
 
-def build(
-    cfg: C.TrainConfig, env: D.DistEnv, device: torch.device, start: Start | None = None
-) -> Session:
-    """Data, model, optimizer and schedule, seeded so every rank builds the same network.
-    ``start``: the weights and preprocessing a fine-tuning run starts from (alexnet/finetune.py;
-    on resume, the run's own card, without weights)."""
-    from alexnet import finetune
-    from alexnet.data import DeviceAugment
-    from alexnet.data.store import identity, pixel_std
+def _preprocessing(cfg: C.TrainConfig, train_ds, start: Start | None):
+    """The mean image and statistics, crop and input scale: the source's for a fine-tuning
+    run, else the training split's."""
+    from alexnet.data.store import pixel_std
 
-    train_ds, train_loader, val_loader = _loaders(cfg, env, device)
-    d, o = cfg.data, cfg.optim
+    d = cfg.data
     stats = {k: v.clone() for k, v in train_ds.stats.items()}
     if start is not None:  # the source's contract: its mean image, crop and scale
         stats["mean"] = start.card.data_stats["mean"].clone()
@@ -259,19 +253,13 @@ def build(
     else:
         crop = d.crop_size or train_ds.image_size[0]
         scale = d.scale / pixel_std(stats) if d.unit_variance else d.scale
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
-    model = _model(cfg, train_ds, crop)
-    init = start.init if start is not None else None
-    if start is not None and start.weights is not None:
-        init = finetune.apply(model, start, train_ds.classes)
-    model_config = dict(model.config)
-    model = _place(model, cfg, device)
-    finetune.freeze(model, cfg.finetune.freeze_below)
-    torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
-    generator = devices.generator(device, cfg.run.seed * 1000 + 17 + env.rank)
-    aug = dict(scale=scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
-    aug_train = DeviceAugment(stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug)
-    aug_val = DeviceAugment(stats, crop, train=False, **aug)
+    return stats, crop, scale
+
+
+def _optimizer(model: torch.nn.Module, cfg: C.TrainConfig, init) -> PaperSGD:
+    from alexnet import finetune
+
+    o = cfg.optim
     groups = param_groups(
         model,
         weight_decay=o.weight_decay,
@@ -280,14 +268,25 @@ def build(
         pretrained=finetune.pretrained_layers(init),
         pretrained_lr_mult=cfg.finetune.pretrained_lr_mult,
     )
-    optimizer = PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return PaperSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def _runnable(model: torch.nn.Module, cfg: C.TrainConfig, env: D.DistEnv, device: torch.device):
+    """What runs: ``model`` in DDP across the processes and/or compiled."""
     net = model
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.run.compile:
         net = torch.compile(net)
-    card = ModelCard(
+    return net
+
+
+def _card(cfg: C.TrainConfig, train_ds, model_config: dict, stats, crop: int, scale, init):
+    from alexnet.data.store import identity
+
+    d = cfg.data
+    return ModelCard(
         model_config=model_config,
         classes=tuple(train_ds.classes),
         class_names=tuple(train_ds.class_names),
@@ -303,6 +302,36 @@ def build(
         init=init,
         data=identity(train_ds.meta, cfg.data.train_split),
     )
+
+
+def build(
+    cfg: C.TrainConfig, env: D.DistEnv, device: torch.device, start: Start | None = None
+) -> Session:
+    """Data, model, optimizer and schedule, seeded so every rank builds the same network.
+    ``start``: the weights and preprocessing a fine-tuning run starts from (alexnet/finetune.py;
+    on resume, the run's own card, without weights)."""
+    from alexnet import finetune
+    from alexnet.data import DeviceAugment
+
+    train_ds, train_loader, val_loader = _loaders(cfg, env, device)
+    d, o = cfg.data, cfg.optim
+    stats, crop, scale = _preprocessing(cfg, train_ds, start)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (PAPER D2, D3)
+    model = _model(cfg, train_ds, crop)
+    init = start.init if start is not None else None
+    if start is not None and start.weights is not None:
+        init = finetune.apply(model, start, train_ds.classes)
+    model_config = dict(model.config)
+    model = _place(model, cfg, device)
+    finetune.freeze(model, cfg.finetune.freeze_below)
+    torch.manual_seed(cfg.run.seed + 1 + env.rank)  # dropout differs between ranks
+    generator = devices.generator(device, cfg.run.seed * 1000 + 17 + env.rank)
+    aug = dict(scale=scale, pad=d.pad, pca_scale=d.pca_scale, channels_last=cfg.run.channels_last)
+    aug_train = DeviceAugment(stats, crop, train=True, flip=d.flip, pca_std=d.pca_std, **aug)
+    aug_val = DeviceAugment(stats, crop, train=False, **aug)
+    optimizer = _optimizer(model, cfg, init)
+    net = _runnable(model, cfg, env, device)
+    card = _card(cfg, train_ds, model_config, stats, crop, scale, init)
     return Session(
         cfg,
         env,

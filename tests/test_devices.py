@@ -6,7 +6,7 @@ carries shapes and devices but no data, and an op that mixes it with a CPU tenso
 ``build`` on fake cuda:0, then the bookkeeping around a training step, the validation
 counting, the test views, the all-reduce payloads and the restore of a checkpoint run on it.
 What fake tensors cannot reach (a CUDA generator needs the CUDA library; a conv backward)
-is listed in docs/PERFORMANCE.md, "CUDA lines no CPU test reaches".
+is listed in docs/SPEED.md, "The CUDA lines no CPU test reaches".
 """
 
 from __future__ import annotations

@@ -451,7 +451,7 @@ def test_the_signal_stack_survives_openvino(tmp_path):
 
 def test_onnxruntime_threads_sleep_between_our_batches_but_spin_as_a_peer(tmp_path):
     """Our commands prepare each batch between runs: ONNX Runtime's spinning threads would take
-    the cores from that (docs/PERFORMANCE.md); the bench's peer keeps ONNX Runtime's default."""
+    the cores from that (docs/SPEED.md); the bench's peer keeps ONNX Runtime's default."""
     pytest.importorskip("onnxruntime")
     path = _checkpoint(tmp_path / "m.pt")
     model, ckpt = load_model(path)

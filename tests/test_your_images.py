@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet import Predictor
+from alexnet import Predictor, figures
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
 from alexnet.data import PreparedDataset
@@ -55,11 +55,15 @@ def test_predict_takes_folders_and_lists_and_names_what_it_cannot_read(tmp_path,
     listed.write_text(f"{tmp_path / 'photos' / 'a.jpg'}\n\n{tmp_path / 'missing.jpg'}\n")
     argv = ["predict", str(tmp_path / "photos"), f"@{listed}", "--checkpoint", str(ckpt)]
     assert main([*argv, "--json", "--top", "1"]) == 2  # one listed file is missing
-    rows = _json(capsys)
+    out = capsys.readouterr()
+    rows = json.loads(out.out)
     files = [Path(r["file"]).relative_to(tmp_path).as_posix() for r in rows]
     assert files == ["photos/a.jpg", "photos/trip/b.png", "photos/a.jpg", "missing.jpg"]
     assert [r["predictions"][0]["class_index"] for r in rows[:3]] == [1, 1, 1]
     assert rows[3]["error"] == "No such file or directory"
+    # nothing is left out of a folder without a word
+    assert "photos: left out 2 entries that are not images" in out.err
+    assert "notes.txt: not an image file" in out.err and ".hidden/: hidden" in out.err
 
 
 def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
@@ -137,6 +141,40 @@ def test_a_folder_with_classes_the_network_does_not_have_is_one_line(tmp_path, c
     assert "class folders not in the training set: ['zebra']" in err and "Traceback" not in err
 
 
+def test_features_and_figures_of_photos_of_classes_the_network_never_saw(
+    tmp_path, capsys, monkeypatch
+):
+    """fc7 of anyone's photos: features and figures read a folder by its own labels where
+    they are not the network's (evaluate still refuses it, above)."""
+    _, run = evalkit.tiny_run()
+    rng = np.random.default_rng(0)
+    for cls in ("yak", "zebra"):
+        (tmp_path / "mine" / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "mine" / cls / f"{i}.png")
+    common = ["--checkpoint", str(run), "--data", str(tmp_path / "mine")]
+    out = tmp_path / "f.npy"
+    assert main(["features", "extract", *common, "--out", str(out)]) == 0
+    assert np.load(out).shape == (8, 32)
+    seen = {}
+    real = figures.plot_neighbours
+    monkeypatch.setattr(
+        figures, "plot_neighbours", lambda *a, **k: (seen.update(a=a, k=k), real(*a, **k))
+    )
+    png = tmp_path / "nn.png"
+    argv = ["figures", "neighbours", *common, "--n", "2", "-k", "3", "--out", str(png)]
+    assert main(argv) == 0 and png.stat().st_size > 1000
+    distances = seen["a"][4]
+    assert distances.shape == (2, 3) and distances.min() > 0  # no query is its own neighbour
+    assert seen["k"]["searched"] == 6 and seen["k"]["what"] == "other images of the folder"
+    assert seen["a"][5] == ["yak", "zebra"]  # the folder's own class names label the images
+    png = tmp_path / "p.png"
+    argv = ["figures", "predictions", *common, "--n", "2", "--out", str(png)]
+    assert main(argv) == 0 and png.stat().st_size > 1000
+    assert "Traceback" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------- a run directory, everywhere
 def test_a_run_directory_means_its_best_checkpoint_in_every_command(tmp_path, capsys):
     """It meant best.pt to predict and evaluate but last.pt to `convert safetensors`, so one
@@ -208,6 +246,8 @@ def test_a_folder_of_split_folders_reports_on_its_test_split(tmp_path, capsys):
     assert main([*argv, "--backend", "torch", "--precision", "fp32"]) == 0
     result = _json(capsys)
     assert result["split"] == "test" and result["images"] == len(ds)
+    assert main(argv[:-1] + ["--backend", "torch"]) == 0
+    assert "images of test (the folder's test/ images)" in capsys.readouterr().out
 
 
 def test_a_mistyped_setting_is_refused_before_a_folder_is_prepared(tmp_path, capsys, home):

@@ -72,9 +72,15 @@ def measure(
     pad = max(0, math.ceil((crop - min(ds.image_size)) / 2)) + (4 if arch == "small" else 0)
     aug = DeviceAugment(ds.stats, crop, train=True, pad=pad, channels_last=settings.channels_last)
     alone, _, train_batch, _ = make_steps(model, settings, device, batch, crop, len(ds.classes))
-    loader = make_loader(ds, batch, shuffle=True, seed=0, drop_last=True,
-                         num_workers=0 if nvjpeg else workers,
-                         pin_memory=devices.pin_memory(device))  # fmt: skip
+    loader = make_loader(
+        ds,
+        batch,
+        shuffle=True,
+        seed=0,
+        drop_last=True,
+        num_workers=0 if nvjpeg else workers,
+        pin_memory=devices.pin_memory(device),
+    )
     batches, gen = _batches(ds, loader, decoder), devices.generator(device, 0)
 
     def fed() -> None:

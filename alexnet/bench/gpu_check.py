@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the clone: tests/ lives here
 TARGETS = {"model_only_train_ips": 40_000, "end_to_end_ips": 20_000}
 BATCHES = (128, 256, 512)
 LIMITS = {"pytest": 180, "bench": 50, "e2e": 60, "loader": 60}  # seconds, each
+NO_CUDA = "no CUDA device (a rehearsal: this step needs one)"
 
 
 def synthetic_jpegs(root: Path, n_train: int, n_val: int, classes: int = 10, seed: int = 0):
@@ -316,10 +317,48 @@ class Check:
         )
 
 
+def _bench_step(c: Check, left) -> None:
+    """``alexnet bench`` at each of ``BATCHES``, within ``left``'s time."""
+    s, cuda = c.s, c.s["cuda_available"]
+    s["bench"] = {}
+    for b in BATCHES:
+        if not cuda:
+            continue
+        s["bench"][str(b)] = run_bench(b, left(LIMITS["bench"]))
+    runs = s["bench"].values()
+    failed = any(r["status"] == "failed" for r in runs)
+    status = "skipped" if not cuda else "failed" if failed else "passed"
+    ips = [
+        f"{b}: {r['result']['train_ips']:.0f} img/s"
+        for b, r in s["bench"].items()
+        if r.get("result")
+    ]
+    c.step("bench", status, sum(r["seconds"] for r in runs), ", ".join(ips) or NO_CUDA)
+
+
+def _end_to_end_step(c: Check, data: Path) -> None:
+    """The prepared JPEGs through the training step, decoded by CPU workers and by nvJPEG."""
+    s, cuda = c.s, c.s["cuda_available"]
+    t1, s["end_to_end"] = time.monotonic(), {}
+    workers = max(1, (os.cpu_count() or 2) - 1)  # one core left for the training process
+    for name, nv in (("cpu_workers", False), ("nvjpeg", True)) if cuda else ():
+        try:
+            s["end_to_end"][name] = end_to_end(data, workers, nv)
+        except Exception as e:  # a failure here is a finding; the other steps still run
+            s["end_to_end"][name] = {"error": f"{type(e).__name__}: {e}"}
+    errors = [r["error"] for r in s["end_to_end"].values() if "error" in r]
+    status = "skipped" if not cuda else "failed" if errors else "passed"
+    found = [
+        f"{k}: {r['end_to_end_ips']:.0f} img/s"
+        for k, r in s["end_to_end"].items()
+        if "end_to_end_ips" in r
+    ]
+    c.step("end to end", status, time.monotonic() - t1, "; ".join(errors + found) or NO_CUDA)
+
+
 def check(args: argparse.Namespace, work: Path) -> dict:
     c = Check(args.out, 5)
     s, cuda = c.s, c.s["cuda_available"]
-    no_cuda = "no CUDA device (a rehearsal: this step needs one)"
     t0 = time.monotonic()
     data = work / "prepared"
     if not (data / "meta.json").is_file():
@@ -336,36 +375,9 @@ def check(args: argparse.Namespace, work: Path) -> dict:
         counts = ", ".join(f"{p.get(k, 0)} {k}" for k in ("passed", "failed", "skipped"))
         c.step("pytest", p["status"], p.get("seconds", 0), p.get("why") or counts)
     if "bench" not in args.skip:
-        s["bench"] = {}
-        for b in BATCHES:
-            if not cuda:
-                continue
-            s["bench"][str(b)] = run_bench(b, left(LIMITS["bench"]))
-        runs = s["bench"].values()
-        failed = any(r["status"] == "failed" for r in runs)
-        status = "skipped" if not cuda else "failed" if failed else "passed"
-        ips = [
-            f"{b}: {r['result']['train_ips']:.0f} img/s"
-            for b, r in s["bench"].items()
-            if r.get("result")
-        ]
-        c.step("bench", status, sum(r["seconds"] for r in runs), ", ".join(ips) or no_cuda)
+        _bench_step(c, left)
     if "e2e" not in args.skip:
-        t1, s["end_to_end"] = time.monotonic(), {}
-        workers = max(1, (os.cpu_count() or 2) - 1)  # one core left for the training process
-        for name, nv in (("cpu_workers", False), ("nvjpeg", True)) if cuda else ():
-            try:
-                s["end_to_end"][name] = end_to_end(data, workers, nv)
-            except Exception as e:  # a failure here is a finding; the other steps still run
-                s["end_to_end"][name] = {"error": f"{type(e).__name__}: {e}"}
-        errors = [r["error"] for r in s["end_to_end"].values() if "error" in r]
-        status = "skipped" if not cuda else "failed" if errors else "passed"
-        found = [
-            f"{k}: {r['end_to_end_ips']:.0f} img/s"
-            for k, r in s["end_to_end"].items()
-            if "end_to_end_ips" in r
-        ]
-        c.step("end to end", status, time.monotonic() - t1, "; ".join(errors + found) or no_cuda)
+        _end_to_end_step(c, data)
     if "loader" not in args.skip:
         workers = max(1, (os.cpu_count() or 2) - 1)
         s["loader"] = r = run_bench_loader(data, workers, left(LIMITS["loader"]), cuda)

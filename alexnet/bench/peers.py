@@ -233,9 +233,9 @@ def _peak_fractions(peers: dict, flops: float, peak: dict, our_train: str, our_i
         }
 
 
-def peer_figures(args, device, batch: int, kept: dict) -> dict:
-    """The ``peers`` block of ``alexnet bench``: ``kept`` holds speed.model_only's networks,
-    training steps and figures."""
+def _train_and_infer(args, device, batch: int, kept: dict) -> tuple[dict, dict]:
+    """Each peer's training figure (timed in speed.model_only) and ``measure_inference``'s
+    rounds, our weights copied into the peers first."""
     import copy
 
     names = set(args.peers.split(",")) if args.peers else set()
@@ -258,6 +258,31 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
         engines_too="engines" in names,
         stretch=0.02 if args.quick else 0.25,
     )
+    return train, inf
+
+
+def _allocator(args, batch: int, kept: dict) -> dict:
+    """``allocator_effect`` on the usual and our training and inference steps."""
+    ours, ref = kept["ours"], kept["ref"]
+    x = torch.randn(batch, ours.conv1.in_channels, ours.input_size, ours.input_size)
+    usual = _eager(ref, "fp32", False)
+    return allocator_effect(
+        {
+            "usual_train": kept["reference_train"],
+            "ours_train": kept["our_train"],
+            "usual_infer": lambda: usual(x),
+            "ours_infer": lambda: kept["our_infer"](),
+        },
+        args.rounds,
+        args.steps,
+    )
+
+
+def peer_figures(args, device, batch: int, kept: dict) -> dict:
+    """The ``peers`` block of ``alexnet bench``: ``kept`` holds speed.model_only's networks,
+    training steps and figures."""
+    ours = kept["ours"]
+    train, inf = _train_and_infer(args, device, batch, kept)
     peers = inf["peers"]
     for name, ips in train.items():
         peers.setdefault(name, {})["train_ips"] = ips
@@ -291,18 +316,7 @@ def peer_figures(args, device, batch: int, kept: dict) -> dict:
         "forward_gflop_per_image": flops / 1e9,
     }
     if args.allocator:
-        x = torch.randn(batch, ours.conv1.in_channels, ours.input_size, ours.input_size)
-        usual = _eager(ref, "fp32", False)
-        out["allocator"] = allocator_effect(
-            {
-                "usual_train": kept["reference_train"],
-                "ours_train": kept["our_train"],
-                "usual_infer": lambda: usual(x),
-                "ours_infer": lambda: kept["our_infer"](),
-            },
-            args.rounds,
-            args.steps,
-        )
+        out["allocator"] = _allocator(args, batch, kept)
     return out
 
 

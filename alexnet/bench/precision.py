@@ -1,6 +1,6 @@
 """``alexnet bench --precision-check``: bf16 autocast against fp32 training on real
 Fashion-MNIST, with the gap between two fp32 runs in different batch orders as the noise it
-is judged against (docs/PERFORMANCE.md, "bf16 against fp32")."""
+is judged against (docs/RESULTS.md, "bf16 against fp32")."""
 
 from __future__ import annotations
 

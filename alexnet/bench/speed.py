@@ -9,7 +9,7 @@ figures are medians over rounds. The compiled peer (``alexnet.bench.peers``) tra
 torch's fused SGD. The end-to-end figure runs a
 prepared dataset through ``make_loader`` + ``DeviceAugment`` + our training step.
 ``--precision-check`` trains the small model on Fashion-MNIST in float32 and in bfloat16 from
-the same seed and prints both loss curves. Method and figures: docs/PERFORMANCE.md.
+the same seed and prints both loss curves. Method: docs/SPEED.md; figures: docs/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -144,9 +144,8 @@ def prepared(
             if "train" not in splits:
                 notes["folder_split"] = FOLDER_SPLIT
             if "test" in splits:  # its results are reported on test/, as a test set's are
-                notes["test_split"] = "test"
-            prepare_items(cache, "folder", splits, classes, classes, notes, options,
-                          bad_hint=hint)  # fmt: skip
+                notes["test_split"], notes["test_is"] = "test", "the folder's test/ images"
+            prepare_items(cache, "folder", splits, classes, classes, notes, options, bad_hint=hint)
     return cache
 
 
@@ -176,14 +175,31 @@ def _scan(root: Path, classes: list[str] | None, holdout: float, seed: int):
     return splits, classes, ignored, note
 
 
+_SAID: set[str] = set()
+
+
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    if line not in _SAID:  # a command that opens two splits of one folder says it once
+        _SAID.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+def _say_left_out(folder: Path, skipped: list[str]) -> None:
+    """One line on stderr for what a folder held that is not taken as an image."""
+    if skipped:
+        shown = "; ".join(line.replace("\t", ": ", 1).split("\t")[0] for line in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        _say(
+            f"{folder}: left out {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} "
+            f"that are not images ({shown}{more})"
+        )
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
     """The image files ``inputs`` name, in order: a file as it is (read or reported by the
     caller), a folder's images below it (sorted; hidden files and folders, other files and
-    link loops left out), ``@list.txt`` the paths listed in it, one a line."""
+    link loops left out, and a line on stderr says which), ``@list.txt`` the paths listed in
+    it, one a line."""
     out: list[Path] = []
     for p in inputs:
         text = str(p)
@@ -198,12 +214,29 @@ def image_files(inputs: list[Path]) -> list[Path]:
             out += image_files([Path(line.strip()) for line in lines if line.strip()])
         elif p.is_dir():
             skipped: list[str] = []
-            out += [
-                f for f in sources.files_under(p, skipped) if sources.skip_reason(f.name) is None
-            ]
+            for f in sources.files_under(p, skipped):
+                why = sources.skip_reason(f.name)
+                if why is None:
+                    out.append(f)
+                else:
+                    skipped.append(f"{f}\t{why}")
+            _say_left_out(p, skipped)
         else:
             out.append(p)
     return out
+
+
+def classes_for(data: str | os.PathLike, classes: list[str] | None) -> list[str] | None:
+    """The labels a command that only shows or compares images (features, figures) reads a
+    folder with: ``classes`` (a network's) where every class folder of ``data`` is one of
+    them, so it shares the cache ``evaluate`` makes; else None, the folder's own classes
+    (fc7 features of photos of classes the network was never trained on)."""
+    root = Path(data)
+    if classes is None or is_prepared(root) or not root.is_dir():
+        return classes
+    tree = next(iter(split_folders(root).values()), root)
+    found = {p.name for p in tree.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return classes if found <= set(classes) else None
 
 
 def open_split(

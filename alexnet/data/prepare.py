@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from alexnet.data import pipeline, small, sources, store
+from alexnet.data.prepare_flags import add_arguments  # noqa: F401 - the command's
 from alexnet.data.verify import verify
 from alexnet.runtime.errors import UserError
 from alexnet.runtime.fileio import atomic_write_text, remove_stale_temps
@@ -54,118 +55,6 @@ class Options:
                 raise UserError(f"--{name} {getattr(self, name)}: must be at least {low}")
 
 
-def _image_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", type=Path, help="the prepared dataset directory to write")
-    p.add_argument(
-        "--size",
-        type=int,
-        default=256,
-        help="stored side: shorter side resized to it, central square kept "
-        "(PAPER B1; default 256); 0 keeps the native size (all images equal)",
-    )
-    p.add_argument(
-        "--storage",
-        choices=["jpeg", "raw"],
-        default="jpeg",
-        help="records as JPEG bytes (default) or raw uint8 pixels",
-    )
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=pipeline.default_workers(),
-        help="processes (default: all cores)",
-    )
-    p.add_argument(
-        "--chunk", type=int, default=1000, help="images per resumable chunk (default 1000)"
-    )
-    p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="leave unreadable files out (they are listed, counted and recorded) "
-        "instead of failing",
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="kind", metavar="SOURCE", required=True)
-    p = sub.add_parser(
-        "imagenet",
-        help="ILSVRC-2012 tars or folders + devkit (PAPER G1)",
-        description="ILSVRC-2012 as users have it (the official tars, a folder of the per-class "
-        "tars, or <wnid>/ folders; the flat validation set labelled through the devkit) into a "
-        "prepared dataset: shorter side to 256, central square (B1), JPEG records, mean image "
-        "(B2) and RGB PCA (B4) of the training split. Resumable; on all cores.",
-    )
-    p.add_argument(
-        "--train",
-        type=Path,
-        required=True,
-        help="ILSVRC2012_img_train.tar, a folder of its <wnid>.tar, or <wnid>/ folders",
-    )
-    p.add_argument(
-        "--val", type=Path, help="ILSVRC2012_img_val.tar, its flat folder, or <wnid>/ folders"
-    )
-    p.add_argument(
-        "--devkit",
-        type=Path,
-        help="ILSVRC2012_devkit_t12.tar.gz or its folder (val labels, class names)",
-    )
-    _image_options(p)
-    p = sub.add_parser(
-        "folder",
-        help="any folder-per-class image tree (<class>/<images>)",
-        description="A folder of class folders (sorted names are the classes, as ImageFolder) "
-        "into a prepared dataset, as ImageNet's (B1, B2, B4), images turned upright by their "
-        "EXIF orientation. Resumable; on all cores.",
-    )
-    p.add_argument("--train", type=Path, required=True, help="training tree")
-    p.add_argument("--val", type=Path, help="validation tree, same class folders")
-    _image_options(p)
-    p = sub.add_parser(
-        "fashion-mnist",
-        help="Fashion-MNIST IDX files, native 28x28x1",
-        description="Fashion-MNIST's four IDX files into a prepared dataset at their own "
-        "28x28x1 (raw pixels), a stratified validation split held out of the training images "
-        "and the official test set as its own split.",
-    )
-    p.add_argument("out", type=Path, metavar="OUT", help="the prepared dataset directory")
-    p.add_argument(
-        "--source",
-        type=Path,
-        help=f"folder with the four IDX .gz files (default {small.FASHION_MNIST_DIR}, "
-        "Debian package dataset-fashion-mnist; with --download: OUT/source)",
-    )
-    p.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch the files from the canonical address into --source, MD5-checked",
-    )
-    _validation_options(p)
-    p = sub.add_parser(
-        "cifar10",
-        help="CIFAR-10 python batches, native 32x32x3",
-        description="CIFAR-10's python batches into a prepared dataset at 32x32x3 (raw pixels), "
-        "a validation split held out and the official test set as its own split.",
-    )
-    p.add_argument("out", type=Path, metavar="OUT", help="the prepared dataset directory")
-    p.add_argument(
-        "--source",
-        type=Path,
-        required=True,
-        help="cifar-10-batches-py folder or cifar-10-python.tar.gz",
-    )
-    _validation_options(p)
-    p = sub.add_parser(
-        "verify",
-        help="check a prepared directory against its index",
-        description="Every record's CRC-32 and decoding, the counts, the layout of the record "
-        "files and the leftovers of an interrupted prepare, in a prepared directory.",
-    )
-    p.add_argument("out", type=Path, metavar="DIR", help="the prepared dataset directory")
-    p.add_argument("--quick", action="store_true", help="decode a sample, not every record")
-
-
 def _clean_leftovers(out: Path) -> None:
     """Remove what a killed run left: temp files of an unfinished write (as large as a record
     file), and ``.parts`` once ``meta.json`` exists (a second copy of every record)."""
@@ -193,6 +82,48 @@ def _native_size(item: sources.Item) -> tuple[int, int]:
             return img.size
     except Exception as e:
         raise UserError(f"{item.name}: cannot read the first image for --size 0 ({e})") from None
+
+
+def _report_bad(out: Path, bad: list[str], options: Options, bad_hint: str) -> None:
+    """The files that could not be read, listed in ``bad_files.txt``: left out with
+    ``--skip-bad``, else refused."""
+    report = out / "bad_files.txt"
+    if bad:
+        atomic_write_text(report, "".join(b + "\n" for b in bad))
+        if not options.skip_bad:
+            first = "; ".join(b.replace("\t", " (", 1) + ")" for b in bad[:3])
+            raise UserError(
+                f"{len(bad)} unreadable file(s), listed in {report}: {first}; {bad_hint} "
+                "(finished work is kept)"
+            )
+        print(f"skipped {len(bad)} unreadable file(s), listed in {report}")
+
+
+def _meta(
+    dataset: str,
+    classes: list[str],
+    names: list[str],
+    split_meta: dict,
+    notes: dict,
+    options: Options,
+    native: tuple[int, int] | None,
+) -> dict:
+    """``meta.json`` (alexnet/data/store.py describes it)."""
+    size = list(native[::-1]) if native else [options.size, options.size]
+    resize = "central min(w,h) square, bicubic to size x size (PAPER B1)"
+    return {
+        "dataset": dataset,
+        "storage": options.storage,
+        "image_size": size,
+        "channels": 3,
+        "classes": classes,
+        "class_names": names,
+        "splits": split_meta,
+        "jpeg_quality": options.quality if options.storage == "jpeg" else None,
+        "resize": resize if options.size else "native size",
+        "exif_orientation": "applied" if options.exif else "ignored (as stored)",
+        **notes,
+    }
 
 
 def prepare_items(
@@ -226,33 +157,9 @@ def prepare_items(
             after_chunk=after_chunk,
         )
     bad = [b for split in splits for b in pipeline.collect_bad(parts[split])]
-    report = out / "bad_files.txt"
-    if bad:
-        atomic_write_text(report, "".join(b + "\n" for b in bad))
-        if not options.skip_bad:
-            first = "; ".join(b.replace("\t", " (", 1) + ")" for b in bad[:3])
-            raise UserError(
-                f"{len(bad)} unreadable file(s), listed in {report}: {first}; {bad_hint} "
-                "(finished work is kept)"
-            )
-        print(f"skipped {len(bad)} unreadable file(s), listed in {report}")
+    _report_bad(out, bad, options, bad_hint)
     split_meta = {s: pipeline.finish_split(out, s, parts[s], s == "train") for s in splits}
-    size = list(native[::-1]) if native else [options.size, options.size]
-    resize = "central min(w,h) square, bicubic to size x size (PAPER B1)"
-    meta = {
-        "dataset": dataset,
-        "storage": options.storage,
-        "image_size": size,
-        "channels": 3,
-        "classes": classes,
-        "class_names": names,
-        "splits": split_meta,
-        "jpeg_quality": options.quality if options.storage == "jpeg" else None,
-        "resize": resize if options.size else "native size",
-        "exif_orientation": "applied" if options.exif else "ignored (as stored)",
-        **notes,
-    }
-    store.write_meta(out, meta)
+    store.write_meta(out, _meta(dataset, classes, names, split_meta, notes, options, native))
     shutil.rmtree(out / ".parts", ignore_errors=True)
     for split, m in split_meta.items():
         print(
@@ -398,17 +305,6 @@ def _write_small(
         args.out, dataset, splits, classes, source, val_size=args.val_size, val_seed=args.val_seed
     )
     return 0
-
-
-def _validation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--val-size",
-        type=int,
-        default=small.VAL_SIZE,
-        help="training images held out as the validation split, stratified by class "
-        f"(default {small.VAL_SIZE}); the official test set is its own split",
-    )
-    p.add_argument("--val-seed", type=int, default=0, help="seed of the held-out draw")
 
 
 def _own(out: Path):

@@ -242,13 +242,19 @@ def report_split(meta: dict) -> tuple[str, str]:
     if meta.get("folder_split"):  # a cache of one folder of images (alexnet.data.folders)
         return meta["folder_split"], "the folder's images"
     if meta.get("test_split"):
-        return meta["test_split"], "the official test set"
+        return meta["test_split"], meta.get("test_is", "the official test set")
     if meta.get("val_is_official_test_set"):
         return "val", (
             "the official test set, which this older preparation also used for "
             "validation: choices were made on it; prepare the data again"
         )
     return "val", "the validation set"
+
+
+def search_split(meta: dict) -> str:
+    """The split searched for neighbours (PAPER F3: the training images): ``train`` where
+    there is one, else the split results are reported on (a folder's images)."""
+    return "train" if "train" in meta["splits"] else report_split(meta)[0]
 
 
 def read_meta(root: str | Path) -> dict:

@@ -182,20 +182,38 @@ def _checkpoint(model, classes, names, mean, crop, source: dict) -> dict:
     }
 
 
-def import_caffe(path: Path, mean_path: Path | None = None, synsets: Path | None = None) -> dict:
-    """A bvlc_alexnet-style .caffemodel as a checkpoint of the paper model (227 px, RGB)."""
-    from alexnet.model import AlexNet
-
-    layers = read_caffe_layers(path)
+def _caffe_blobs(layers, path: Path) -> dict:
+    """The weight and bias of each of ``CAFFE_LAYERS``, fc weights as (out, in) matrices."""
     blobs = {name: b for name, _, b, _ in layers if name in CAFFE_LAYERS}
     missing = [n for n in CAFFE_LAYERS if len(blobs.get(n, ())) != 2]
     if missing:
         raise UserError(f"{path}: no weight and bias blobs for layer(s) {', '.join(missing)}")
     # V1 files pad every blob to 4-D: fc weights are 1 x 1 x out x in, biases 1 x 1 x 1 x out.
-    blobs = {
+    return {
         n: (wb[0].reshape(wb[0].shape[-2:]) if n.startswith("fc") else wb[0], wb[1].reshape(-1))
         for n, wb in blobs.items()
     }
+
+
+def _load_caffe_blobs(model, blobs: dict, path: Path) -> None:
+    """Copy ``blobs`` into ``model``, conv1 turned to take RGB where Caffe's took BGR."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for n in CAFFE_LAYERS:
+            for blob, param in zip(blobs[n], ("weight", "bias"), strict=True):
+                state[f"{n}.{param}"].copy_(
+                    _caffe_param(blob, state[f"{n}.{param}"], f"{path}: {n}.{param}")
+                )
+        if model.conv1.in_channels == 3:
+            model.conv1.weight.copy_(model.conv1.weight.flip(1))  # BGR -> RGB input
+
+
+def import_caffe(path: Path, mean_path: Path | None = None, synsets: Path | None = None) -> dict:
+    """A bvlc_alexnet-style .caffemodel as a checkpoint of the paper model (227 px, RGB)."""
+    from alexnet.model import AlexNet
+
+    layers = read_caffe_layers(path)
+    blobs = _caffe_blobs(layers, path)
     k = _check_caffe_lrn(layers, path)
     w = {n: blobs[n][0] for n in CAFFE_LAYERS}
     c1 = w["conv1"].shape[0]
@@ -220,15 +238,7 @@ def import_caffe(path: Path, mean_path: Path | None = None, synsets: Path | None
         dropout=0.5,
         init="none",
     )
-    state = model.state_dict()
-    with torch.no_grad():
-        for n in CAFFE_LAYERS:
-            for blob, param in zip(blobs[n], ("weight", "bias"), strict=True):
-                state[f"{n}.{param}"].copy_(
-                    _caffe_param(blob, state[f"{n}.{param}"], f"{path}: {n}.{param}")
-                )
-        if model.conv1.in_channels == 3:
-            model.conv1.weight.copy_(model.conv1.weight.flip(1))  # BGR -> RGB input
+    _load_caffe_blobs(model, blobs, path)
     if k is not None:
         _fold_lrn_k(model, k_from=k, k_to=model.lrn1.k)
     mean = _read_mean(mean_path, 256)

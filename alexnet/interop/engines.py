@@ -57,8 +57,9 @@ EXTRAS = {"openvino": "alexnet[openvino]", "onnxruntime": "alexnet[onnx]"}
 MIN_AGREEMENT = 0.99  # bf16 is used only where its top-1 agrees with fp32 this often
 TIMING_BATCH_MAX = 128  # candidates are timed at min(batch, this): the choice must be quick
 # A job of at most this many forward passes is not worth timing the engines for: an engine's
-# first export and compile take seconds (1.7-3.4 s measured for the paper model, docs/SPEED.md)
-# and its later loads hundreds of ms, more than it gains over torch on a batch or two.
+# first export and compile take seconds for the paper model (each machine's own times are kept
+# in its machine record, docs/ENGINES.md) and its later loads hundreds of ms, more than it gains
+# over torch on a batch or two.
 FEW_BATCHES = 2
 
 

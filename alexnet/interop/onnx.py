@@ -108,6 +108,20 @@ def export_onnx(
     random batch (a UserError if it is not within float32 rounding). ``lrn_graph``: how
     per-tower LRN is written (see ``_ExportLRN``); ``layer``: the graph returns that layer's
     activations (``forward_features``) instead of the logits."""
+    net = _exported_net(model, lrn_graph, layer, preprocessing)
+    net, example, names = _with_inputs(net, card, model.conv1.in_channels, preprocessing, layer)
+    out = Path(out)
+    graph = _trace(net, example, names, opset)
+    # one write of the whole file, metadata included: a kill leaves the old file or none
+    atomic_write_bytes(out, _with_metadata(graph, card))
+    if not check:
+        return None
+    return _compare_onnxruntime(net, out, example)
+
+
+def _exported_net(model, lrn_graph: str, layer: str | None, preprocessing: bool):
+    """A copy of ``model`` in eval mode with its LRN written as ``lrn_graph`` says, returning
+    ``layer``'s activations where a layer is given."""
     import copy
 
     net = copy.deepcopy(model).eval()
@@ -118,8 +132,13 @@ def export_onnx(
         if preprocessing:
             raise ValueError("a feature graph takes preprocessed crops")
         net = _Features(net, layer).eval()
+    return net
+
+
+def _with_inputs(net, card: ModelCard, c: int, preprocessing: bool, layer: str | None):
+    """``net`` (with the preprocessing in front where asked), an example batch of its inputs
+    and the graph's (input, output) names."""
     crop = card.crop_size
-    c = model.conv1.in_channels
     gen = torch.Generator().manual_seed(0)
     if preprocessing:
         mean = card.data_stats["mean"].float()
@@ -134,7 +153,11 @@ def export_onnx(
     else:
         example = torch.randn(2, c, crop, crop, generator=gen) * 50.0  # mean-subtracted scale
         names = (["images"], ["logits" if layer is None else layer])
-    out = Path(out)
+    return net, example, names
+
+
+def _trace(net, example: torch.Tensor, names: tuple[list[str], list[str]], opset: int) -> bytes:
+    """The ONNX graph of ``net`` traced on ``example``, its batch axis dynamic."""
     graph = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated, but it honours the symbolic that maps our LRN
@@ -152,11 +175,7 @@ def export_onnx(
             output_names=names[1],
             dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
         )
-    # one write of the whole file, metadata included: a kill leaves the old file or none
-    atomic_write_bytes(out, _with_metadata(graph.getvalue(), card))
-    if not check:
-        return None
-    return _compare_onnxruntime(net, out, example)
+    return graph.getvalue()
 
 
 def _with_metadata(graph: bytes, card: ModelCard) -> bytes:

@@ -19,7 +19,6 @@ from alexnet import config as C
 from alexnet import evaluate as E
 from alexnet.data import PreparedDataset, store
 from alexnet.data.subset import subset_indices
-from alexnet.figures import pyplot, save_png
 from alexnet.inference import Predictor
 from alexnet.lab.fashion import resolve_data
 from alexnet.lab.runs import cached, train_one
@@ -28,6 +27,7 @@ from alexnet.model import ARCHS
 from alexnet.recipes import ABLATIONS, schedule_for
 from alexnet.runtime import distributed as D
 from alexnet.runtime.errors import UserError
+from alexnet.runtime.plotting import pyplot, save_png
 from alexnet.runtime.runlog import read_metrics
 
 

@@ -26,6 +26,11 @@ from alexnet.runtime.errors import UserError
 # ------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="which", required=True, metavar="EXPERIMENT")
+    _add_fig1(sub)
+    _add_ablations(sub)
+
+
+def _add_fig1(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fig1",
         help="ReLU against tanh: epochs to a training error (PAPER E4)",
@@ -60,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20000,
         help="random training subset (0: all); the time budget default",
     )
+
+
+def _add_ablations(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablations",
         help="LRN, pooling, dropout, colour noise, views, towers",

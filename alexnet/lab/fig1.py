@@ -28,11 +28,11 @@ from torch import nn
 
 from alexnet.data import DeviceAugment, PreparedDataset
 from alexnet.data.subset import subset_indices
-from alexnet.figures import pyplot, save_png
 from alexnet.lab.fashion import resolve_data
 from alexnet.lab.runs import cached
 from alexnet.lab.tables import fmt_ms, mean_std, write_outputs
 from alexnet.optim import PaperSGD
+from alexnet.runtime.plotting import pyplot, save_png
 from alexnet.runtime.progress import Progress
 
 # The training error to reach: the paper's 25% on CIFAR-10. Fashion-MNIST is far easier (both
@@ -213,6 +213,33 @@ def _load(data, n: int | None, seed: int):
     return images, labels, aug, len(ds.classes)
 
 
+def _grid_json(grid: dict[str, list[Curve]], threshold: float) -> dict:
+    """Each rate tried on seed 0: where it reached ``threshold``, where it ended."""
+    return {
+        a: [
+            {
+                "lr": c.lr,
+                "reach": c.reach(threshold),
+                "final_error": c.errors[-1],
+                "diverged": c.diverged,
+            }
+            for c in cs
+        ]
+        for a, cs in grid.items()
+    }
+
+
+def _curves_json(runs: dict[str, list[Curve]]) -> dict:
+    """Every seed's curve at its activation's best rate."""
+    return {
+        a: [
+            dict(seed=c.seed, lr=c.lr, epochs=c.epochs, errors=c.errors, seconds=c.seconds)
+            for c in cs
+        ]
+        for a, cs in runs.items()
+    }
+
+
 def _summary(
     args,
     data: Path,
@@ -243,25 +270,8 @@ def _summary(
         "seconds_to_threshold": sec,
         "speedup_epochs": mean_std(ratio),
         "speedup_seconds": mean_std(ratio_s),
-        "grid": {
-            a: [
-                {
-                    "lr": c.lr,
-                    "reach": c.reach(threshold),
-                    "final_error": c.errors[-1],
-                    "diverged": c.diverged,
-                }
-                for c in cs
-            ]
-            for a, cs in grid.items()
-        },
-        "curves": {
-            a: [
-                dict(seed=c.seed, lr=c.lr, epochs=c.epochs, errors=c.errors, seconds=c.seconds)
-                for c in cs
-            ]
-            for a, cs in runs.items()
-        },
+        "grid": _grid_json(grid, threshold),
+        "curves": _curves_json(runs),
     }
     never = {a: sum(e is None for e in ep[a]) for a in ep}
     table = [

@@ -93,12 +93,11 @@ def _epoch_table(records: list[dict]) -> list[str]:
     return rows
 
 
-def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
-    ev, env, tr = results["evaluation"], results["environment"], results["train"]
+def _overview(results: dict) -> list[str]:
+    """The report's head: the test accuracy, the results table, the data and the machine."""
+    ev, env = results["evaluation"], results["environment"]
     hw, ver = env["hardware"], env["versions"]
-    n_at_once = results.get("models_trained_at_once", 1)
-    at_once = f" for the first model; {n_at_once} models trained at once" if n_at_once > 1 else ""
-    lines = [
+    return [
         f"# AlexNet demo: {results['data']['dataset']}, end to end",
         "",
         f"**Test accuracy {pct(results['test_accuracy'])}** (one model, ten views, PAPER B5) "
@@ -128,12 +127,15 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         f"{results['load_average'][1]:.2f} at the end. torch {ver['torch']}, Python "
         f"{ver['python']}, git {str(env['git'].get('commit'))[:10]}.",
         "",
-        "## Time",
-        "",
-        "| stage | seconds |",
-        "| --- | --- |",
-        *[f"| {k} | {v:.1f} |" for k, v in results["stages"].items()],
-        "",
+    ]
+
+
+def _training(results: dict) -> list[str]:
+    """The training section: the epochs' table and the recipe."""
+    tr = results["train"]
+    n_at_once = results.get("models_trained_at_once", 1)
+    at_once = f" for the first model; {n_at_once} models trained at once" if n_at_once > 1 else ""
+    return [
         f"## Training ({tr['epochs']} epochs, {tr['mean_images_per_sec']:.0f} images/s{at_once})",
         "",
         *_epoch_table(tr["records"]),
@@ -143,6 +145,20 @@ def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
         "",
         *[f"- `{k}` = {v}" for k, v in results["recipe"].items()],
         "",
+    ]
+
+
+def write_report(out: Path, results: dict, class_names: list[str]) -> Path:
+    ev = results["evaluation"]
+    lines = [
+        *_overview(results),
+        "## Time",
+        "",
+        "| stage | seconds |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.1f} |" for k, v in results["stages"].items()],
+        "",
+        *_training(results),
         "## Per-class test accuracy (ten views)",
         "",
         "| class | accuracy |",
