@@ -3,7 +3,7 @@
     model = torch.hub.load("<owner>/<repo>", "alexnet", weights="IMAGENET1K_V1")
     model = torch.hub.load("path/to/clone", "alexnet", source="local", weights="bvlc_alexnet")
 
-Weight names, their layouts, preprocessing and published accuracy: docs/EVALUATION.md.
+Weight names, their layouts, preprocessing and published accuracy: docs/WEIGHTS.md.
 """
 
 dependencies = ["torch", "numpy", "PIL", "google.protobuf"]

@@ -3,7 +3,7 @@
 Every fact here has a source named beside it. A checksum that no one publishes is ``None``,
 never a guess: such a file is checked by its size (when known), by being readable in its
 format, and by a SHA-256 computed on its first download and pinned in the cache
-(``alexnet.interop.weights``). See docs/EVALUATION.md for the table.
+(``alexnet.interop.weights``). See docs/WEIGHTS.md for the table.
 
 Not listed: CaffeNet (``bvlc_reference_caffenet``, 57.4 / 80.4 % centre crop per its readme)
 pools before it normalises, which is not the paper's network (PAPER A8, A9); the converter

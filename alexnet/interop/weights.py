@@ -1,6 +1,6 @@
 """Published weights by name: downloaded once, verified, converted once, cached.
 
-    model = AlexNet.from_pretrained("IMAGENET1K_V1")         # or "bvlc_alexnet"
+    model = load_pretrained("IMAGENET1K_V1")                 # or "bvlc_alexnet"
     probs = model(model.transforms(rgb)).softmax(1)           # RGB tensors in
     alexnet predict cat.jpg --weights bvlc_alexnet
     alexnet evaluate --weights IMAGENET1K_V1 --data data/imagenet --views 1
