@@ -175,6 +175,7 @@ def plot_neighbours(
     )
     # above the figure (va bottom at its top edge): never over the first row's titles
     fig.suptitle(textwrap.fill(title, int(1.5 * (k + 1) * 11)), fontsize=9, y=1.0, va="bottom")
+    fig.subplots_adjust(top=1 - 0.3 / fig.get_figheight())  # room for two lines of labels
     save_png(fig, out)
 
 

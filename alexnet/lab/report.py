@@ -42,7 +42,8 @@ def make_figures(run_dirs: list[Path], checkpoint: Path, data: Path, out: Path, 
     written = {}
     for i, run_dir in enumerate(run_dirs):
         name = "curves.png" if i == 0 else f"curves-{i + 1}.png"
-        title = f"the demo's training run {run_dir.name}"
+        which = f" of model {i + 1} ({run_dir.name}/)" if len(run_dirs) > 1 else ""
+        title = f"the demo's training run{which}"
         figures.plot_curves(read_metrics(run_dir), out / name, title=title)
         written[name] = "loss, error and learning rate per epoch"
     plain = Predictor.of_network(checkpoint)
