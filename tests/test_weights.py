@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from caffekit import caffe_blob, caffe_reference, caffe_weights, write_caffemodel
 from PIL import Image
 from references import torchvision_state
-from weightkit import TV_URL, serve, tv_entry
+from weightkit import FACTS, TV_URL, serve, tv_entry
 
 from alexnet import load_pretrained
 from alexnet.cli import main
@@ -248,21 +248,7 @@ def caffe_files(server, tmp_path):
 
 
 def _caffe_entry(model: bytes, mean: bytes, aux: bytes) -> WeightSet:
-    base = {
-        f: getattr(BUILTIN[1], f)
-        for f in (
-            "layout",
-            "preprocessing",
-            "classes",
-            "license",
-            "top1",
-            "top5",
-            "protocol",
-            "accuracy_source",
-            "mean",
-            "synsets",
-        )
-    }
+    base = {f: getattr(BUILTIN[1], f) for f in (*FACTS, "mean", "synsets")}
     return WeightSet(
         name="test-caffe",
         format="caffe",
@@ -402,19 +388,7 @@ def test_registry_file_from_the_environment(tmp_path, monkeypatch):
         "name": "mine",
         "format": "torchvision",
         "weights": {"url": TV_URL, "size": 3},
-        **{
-            f: getattr(BUILTIN[0], f)
-            for f in (
-                "layout",
-                "preprocessing",
-                "classes",
-                "license",
-                "top1",
-                "top5",
-                "protocol",
-                "accuracy_source",
-            )
-        },
+        **{f: getattr(BUILTIN[0], f) for f in FACTS},
     }
     (tmp_path / "reg.json").write_text(json.dumps([entry]))
     monkeypatch.setenv("ALEXNET_WEIGHTS_REGISTRY", str(tmp_path / "reg.json"))

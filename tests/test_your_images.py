@@ -62,7 +62,7 @@ def test_predict_takes_folders_and_lists_and_names_what_it_cannot_read(tmp_path,
     assert [r["predictions"][0]["class_index"] for r in rows[:3]] == [1, 1, 1]
     assert rows[3]["error"] == "No such file or directory"
     # nothing is left out of a folder without a word
-    assert "photos: left out 2 entries that are not images" in out.err
+    assert "photos: left out 2 entries: " in out.err
     assert "notes.txt: not an image file" in out.err and ".hidden/: hidden" in out.err
 
 

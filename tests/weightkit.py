@@ -17,6 +17,17 @@ from alexnet.interop.registry import BUILTIN, Download, WeightSet
 from alexnet.runtime import paths
 
 TV_URL = "https://download.pytorch.org/models/alexnet-owt-test.pth"
+# What a registry entry says of its weights as published (taken from a built-in one in tests).
+FACTS = (
+    "layout",
+    "preprocessing",
+    "classes",
+    "license",
+    "top1",
+    "top5",
+    "protocol",
+    "accuracy_source",
+)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -62,18 +73,8 @@ def tv_entry(data: bytes, name: str = "test-owt", sha256: str | None = None) -> 
     """A torchvision-format weight set with ``data``'s own size and SHA-256, published facts
     (layout, preprocessing, accuracy) as torchvision's."""
     d = Download(TV_URL, sha256=sha256 or hashlib.sha256(data).hexdigest(), size=len(data))
-    keep = (
-        "layout",
-        "preprocessing",
-        "classes",
-        "license",
-        "top1",
-        "top5",
-        "protocol",
-        "accuracy_source",
-    )
     return WeightSet(
-        name=name, format="torchvision", weights=d, **{f: getattr(BUILTIN[0], f) for f in keep}
+        name=name, format="torchvision", weights=d, **{f: getattr(BUILTIN[0], f) for f in FACTS}
     )
 
 

@@ -189,10 +189,8 @@ def _say_left_out(folder: Path, skipped: list[str]) -> None:
     if skipped:
         shown = "; ".join(line.replace("\t", ": ", 1).split("\t")[0] for line in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        _say(
-            f"{folder}: left out {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} "
-            f"that are not images ({shown}{more})"
-        )
+        n = len(skipped)
+        _say(f"{folder}: left out {n} entr{'y' if n == 1 else 'ies'}: {shown}{more}")
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
