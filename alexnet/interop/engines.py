@@ -126,8 +126,9 @@ def candidates(backend: str, precision: str = "auto") -> list[Choice]:
             precisions = ("fp32", "bf16") if native_bf16(name) else ("fp32",)
         else:
             precisions = (precision,)
-        # torch's bf16 only in channels_last: NCHW bf16 measured 0.62x (small model, batch
-        # 128) and 0.77x (paper, batch 16) of it on an AVX512-BF16 CPU
+        # torch's bf16 only in channels_last: NCHW bf16 ran at 0.68x of it (the demo's
+        # model, batch 128) and 0.78x (paper-sized, batch 16) on an AVX512-BF16 CPU
+        # (docs/RESULTS.md, inference engines, 2026-12-07)
         out += [
             Choice(name, p, cl)
             for p in precisions
