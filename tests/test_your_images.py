@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import evalkit
@@ -258,3 +260,49 @@ def test_a_mistyped_setting_is_refused_before_a_folder_is_prepared(tmp_path, cap
     assert main(argv) == 2
     assert "optim.lr=-1.0: must be > 0" in capsys.readouterr().err
     assert not (home / "datasets").exists()  # nothing was prepared for a run that cannot start
+
+
+def test_an_unfinished_cache_of_a_folders_earlier_contents_is_removed(tmp_path, capsys, home):
+    data, run = evalkit.tiny_run()
+    folder = _as_folder(PreparedDataset(data, "val"), tmp_path / "val")
+    bad = folder / evalkit.CLASSES[0] / "truncated.png"
+    bad.write_bytes(sorted((folder / evalkit.CLASSES[0]).iterdir())[0].read_bytes()[:60])
+    capsys.readouterr()
+    argv = ["evaluate", "--checkpoint", str(run), "--backend", "torch", "--data", str(folder)]
+    assert main(argv) == 2
+    assert "truncated.png" in capsys.readouterr().err
+    [refused] = (home / "datasets").iterdir()
+    assert (refused / "bad_files.txt").is_file()
+    # the same refused folder again: the same unfinished cache, resumed, still refused
+    assert main(argv) == 2
+    assert list((home / "datasets").iterdir()) == [refused]
+    # an unfinished cache of another folder of the same name is not this folder's to remove
+    other = home / "datasets" / f"{refused.name[:-4]}beef"
+    other.mkdir()
+    (other / "source.txt").write_text(str(tmp_path / "elsewhere" / "val"))
+    # and one that another process is preparing is left to it
+    busy = home / "datasets" / f"{refused.name[:-4]}cafe"
+    busy.mkdir()
+    (busy / "source.txt").write_text(str(folder))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(busy)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        bad.unlink()  # the user fixes the folder: new contents, a new cache
+        assert main(argv) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert f"removed an unfinished cache of its earlier contents ({refused})" in err
+    assert not refused.exists() and other.exists() and busy.exists()
+    assert len(list((home / "datasets").iterdir())) == 3
+
+
+HOLD = """import sys, time
+from alexnet.runtime.owner import owned
+with owned(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""

@@ -12,7 +12,9 @@ EXIF orientation applied, as for ``alexnet prepare folder``) into a cache under
 path in the folder, size and modification time) and the settings (stored size, classes,
 held-out share): the next command on the same folder reads the cache, and a changed, added
 or removed image makes a new key, so a cache is never stale. A line on stderr says which.
-Two commands preparing the same folder at once: the second waits for the first's cache.
+Two commands preparing the same folder at once: the second waits for the first's cache. An
+unfinished cache (a stopped or refused preparation) is resumed by the next command on the
+same contents, and removed by the next that prepares the same folder with other contents.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from alexnet.data import sources, store
 from alexnet.runtime.errors import UserError
+from alexnet.runtime.fileio import atomic_write_text
 from alexnet.runtime.owner import owned
 from alexnet.runtime.paths import home
 
@@ -39,6 +43,7 @@ SPLIT_FOLDERS = {
 }
 FOLDER_SPLIT = "images"  # the split of a cache made from one class tree, for evaluation
 CACHE_VERSION = 1  # part of the key: bump when what a cache holds changes
+SOURCE_NAME = "source.txt"  # in a cache: the folder it is made of, written before the work
 DATA_HELP = (
     "a prepared dataset, or a folder of images: one folder per class (or train/, val/, test/ "
     "folders of such), prepared once into $ALEXNET_HOME/datasets"
@@ -131,6 +136,8 @@ def prepared(
         if is_prepared(cache):
             _say(f"{folder}: the cache made of it before ({cache})")
             return cache
+        atomic_write_text(cache / SOURCE_NAME, str(root))
+        _remove_unfinished(root, cache)
         _say(
             f"{folder}: a folder of {count} images in {len(classes)} classes: preparing it once "
             f"({size}x{size}, PAPER B1) into {cache}; the next command on it reads that"
@@ -147,6 +154,23 @@ def prepared(
                 notes["test_split"], notes["test_is"] = "test", "the folder's test/ images"
             prepare_items(cache, "folder", splits, classes, classes, notes, options, bad_hint=hint)
     return cache
+
+
+def _remove_unfinished(root: Path, keep: Path) -> None:
+    """Remove the unfinished caches of ``root`` other than ``keep``: preparations of the
+    folder's earlier contents that were stopped or refused (a bad file), which no command
+    can finish now that the contents changed. One in use elsewhere is left alone."""
+    for other in keep.parent.glob(f"{_slug(root)}-*"):
+        if other == keep or is_prepared(other) or not (other / SOURCE_NAME).is_file():
+            continue
+        try:
+            if (other / SOURCE_NAME).read_text() != str(root):
+                continue
+            with owned(other, what="dataset cache"):
+                shutil.rmtree(other)
+        except (OSError, UserError):  # in use, or gone meanwhile: not ours to remove now
+            continue
+        _say(f"{root}: removed an unfinished cache of its earlier contents ({other})")
 
 
 def _scan(root: Path, classes: list[str] | None, holdout: float, seed: int):
