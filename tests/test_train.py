@@ -83,14 +83,19 @@ def test_it_learns(data, tmp_path):
     assert result["val_top1_error"] < 0.5 and result["train_loss"] < 0.8, result  # chance: 0.75
 
 
-@pytest.mark.parametrize("stop_after", [3, 4, 6])  # mid-epoch, at the epoch end, in epoch 2
-def test_resume_is_bitwise_exact(data, tmp_path, stop_after):
+@pytest.mark.parametrize(
+    "stop_after, workers",
+    [(3, 0), (4, 0), (6, 0), (3, 2)],  # mid-epoch, at the epoch end, in epoch 2; with workers
+)
+def test_resume_is_bitwise_exact(data, tmp_path, stop_after, workers):
     """N steps straight == k steps, stop (a complete checkpoint), resume to N. Dropout, crop,
-    flip and colour noise are all on, so every random state must be restored."""
-    straight = train(tiny_config(data, tmp_path / "a"))
-    first = train(tiny_config(data, tmp_path / "b", **{"run.max_steps": stop_after}))
+    flip and colour noise are all on, so every random state must be restored; with loader
+    workers, starting them must not draw from the random state dropout draws from."""
+    w = {"data.num_workers": workers}
+    straight = train(tiny_config(data, tmp_path / "a", **w))
+    first = train(tiny_config(data, tmp_path / "b", **w, **{"run.max_steps": stop_after}))
     assert first["status"] == "stopped" and first["step"] == stop_after
-    resumed = train(tiny_config(data, tmp_path / "b"), resume=first["run_dir"])
+    resumed = train(tiny_config(data, tmp_path / "b", **w), resume=first["run_dir"])
     assert resumed["status"] == "finished" and resumed["step"] == straight["step"]
     _assert_same(_weights(straight["run_dir"]), _weights(resumed["run_dir"]))
     a = load_checkpoint(Path(straight["run_dir"]) / "checkpoints" / "last.pt")["optimizer"]

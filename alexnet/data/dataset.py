@@ -336,6 +336,10 @@ class Loader:
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor,
                 persistent_workers=True,
+                # its own generator for the workers' base seed: drawn from the global one, it
+                # moved dropout's draws (PAPER C1) by one where a resumed process started its
+                # workers at another step than the unbroken run, and resume was not exact
+                generator=torch.Generator().manual_seed(self.seed),
             )
         for batch in self._workers:
             if isinstance(batch, _Failed):
