@@ -80,9 +80,12 @@ def extract(
             "dtype": dtype,
         }
         partial, state = out.with_suffix(".partial.npy"), out.with_suffix(".partial.json")
-        done = 0
-        if partial.exists() and state.exists() and json.loads(state.read_text())["meta"] == meta:
-            done = json.loads(state.read_text())["rows_done"]
+        done = _rows_done(partial, state, meta)
+        if done:
+            print(
+                f"{out}: resuming the extraction stopped at {done} of {len(ds)} rows",
+                file=sys.stderr,
+            )
             feats = np.lib.format.open_memmap(partial, mode="r+")
         else:
             shape = (len(ds), first.shape[1])
@@ -104,6 +107,17 @@ def extract(
         atomic_write_json(out.with_suffix(".json"), meta)
         state.unlink()
     return np.load(out, mmap_mode="r")
+
+
+def _rows_done(partial: Path, state: Path, meta: dict) -> int:
+    """The rows an earlier extraction of the same ``meta`` wrote into ``partial``; 0 where
+    there is none, or its state cannot be read (the extraction then starts again)."""
+    try:
+        saved = json.loads(state.read_text())
+        ok = partial.is_file() and saved["meta"] == meta
+        return int(saved["rows_done"]) if ok else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 # ---------------------------------------------------------------------------------- command

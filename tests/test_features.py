@@ -105,7 +105,7 @@ def test_recall_grows_with_bits_and_reranking_helps():
     assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 4, 1]])) == pytest.approx(2 / 3)
 
 
-def test_extract_matches_forward_features_and_resumes(tmp_path, monkeypatch):
+def test_extract_matches_forward_features_and_resumes(tmp_path, monkeypatch, capsys):
     data, run = evalkit.tiny_run()
     predictor = Predictor.load(run, device="cpu", backend="torch", precision="fp32", batch_size=16)
     model, aug = predictor.network, predictor.test_views
@@ -128,11 +128,18 @@ def test_extract_matches_forward_features_and_resumes(tmp_path, monkeypatch):
     calls["n"] = 10
     feats = extract(predictor, ds, "fc7", out)
     assert calls["n"] == 10 + 1 + 2  # sizing + the two batches left, not all four
+    assert "resuming the extraction stopped at 32 of 64 rows" in capsys.readouterr().err
     with torch.no_grad():
         want = real(aug.views(ds.get_batch(np.arange(len(ds))).contiguous(), 1), "fc7")
     np.testing.assert_allclose(feats, want.numpy(), rtol=1e-5, atol=1e-6)
     assert json.loads(out.with_suffix(".json").read_text())["layer"] == "fc7"
     assert not out.with_suffix(".partial.npy").exists()
+    # a damaged state beside a partial: started again, not a traceback
+    other = tmp_path / "again.npy"
+    np.save(other.with_suffix(".partial.npy"), np.zeros((2, 2), np.float32))
+    other.with_suffix(".partial.json").write_text('{"meta": ')
+    np.testing.assert_array_equal(extract(predictor, ds, "fc7", other), feats)
+    assert "resuming" not in capsys.readouterr().err
 
 
 def test_cli_extract_knn_codes(tmp_path, capsys):
