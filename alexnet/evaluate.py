@@ -232,20 +232,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(result: dict, counts: Counts, ds, args: argparse.Namespace) -> None:
+    """The result on stdout first, then its files: a file that cannot be written (a full
+    disk) is one error line, with the figures already on the screen."""
     for line in result.get("backends", []):
         print(f"alexnet evaluate: {line}", file=sys.stderr)
     if args.per_class:
-        atomic_write_text(args.per_class, per_class_csv(counts, ds.classes, ds.class_names))
         result["per_class_csv"] = str(args.per_class)
+    if args.json:
+        print(json.dumps(result, allow_nan=False), flush=True)
+    else:
+        what = f"{result['models']}-model ensemble" if result["models"] > 1 else "1 model"
+        split = args.split + (f" ({args.split_is})" if getattr(args, "split_is", None) else "")
+        if ds.meta.get("folder_split") == args.split:  # a folder of images: no split of its own
+            split = f"{args.data}, a folder of images"
+        print(f"{what}, {result['views']} view(s), {result['images']} images of {split}:")
+        print(f"  top-1 error {100 * result['top1_error']:6.2f}%")
+        print(f"  top-5 error {100 * result['top5_error']:6.2f}%", flush=True)
+    if args.per_class:
+        atomic_write_text(args.per_class, per_class_csv(counts, ds.classes, ds.class_names))
     if args.results:
         atomic_write_json(args.results, result)
-    if args.json:
-        print(json.dumps(result, allow_nan=False))
-        return
-    what = f"{result['models']}-model ensemble" if result["models"] > 1 else "1 model"
-    split = args.split + (f" ({args.split_is})" if getattr(args, "split_is", None) else "")
-    if ds.meta.get("folder_split") == args.split:  # a folder of images: no split of its own
-        split = f"{args.data}, a folder of images"
-    print(f"{what}, {result['views']} view(s), {result['images']} images of {split}:")
-    print(f"  top-1 error {100 * result['top1_error']:6.2f}%")
-    print(f"  top-5 error {100 * result['top5_error']:6.2f}%")

@@ -270,8 +270,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     rows = code_table(index, query, args.bits, args.methods, args.k, args.rerank, args.seed)
-    if args.json:
-        atomic_write_json(args.json, rows)
     k, r = args.k, args.rerank
     print(
         f"{len(query)} queries, {len(index)} indexed {index.shape[1]}-d vectors; exact "
@@ -285,6 +283,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{row['method']:>6} {row['bits']:>5} {row['bytes_per_vector']:>5} "
             f"{row[f'recall@{k}']:>10.3f} {row[f'recall@{k}_rerank{r}']:>10.3f} "
-            f"{row['hamming_search_s']:>9.3f}"
+            f"{row['hamming_search_s']:>9.3f}",
+            flush=True,
         )
+    if args.json:  # after the table: a file that cannot be written loses nothing on screen
+        atomic_write_json(args.json, rows)
     return 0

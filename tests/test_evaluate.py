@@ -169,6 +169,34 @@ def test_mismatched_classes_and_missing_files_are_clear_errors(tmp_path, data, c
     assert "nope.pt" in capsys.readouterr().err
 
 
+def test_a_full_disk_keeps_the_figures_on_the_screen(tmp_path, data, capsys, small_disk):
+    """The result files cannot be written: one error line, exit 2, and the figures are on
+    stdout already (an evaluation of hours is not lost for want of a few bytes)."""
+    ckpt = evalkit.known_checkpoint(
+        tmp_path / "known.pt", [0.3, 2.0, 1.5, -1.0, 0.9, -0.5, 1.2, 0.0]
+    )
+    disk = small_disk(64)
+    (disk / "fill").write_bytes(b"\0" * (disk_free(disk) - 100))
+    want = _evaluate_json(capsys, "--checkpoint", str(ckpt), "--data", str(data))
+    for out in (["--json"], []):
+        argv = ["evaluate", "--checkpoint", str(ckpt), "--data", str(data), *out]
+        argv += ["--device", "cpu", "--results", str(disk / "r.json")]
+        assert main([*argv, "--per-class", str(disk / "pc.csv")]) == 2
+        got, err = capsys.readouterr()
+        [line] = [x for x in err.splitlines() if "error:" in x]
+        assert "pc.csv: No space left on device" in line and "Traceback" not in err
+        if out:
+            assert json.loads(got)["top1_error"] == want["top1_error"]
+        else:
+            assert f"top-1 error {100 * want['top1_error']:6.2f}%" in got
+        assert sorted(p.name for p in disk.iterdir()) == ["fill"]  # nothing half-written
+
+
+def disk_free(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def test_one_pass_scores_the_first_model_and_the_ensemble(tmp_path, data):
     # sizes=[1, 3]: the counts of model a alone and of the three-model ensemble from one
     # pass, exactly as two separate evaluations give them.
