@@ -203,8 +203,13 @@ def run(args: argparse.Namespace) -> int:
         for source, card in zip(sources[1:], cards[1:], strict=True):
             if card.classes != cards[0].classes:
                 raise UserError(f"{source}: its classes differ from those of {sources[0]}")
+        card = cards[0]
         ds, args.split_is = open_split(
-            args.data, args.split, size=cards[0].stored_size, classes=list(cards[0].classes)
+            args.data,
+            args.split,
+            size=card.stored_size,
+            classes=list(card.classes),
+            channels=card.channels,
         )
         args.split = ds.split
         predictors = [

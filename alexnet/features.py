@@ -230,7 +230,7 @@ def _extract(args: argparse.Namespace) -> int:
     root = args.data
     if not is_prepared(root):
         classes = classes_for(root, list(card.classes))  # the folder's own where they differ
-        root = prepared(root, size=card.stored_size, classes=classes)
+        root = prepared(root, size=card.stored_size, classes=classes, channels=card.channels)
     split = args.split or search_split(read_meta(root))
     ds = PreparedDataset(root, split)
     predictor = load_from_args(args, source, layer=args.layer, inputs=len(ds))

@@ -384,5 +384,5 @@ def _split(data: Path, split: str | None, card):
     from alexnet.data.folders import classes_for, open_split
 
     classes = classes_for(data, list(card.classes))  # the folder's own where they differ
-    ds, _ = open_split(data, split, size=card.stored_size, classes=classes)
+    ds, _ = open_split(data, split, size=card.stored_size, classes=classes, channels=card.channels)
     return ds

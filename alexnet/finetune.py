@@ -80,9 +80,10 @@ def _source(source: str, *, say: bool = True) -> tuple[Path, ModelCard]:
     return path, load_card(path)
 
 
-def adopt(cfg: C.TrainConfig) -> C.TrainConfig:
+def adopt(cfg: C.TrainConfig) -> tuple[C.TrainConfig, int]:
     """``cfg`` with what the source fixes: its layout (``model.*``), its crop and scale, its
-    stored size for a folder of images, no unit-variance scaling (the source has its own)."""
+    stored size for a folder of images, no unit-variance scaling (the source has its own);
+    and the channels its images have (a folder of images is prepared with them)."""
     path, card = _source(cfg.finetune.source)
     cfg = copy.deepcopy(cfg)
     mc = card.model_config
@@ -96,7 +97,7 @@ def adopt(cfg: C.TrainConfig) -> C.TrainConfig:
         f"its preprocessing ({card.preprocessing})",
         flush=True,
     )
-    return cfg
+    return cfg, card.channels
 
 
 def adopted_before(cfg: C.TrainConfig, saved: dict) -> C.TrainConfig:
@@ -145,11 +146,15 @@ def load(cfg: C.TrainConfig) -> Start:
 def apply(model: torch.nn.Module, start: Start, classes: list[str]) -> dict[str, Any]:
     """Load ``start``'s weights into ``model`` (built for ``classes``); fc8 is kept where
     the classes are the source's (rows reordered to the data's order), else it stays as
-    ``model`` made it. Returns the run's ``init`` record."""
+    ``model`` made it. A class matches by name, or by the name of the folder a class is read
+    from (Fashion-MNIST's 'T-shirt/top' as 'T-shirt_top/'). Returns the run's ``init``."""
+    from alexnet.data.sources import folder_name
+
     state = dict(start.weights)
-    src = list(start.card.classes)
-    if sorted(src) == sorted(classes):
-        order = torch.tensor([src.index(c) for c in classes])
+    src = [folder_name(c) for c in start.card.classes]
+    ours = [folder_name(c) for c in classes]
+    if sorted(src) == sorted(ours):
+        order = torch.tensor([src.index(c) for c in ours])
         state["fc8.weight"], state["fc8.bias"] = (
             state["fc8.weight"][order],
             state["fc8.bias"][order],

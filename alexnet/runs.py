@@ -54,18 +54,19 @@ def check_resume_data(path: Path, ck: dict[str, Any], cfg: C.TrainConfig) -> Non
         )
 
 
-def prepared_data(cfg: C.TrainConfig) -> C.TrainConfig:
+def prepared_data(cfg: C.TrainConfig, channels: int = 3) -> C.TrainConfig:
     """``data.root`` as a prepared dataset: a folder of images is prepared once into its
-    cache (``alexnet.data.folders``), at ``data.image_size``, ``data.holdout`` of each class
-    held out for validation where it has no ``val/`` folder; the config then names the
-    cache (so a resumed run reads the same images). Every torchrun rank asks: the first
-    prepares, the others wait for it."""
+    cache (``alexnet.data.folders``), at ``data.image_size`` and ``channels`` (a fine-tuning
+    source's), ``data.holdout`` of each class held out for validation where it has no
+    ``val/`` folder; the config then names the cache (so a resumed run reads the same
+    images). Every torchrun rank asks: the first prepares, the others wait for it."""
     from alexnet.data.folders import is_prepared, prepared
 
     root = cfg.data.root
     if root and not is_prepared(root) and Path(root).is_dir():
         d = cfg.data
-        cfg.data.root = str(prepared(root, size=d.image_size, holdout=d.holdout, seed=0))
+        cache = prepared(root, size=d.image_size, holdout=d.holdout, seed=0, channels=channels)
+        cfg.data.root = str(cache)
     return cfg
 
 

@@ -245,12 +245,13 @@ def train(
     cfg = copy.deepcopy(config)
     C.validate_settings(cfg)  # before a folder is prepared or weights fetched
     target = ckpt_io.resume_target(resume) if resume else None
+    channels = 3  # of a folder's images: RGB, or a fine-tuning source's
     if cfg.finetune.source and target is None:
-        cfg = finetune.adopt(cfg)  # the source's layout and preprocessing
+        cfg, channels = finetune.adopt(cfg)  # the source's layout and preprocessing
     elif cfg.finetune.source:  # as adopted when the run began (the source may be gone)
         saved = ckpt_io.load_checkpoint(target[1], mmap=True)["config"]
         cfg = finetune.adopted_before(cfg, saved)
-    cfg = runs.prepared_data(cfg)
+    cfg = runs.prepared_data(cfg, channels)
     C.validate(cfg)
     env = D.DistEnv.from_environ()
     device = _check_setup(cfg, env)

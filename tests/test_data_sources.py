@@ -220,3 +220,22 @@ def test_an_empty_class_folder_is_refused_for_training_and_noted_for_validation(
     assert rc == 0, err
     assert "1 empty class folder(s) of this split" in out
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["empty_class_folders"] == 1
+
+
+def test_a_class_with_a_slash_in_its_name_is_read_from_its_folder_name(tmp_path):
+    """Fashion-MNIST's 'T-shirt/top' cannot be a folder: a network's classes are matched to
+    folders by ``folder_name`` ('/' -> '_'), in the network's order; an unknown folder is
+    refused with the folders the network's classes are read from."""
+    from alexnet.data import sources
+    from alexnet.runtime.errors import UserError
+
+    make_folder_tree(tmp_path / "photos", ["Bag", "T-shirt_top"], per_class=2)
+    classes, items, _ = sources.folder_tree(tmp_path / "photos", ["T-shirt/top", "Trouser", "Bag"])
+    assert classes == ["T-shirt/top", "Trouser", "Bag"]
+    assert sorted({(Path(it.name).parent.name, it.label) for it in items}) == [
+        ("Bag", 2),
+        ("T-shirt_top", 0),
+    ]
+    make_folder_tree(tmp_path / "photos", ["Tshirt"], per_class=1)
+    with pytest.raises(UserError, match=r"\['Tshirt'\] \(its 3 classes' folders: T-shirt_top, "):
+        sources.folder_tree(tmp_path / "photos", ["T-shirt/top", "Trouser", "Bag"])

@@ -178,6 +178,11 @@ def test_fc8_is_kept_in_the_datas_order_or_made_anew():
     made = other.fc8.weight.clone()
     assert finetune.apply(other, start, ["a", "b", "c", "d"])["head"] == "new"
     assert torch.equal(other.fc8.weight, made) and torch.equal(other.fc7.weight, source.fc7.weight)
+    # a class whose name holds '/' comes from a folder with '_' (sources.folder_name)
+    start = finetune.Start(_card(["T-shirt/top", "Bag", "Coat"], source), source.state_dict(), {})
+    model = AlexNet(3, **kw)
+    assert finetune.apply(model, start, ["Bag", "Coat", "T-shirt_top"])["head"] == "kept"
+    assert torch.equal(model.fc8.weight, source.fc8.weight[[1, 2, 0]])
 
 
 @pytest.fixture(scope="module")

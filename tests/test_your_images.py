@@ -306,3 +306,63 @@ with owned(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
 """
+
+
+def test_a_network_of_grey_images_reads_and_fine_tunes_on_a_folder_of_photos(tmp_path, capsys):
+    """The Fashion-MNIST demo's kind of network (one channel) on a folder of RGB photos: the
+    folder is prepared in grey (PIL's luma, as predict reads a photo), so evaluate scores it
+    as the same images prepared in grey, and a fine-tuning run keeps fc8 where the class
+    folders are the network's classes ('T-shirt/top' read from 'T-shirt_top/')."""
+    from trainkit import tiny_config
+
+    from alexnet.data.sources import folder_name
+    from alexnet.data.store import prepare_arrays
+    from alexnet.train import train
+
+    rng = np.random.default_rng(0)
+    classes = ["T-shirt/top", "Trouser", "Bag"]
+
+    def split(n):
+        labels = np.arange(n) % 3
+        grey = rng.integers(0, 60, (n, 20, 20)).astype(np.uint8)
+        for k, c in enumerate(labels):  # a bright block whose place is the class
+            grey[k, 2 + 5 * c : 8 + 5 * c, 4:16] += 150
+        return grey, labels
+
+    data = prepare_arrays(tmp_path / "grey", {"train": split(48), "val": split(24)}, classes)
+    cfg = tiny_config(data, tmp_path / "runs", **{"run.name": "grey", "schedule.epochs": 1})
+    run = Path(train(cfg)["run_dir"])
+    val = PreparedDataset(data, "val")
+    folder = tmp_path / "photos"
+    for i in range(len(val)):
+        grey = val.get_batch(np.array([i]))[0, 0].numpy()
+        tint = np.stack([grey, grey, grey], -1)  # an RGB photo whose luma is the image
+        d = folder / folder_name(classes[int(val.labels[i])])
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tint).save(d / f"{i:02d}.png")
+    common = ["--checkpoint", str(run), "--precision", "fp32", "--backend", "torch", "--json"]
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--data", str(data), "--split", "val"]) == 0
+    want = _json(capsys)
+    assert main(["evaluate", *common, "--data", str(folder)]) == 0
+    got, err = capsys.readouterr()
+    assert "grey" in err and json.loads(got)["top1_error"] == want["top1_error"]
+    out = tmp_path / "f.npy"
+    argv = ["features", "extract", *common[:-1], "--data", str(folder), "--out", str(out)]
+    assert main(argv) == 0 and np.load(out).shape[0] == len(val)
+    argv = [
+        "train",
+        "--init",
+        str(run),
+        "--data",
+        str(folder),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+    ]
+    argv += ["--precision", "fp32", "--out", str(tmp_path / "runs"), "--name", "tuned"]
+    assert main(argv) == 0
+    assert "fc8 kept" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "runs" / "tuned" / "checkpoints" / "last.pt")
+    assert ck["model"]["conv1.weight"].shape[1] == 1

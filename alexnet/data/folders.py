@@ -115,20 +115,24 @@ def prepared(
     classes: list[str] | None = None,
     holdout: float = 0.0,
     seed: int = 0,
+    channels: int = 3,
 ) -> Path:
     """The prepared dataset of image ``folder``, made once into the cache (see the module
     docstring). ``classes``: the labels' order (a network's classes); by default the
     training tree's sorted class folders. ``holdout``: the share of a single tree's (or of
     ``train/``'s, where there is no ``val/``) images held out as ``val``, for training; 0
-    makes a single tree the split ``images``. ``size``: the stored side (PAPER B1)."""
+    makes a single tree the split ``images``. ``size``: the stored side (PAPER B1).
+    ``channels``: 3 (RGB), or 1 for a network of grey images (PIL's luma, as predict)."""
     from alexnet.data.prepare import Options, prepare_items
 
     root = Path(folder).resolve()
     if not root.is_dir():
         raise UserError(f"{folder}: no such folder or prepared dataset")
     splits, classes, ignored, note = _scan(root, classes, holdout, seed)
-    options = Options(size=size, exif=True)
+    options = Options(size=size, exif=True, channels=channels)
     settings = {"size": size, "classes": classes, "holdout": holdout, "seed": seed}
+    if channels != 3:  # (keys of RGB caches made before grey ones existed stay as they were)
+        settings["channels"] = channels
     key = _key(root, splits, {**settings, "storage": options.storage, "quality": options.quality})
     cache = home() / "datasets" / f"{_slug(root)}-{key[:16]}"
     count = sum(len(v) for v in splits.values())
@@ -140,7 +144,8 @@ def prepared(
         _remove_unfinished(root, cache)
         _say(
             f"{folder}: a folder of {count} images in {len(classes)} classes: preparing it once "
-            f"({size}x{size}, PAPER B1) into {cache}; the next command on it reads that"
+            f"({size}x{size}{'' if channels == 3 else ' grey'}, PAPER B1) into {cache}; the next "
+            "command on it reads that"
         )
         hint = (
             f"remove them from {folder}, or prepare it yourself with `alexnet prepare folder "
@@ -258,7 +263,7 @@ def classes_for(data: str | os.PathLike, classes: list[str] | None) -> list[str]
         return classes
     tree = next(iter(split_folders(root).values()), root)
     found = {p.name for p in tree.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    return classes if found <= set(classes) else None
+    return classes if found <= {sources.folder_name(c) for c in classes} else None
 
 
 def open_split(
@@ -267,13 +272,17 @@ def open_split(
     *,
     size: int,
     classes: list[str] | None = None,
+    channels: int = 3,
 ):
     """``(dataset, what the split is)``: ``split`` of a prepared dataset, or of a folder of
-    images prepared once at ``size`` (``prepared``) with its labels in ``classes``' order.
-    ``split`` None: the split results are reported on (``store.report_split``)."""
+    images prepared once at ``size`` and ``channels`` (``prepared``) with its labels in
+    ``classes``' order. ``split`` None: the split results are reported on
+    (``store.report_split``)."""
     from alexnet.data.dataset import PreparedDataset
 
-    root = Path(data) if is_prepared(data) else prepared(data, size=size, classes=classes)
+    root = Path(data)
+    if not is_prepared(data):
+        root = prepared(data, size=size, classes=classes, channels=channels)
     what = ""
     if split is None:
         split, what = store.report_split(store.read_meta(root))

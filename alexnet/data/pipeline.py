@@ -44,6 +44,9 @@ class RecordFormat:
     # side with orientation 6): your own photos, predict. ImageNet's preparation keeps the
     # paper's pixels as they are stored (False): ILSVRC's JPEGs were used that way.
     exif: bool = False
+    # 3: RGB (G2); 1: grey by PIL's luma, for a network of grey images (a folder of photos
+    # read for the Fashion-MNIST demo's network, as predict reads a photo for it)
+    channels: int = 3
 
 
 def load_rgb(data: bytes, settings: RecordFormat) -> tuple[np.ndarray, str]:
@@ -111,6 +114,16 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, 3) RGB as (H, W, ``channels``): itself, or grey by PIL's luma (ITU-R 601-2:
+    L = R * 299/1000 + G * 587/1000 + B * 114/1000), which keeps a grey image's pixels."""
+    if channels == 3:
+        return rgb
+    if channels != 1:
+        raise ValueError(f"{channels} channels: images are stored with 3 (RGB) or 1 (grey)")
+    return np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
+
+
 def stored_image(item, size: int, channels: int) -> np.ndarray:
     """(C, size, size) uint8 of a path, a PIL image or an (H, W[, C]) uint8 array, exactly as
     ``alexnet prepare folder`` stores an image (PAPER B1, G2; EXIF orientation applied)."""
@@ -121,9 +134,7 @@ def stored_image(item, size: int, channels: int) -> np.ndarray:
         rgb = as_stored(Image.fromarray(item), fmt)
     else:
         rgb, _ = load_rgb(Path(item).read_bytes(), fmt)
-    if channels == 1:
-        return np.asarray(Image.fromarray(rgb).convert("L"))[None]
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    return np.ascontiguousarray(to_channels(rgb, channels).transpose(2, 0, 1))
 
 
 def describe_failure(e: Exception) -> str:
@@ -155,6 +166,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
         except Exception as e:  # PIL raises many types for broken files; all are reported
             bad.append(f"{item.name}\t{_reason(e, item)}")
             continue
+        image = to_channels(image, settings.channels)
         if settings.storage == "jpeg":
             rec = store.encode_jpeg(image, settings.quality)
             image = np.empty_like(image)
@@ -169,7 +181,7 @@ def _process_chunk(task) -> tuple[int, int, int]:
         crcs.append(store.record_crc(rec))
         labels.append(item.label)
         names.append(item.name)
-        if kind != "JPEG/RGB":
+        if kind != ("JPEG/RGB" if settings.channels == 3 else "JPEG/L"):
             kinds[kind] += 1
     stem = parts / f"chunk_{chunk_id:06d}"
     with atomic_open(stem.with_suffix(".bin"), "wb") as f:

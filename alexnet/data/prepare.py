@@ -39,6 +39,7 @@ class Options:
     chunk: int = 1000  # images per resumable chunk
     skip_bad: bool = False  # leave unreadable files out (listed and counted) instead of failing
     exif: bool = False  # turn images upright by their EXIF orientation (a user's photos)
+    channels: int = 3  # RGB (G2), or 1: grey, for a network of grey images (folders.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, exif: bool) -> Options:
@@ -115,7 +116,7 @@ def _meta(
         "dataset": dataset,
         "storage": options.storage,
         "image_size": size,
-        "channels": 3,
+        "channels": options.channels,
         "classes": classes,
         "class_names": names,
         "splits": split_meta,
@@ -142,7 +143,7 @@ def prepare_items(
     chunks, bad-file report, the finished splits and ``meta.json`` (returned)."""
     native = _native_size(splits["train"][0]) if options.size == 0 and "train" in splits else None
     settings = pipeline.RecordFormat(
-        options.size, options.storage, options.quality, native, options.exif
+        options.size, options.storage, options.quality, native, options.exif, options.channels
     )
     parts = {}
     for split, items in splits.items():
@@ -161,9 +162,10 @@ def prepare_items(
     split_meta = {s: pipeline.finish_split(out, s, parts[s], s == "train") for s in splits}
     store.write_meta(out, _meta(dataset, classes, names, split_meta, notes, options, native))
     shutil.rmtree(out / ".parts", ignore_errors=True)
+    to = "RGB" if options.channels == 3 else "grey"
     for split, m in split_meta.items():
         print(
-            f"{out}: {split} {m['count']} images, {m['skipped']} skipped, converted to RGB: "
+            f"{out}: {split} {m['count']} images, {m['skipped']} skipped, converted to {to}: "
             f"{m['converted'] or 'none'}"
         )
     return store.read_meta(out)

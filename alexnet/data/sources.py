@@ -162,6 +162,12 @@ def _refuse_non_classes(root: Path, found: list[str], wnid: bool) -> None:
     )
 
 
+def folder_name(cls: str) -> str:
+    """The folder a class's images are read from: its name, with '_' for each '/', which no
+    folder name can hold (Fashion-MNIST's 'T-shirt/top' is read from 'T-shirt_top/')."""
+    return cls.replace("/", "_")
+
+
 def folder_tree(root: str | Path, classes: list[str] | None = None, *, wnid: bool = False):
     """A folder-per-class tree: ``(classes, items, ignored)``. Classes are the sorted
     sub-folder names (as ImageFolder) unless given; ``wnid``: they must be ImageNet WNIDs.
@@ -177,11 +183,14 @@ def folder_tree(root: str | Path, classes: list[str] | None = None, *, wnid: boo
     if not given:
         _refuse_non_classes(root, found, wnid)
         classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise UserError(f"{root}: class folders not in the training set: {unknown[:5]}")
-    label_of = {c: i for i, c in enumerate(classes)}
+    label_of = {folder_name(c): i for i, c in enumerate(classes)}
+    unknown = sorted(set(found) - set(label_of))
+    if unknown:
+        known = ", ".join(folder_name(c) for c in classes[:5]) + (", ..." if classes[5:] else "")
+        raise UserError(
+            f"{root}: class folders not in the training set: {unknown[:5]} (its {len(classes)} "
+            f"classes' folders: {known})"
+        )
     ignored = []
     for p in sorted(root.iterdir()):
         if p.name not in label_of:
