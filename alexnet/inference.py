@@ -236,7 +236,8 @@ class Predictor:
             self.check_labels(ds)
         if ds.channels != card.channels:
             raise UserError(
-                f"{where}: {ds.channels}-channel images, {self.path} takes {card.channels}"
+                f"{where}: {ds.channels}-channel images, {self.path} takes {card.channels}; "
+                "give the folder of images itself (it is prepared for the network)"
             )
         if tuple(ds.image_size) != (card.stored_size, card.stored_size):
             raise UserError(
