@@ -221,18 +221,12 @@ def _load(path: Path) -> np.ndarray:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from alexnet.data import PreparedDataset
-    from alexnet.data.folders import classes_for, is_prepared, prepared
-    from alexnet.data.store import read_meta, search_split
+    from alexnet.data.folders import open_images
+    from alexnet.data.store import search_split
 
     source = single_source(args)
-    card = card_of(source)
-    root = args.data
-    if not is_prepared(root):
-        classes = classes_for(root, list(card.classes))  # the folder's own where they differ
-        root = prepared(root, size=card.stored_size, classes=classes, channels=card.channels)
-    split = args.split or search_split(read_meta(root))
-    ds = PreparedDataset(root, split)
+    ds = open_images(args.data, args.split, card_of(source), default=search_split)
+    split = ds.split
     predictor = load_from_args(args, source, layer=args.layer, inputs=len(ds))
     predictor.check_data(ds, labels=False)  # features need images, not the network's labels
     about = {

@@ -345,6 +345,7 @@ def neighbours_figure(
 
 # ------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
+    from alexnet.data.folders import open_images
     from alexnet.inference import card_of, load_from_args, single_source
 
     if args.what == "curves":
@@ -358,13 +359,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
         return 0
     card = card_of(source)
-    ds = _split(args.data, args.split, card)
+    ds = open_images(args.data, args.split, card)
     draw = dict(indices=args.indices, n=args.n, seed=args.seed, views=args.views)
     if args.what == "predictions":
         predictor = load_from_args(args, source, inputs=args.n)
         predictions_figure(predictor, ds, args.out, **draw)
     else:
-        index_ds = _split(args.data, args.index_split or search_split(ds.meta), card)
+        index_ds = open_images(args.data, args.index_split or search_split(ds.meta), card)
         predictor = load_from_args(args, source, layer=args.layer, inputs=len(index_ds))
         neighbours_figure(
             predictor,
@@ -378,11 +379,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"wrote {args.out}")
     return 0
-
-
-def _split(data: Path, split: str | None, card):
-    from alexnet.data.folders import classes_for, open_split
-
-    classes = classes_for(data, list(card.classes))  # the folder's own where they differ
-    ds, _ = open_split(data, split, size=card.stored_size, classes=classes, channels=card.channels)
-    return ds

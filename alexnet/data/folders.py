@@ -287,3 +287,21 @@ def open_split(
     if split is None:
         split, what = store.report_split(store.read_meta(root))
     return PreparedDataset(root, split), what
+
+
+def open_images(data: str | os.PathLike, split: str | None, card, *, default=None):
+    """``split`` of ``data`` for a network (its ``card``) that shows or compares images but
+    scores nothing (features, figures): a folder is prepared at the network's size and
+    channels, labelled by its classes where every class folder is one of them, else by its
+    own (``classes_for``). ``split`` None: ``default(meta)``, by default the split results
+    are reported on (``store.report_split``)."""
+    from alexnet.data.dataset import PreparedDataset
+
+    root = Path(data)
+    if not is_prepared(data):
+        classes = classes_for(data, list(card.classes))  # the folder's own where they differ
+        root = prepared(data, size=card.stored_size, classes=classes, channels=card.channels)
+    if split is None:
+        meta = store.read_meta(root)
+        split = default(meta) if default else store.report_split(meta)[0]
+    return PreparedDataset(root, split)
