@@ -120,6 +120,9 @@ def test_evaluate_features_and_figures_take_a_folder_of_images(tmp_path, capsys,
         assert from_folder[key] == prepared[key], key
     assert main(["evaluate", *common, "--data", str(folder), "--json"]) == 0
     assert "the cache made of it before" in capsys.readouterr().err
+    [cache] = (home / "datasets").iterdir()  # a split to evaluate, no training statistics
+    assert main(["prepare", "verify", str(cache)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{cache}: OK")
     out = tmp_path / "val.npy"
     assert main(["features", "extract", *common, "--data", str(folder), "--out", str(out)]) == 0
     assert np.load(out).shape == (len(PreparedDataset(data, "val")), 32)

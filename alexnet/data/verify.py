@@ -96,7 +96,6 @@ def _leftovers(root: Path) -> list[str]:
 def verify(root: str | Path, *, quick: bool = False, seed: int = 0) -> int:
     root = Path(root)
     meta = store.read_meta(root)
-    stats = store.read_stats(root)
     c = meta["channels"]
     h, w = meta["image_size"]
     problems = _leftovers(root)
@@ -106,10 +105,12 @@ def verify(root: str | Path, *, quick: bool = False, seed: int = 0) -> int:
             problems.append(f"{path}: missing")
         elif f"{store.file_crc(path):08x}" != want:
             problems.append(f"{path}: checksum mismatch (damaged or changed since prepare)")
-    expect = {"mean": (c, h, w), "eigvals": (c,), "eigvecs": (c, c)}
-    for key, shape in expect.items():
-        if key not in stats or stats[key].shape != shape:
-            problems.append(f"stats.npz: {key} missing or not {shape}")
+    if "train" in meta["splits"]:  # a folder of images prepared only to be evaluated has none
+        stats = store.read_stats(root)  # the training split's (B2, B4)
+        expect = {"mean": (c, h, w), "eigvals": (c,), "eigvecs": (c, c)}
+        for key, shape in expect.items():
+            if key not in stats or stats[key].shape != shape:
+                problems.append(f"stats.npz: {key} missing or not {shape}")
     if len(meta["class_names"]) != len(meta["classes"]):
         problems.append("meta.json: class_names and classes differ in length")
     rng = np.random.default_rng(seed)
