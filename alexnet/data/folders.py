@@ -273,11 +273,12 @@ def open_split(
     size: int,
     classes: list[str] | None = None,
     channels: int = 3,
+    default=None,
 ):
     """``(dataset, what the split is)``: ``split`` of a prepared dataset, or of a folder of
     images prepared once at ``size`` and ``channels`` (``prepared``) with its labels in
-    ``classes``' order. ``split`` None: the split results are reported on
-    (``store.report_split``)."""
+    ``classes``' order. ``split`` None: ``default(meta)``, by default the split results are
+    reported on (``store.report_split``)."""
     from alexnet.data.dataset import PreparedDataset
 
     root = Path(data)
@@ -285,23 +286,18 @@ def open_split(
         root = prepared(data, size=size, classes=classes, channels=channels)
     what = ""
     if split is None:
-        split, what = store.report_split(store.read_meta(root))
+        meta = store.read_meta(root)
+        split, what = (default(meta), "") if default else store.report_split(meta)
     return PreparedDataset(root, split), what
 
 
 def open_images(data: str | os.PathLike, split: str | None, card, *, default=None):
     """``split`` of ``data`` for a network (its ``card``) that shows or compares images but
-    scores nothing (features, figures): a folder is prepared at the network's size and
-    channels, labelled by its classes where every class folder is one of them, else by its
-    own (``classes_for``). ``split`` None: ``default(meta)``, by default the split results
-    are reported on (``store.report_split``)."""
-    from alexnet.data.dataset import PreparedDataset
-
-    root = Path(data)
-    if not is_prepared(data):
-        classes = classes_for(data, list(card.classes))  # the folder's own where they differ
-        root = prepared(data, size=card.stored_size, classes=classes, channels=card.channels)
-    if split is None:
-        meta = store.read_meta(root)
-        split = default(meta) if default else store.report_split(meta)[0]
-    return PreparedDataset(root, split)
+    scores nothing (features, figures): ``open_split`` at the network's size and channels,
+    a folder labelled by the network's classes where every class folder is one of them,
+    else by its own (``classes_for``)."""
+    classes = classes_for(data, list(card.classes))  # the folder's own where they differ
+    size, channels = card.stored_size, card.channels
+    return open_split(data, split, size=size, classes=classes, channels=channels, default=default)[
+        0
+    ]
